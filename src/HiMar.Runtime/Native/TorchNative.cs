@@ -1,0 +1,171 @@
+using System.Diagnostics;
+using System.Reflection;
+using TorchSharp;
+
+namespace HiMar.Runtime.Native;
+
+/// <summary>libtorch could not be loaded; <see cref="Exception.Message"/> is one sentence saying why and how to fix it.</summary>
+public sealed class TorchLoadException(string message, Exception? inner = null) : Exception(message, inner)
+{
+    /// <summary>The process exit code the command line uses for this failure.</summary>
+    public const int ExitCode = 3;
+}
+
+/// <summary>Where the TorchSharp glue library is, and what its libstdc++ version needs look like.</summary>
+/// <param name="Path">The `libLibTorchSharp.so` this process would load, or null if none was found.</param>
+/// <param name="WeakenedNeeds">Versions whose need was marked weak by the build's patch.</param>
+/// <param name="MissingNeeds">Non-weak needs that the system libstdc++ does not define: these stop the load.</param>
+/// <param name="SystemLibStdCxx">The system libstdc++ compared against, or null.</param>
+public sealed record GlueLibraryReport(
+    string? Path,
+    IReadOnlyList<string> WeakenedNeeds,
+    IReadOnlyList<string> MissingNeeds,
+    string? SystemLibStdCxx)
+{
+    /// <summary>Whether the build's patch is present in the loaded copy.</summary>
+    public bool PatchApplied => WeakenedNeeds.Count > 0;
+}
+
+/// <summary>Facts about the tensor engine, as `himar info` prints them.</summary>
+/// <param name="TorchSharpVersion">TorchSharp's assembly version.</param>
+/// <param name="LibTorchVersion">libtorch's version as TorchSharp reports it.</param>
+/// <param name="DotNetVersion">The .NET runtime.</param>
+/// <param name="Devices">Usable devices, `cpu` first.</param>
+/// <param name="Threads">libtorch's intra-op thread count.</param>
+/// <param name="Glue">What the glue library's version needs look like.</param>
+public sealed record EngineInfo(
+    string TorchSharpVersion,
+    string LibTorchVersion,
+    string DotNetVersion,
+    IReadOnlyList<string> Devices,
+    int Threads,
+    GlueLibraryReport Glue);
+
+/// <summary>Loads libtorch once, turning TorchSharp's long loader trace into one actionable sentence.</summary>
+public static class TorchNative
+{
+    static readonly object Gate = new();
+    static bool loaded;
+
+    /// <summary>The `libLibTorchSharp.so` beside the application (as the build lays it out), or null.</summary>
+    public static string? FindGlueLibrary()
+    {
+        var roots = new[] { AppContext.BaseDirectory, System.IO.Path.GetDirectoryName(typeof(torch).Assembly.Location) ?? "" };
+        foreach (var root in roots.Where(r => r.Length > 0).Distinct())
+        {
+            foreach (var rel in new[] { "runtimes/linux-x64/native/libLibTorchSharp.so", "runtimes/linux-arm64/native/libLibTorchSharp.so", "libLibTorchSharp.so" })
+            {
+                var p = System.IO.Path.Combine(root, rel);
+                if (File.Exists(p))
+                    return p;
+            }
+        }
+        return null;
+    }
+
+    /// <summary>Reads the glue library's libstdc++ needs and compares them with the system's libstdc++.</summary>
+    public static GlueLibraryReport InspectGlueLibrary()
+    {
+        var path = FindGlueLibrary();
+        var system = OperatingSystem.IsLinux() ? ElfVersions.FindSystemLibStdCxx() : null;
+        if (path == null || !OperatingSystem.IsLinux())
+            return new GlueLibraryReport(path, [], [], system);
+        try
+        {
+            var needs = ElfVersions.ReadNeeds(path).Where(n => n.Library.StartsWith("libstdc++", StringComparison.Ordinal)).ToList();
+            var defined = system == null ? new HashSet<string>() : ElfVersions.ReadDefinitions(system).ToHashSet();
+            var weak = needs.Where(n => n.IsWeak).Select(n => n.Version).ToList();
+            var missing = system == null ? [] : needs.Where(n => !n.IsWeak && !defined.Contains(n.Version)).Select(n => n.Version).ToList();
+            return new GlueLibraryReport(path, weak, missing, system);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or UnauthorizedAccessException)
+        {
+            return new GlueLibraryReport(path, [], [], system);
+        }
+    }
+
+    /// <summary>
+    /// Makes sure libtorch is loaded, or throws <see cref="TorchLoadException"/> with one sentence saying why
+    /// and how to fix it. Safe to call many times.
+    /// </summary>
+    public static void EnsureLoaded()
+    {
+        lock (Gate)
+        {
+            if (loaded)
+                return;
+            var glue = InspectGlueLibrary();
+            if (glue.MissingNeeds.Count > 0)
+                throw new TorchLoadException(
+                    $"libtorch cannot load: {glue.Path} needs {string.Join(", ", glue.MissingNeeds)} from libstdc++, which {glue.SystemLibStdCxx} lacks; " +
+                    "rebuild with `dotnet build` (the build marks that need weak in its output folder) or install a libstdc++ from GCC 13 or newer.");
+            try
+            {
+                // Load the glue library from the build's folder by its full path first. Hosts without this
+                // application's deps.json (F# Interactive, notebooks) would otherwise make TorchSharp copy the
+                // unpatched libraries out of the NuGet cache; with this, its by-name load finds the loaded
+                // copy by its soname. Its libtorch dependencies come from the same folder ($ORIGIN runpath).
+                if (glue.Path != null && OperatingSystem.IsLinux())
+                    System.Runtime.InteropServices.NativeLibrary.Load(glue.Path);
+                torch.InitializeDeviceType(DeviceType.CPU);
+                using var probe = torch.ones(1);
+                loaded = true;
+            }
+            catch (Exception e) when (e is NotSupportedException or DllNotFoundException or TypeInitializationException or EntryPointNotFoundException or BadImageFormatException)
+            {
+                var where = glue.Path ?? "no libLibTorchSharp.so beside the application";
+                throw new TorchLoadException(
+                    $"libtorch cannot load ({where}): {FirstLine(e)}; reference a backend package (TorchSharp-cpu, or TorchSharp-cuda-linux with -p:TorchBackend=cuda) from the executable and rebuild.",
+                    e);
+            }
+        }
+    }
+
+    static string FirstLine(Exception e)
+    {
+        var inner = e;
+        while (inner.InnerException != null && inner is TypeInitializationException)
+            inner = inner.InnerException;
+        var line = inner.Message.Split('\n', 2)[0].Trim();
+        return line.Length > 200 ? line[..200] + "..." : line;
+    }
+
+    /// <summary>Versions, devices, threads and the patch state; loads libtorch first.</summary>
+    public static EngineInfo Describe()
+    {
+        EnsureLoaded();
+        var tsAssembly = typeof(torch).Assembly;
+        var tsVersion = tsAssembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion
+            ?? tsAssembly.GetName().Version?.ToString() ?? "unknown";
+        tsVersion = tsVersion.Split('+')[0];
+        var devices = new List<string> { "cpu" };
+        if (torch.cuda.is_available())
+            for (var i = 0; i < torch.cuda.device_count(); i++)
+                devices.Add($"cuda:{i}");
+        return new EngineInfo(tsVersion, torch.__version__, Environment.Version.ToString(), devices, torch.get_num_threads(), InspectGlueLibrary());
+    }
+
+    /// <summary>
+    /// Multiplies square fp32 matrices for about <paramref name="seconds"/> and returns the achieved GFLOP/s
+    /// (2 n^3 floating-point operations per product).
+    /// </summary>
+    public static double MatmulGflops(double seconds = 2.0, long n = 1024, torch.Device? device = null)
+    {
+        EnsureLoaded();
+        device ??= torch.CPU;
+        using var scope = torch.NewDisposeScope();
+        var a = torch.randn(n, n, device: device);
+        var b = torch.randn(n, n, device: device);
+        torch.matmul(a, b).Dispose(); // warm-up
+        long count = 0;
+        var sw = Stopwatch.StartNew();
+        while (sw.Elapsed.TotalSeconds < seconds)
+        {
+            using var c = torch.matmul(a, b);
+            if (device.type == DeviceType.CUDA)
+                torch.cuda.synchronize();
+            count++;
+        }
+        return 2.0 * n * n * n * count / sw.Elapsed.TotalSeconds / 1e9;
+    }
+}
