@@ -17,15 +17,29 @@ type InfoArgs =
             | Probe_Seconds _ -> "how long the fp32 matmul probe runs (default 2)."
             | No_Probe -> "skip the matmul probe."
 
+/// Arguments of `himar verify-parity`.
+type VerifyParityArgs =
+    | [<MainCommand; ExactlyOnce>] Dir of dir: string
+    | Kind of kind: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Dir _ -> "a parity fixture folder (manifest.json, weights and cases; see shared/fixtures/parity)."
+            | Kind _ -> "run only the cases of this kind (e.g. mlp_head_forward)."
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    | [<CliPrefix(CliPrefix.None)>] Verify_Parity of ParseResults<VerifyParityArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
             | Info _ -> "print versions, devices, threads, the native patch state and a matmul GFLOP/s probe."
+            | Verify_Parity _ ->
+                "check our implementation against a reference parity fixture; one line per case, exit 1 on any failure."
 
 let private info (args: ParseResults<InfoArgs>) =
     let e = TorchNative.Describe()
@@ -62,6 +76,40 @@ let private info (args: ParseResults<InfoArgs>) =
 
     0
 
+let private verifyParity (args: ParseResults<VerifyParityArgs>) =
+    TorchNative.EnsureLoaded()
+    let dir = args.GetResult Dir
+    let only = args.TryGetResult Kind
+    use fixture = HiMar.Runtime.Parity.ParityFixture.Open dir
+    let mutable failed = 0
+    let mutable passed = 0
+    let mutable pending = 0
+    printfn "%-28s %-24s %12s %12s  %s" "case" "kind" "worst error" "allowed" "result"
+
+    for c in fixture.Cases do
+        if only.IsNone || only = Some c.Kind then
+            let r = HiMar.Runtime.Parity.ParityRunner.Run(fixture, c)
+
+            let status =
+                match r.Status with
+                | HiMar.Runtime.Parity.ParityStatus.Pass ->
+                    passed <- passed + 1
+                    "pass"
+                | HiMar.Runtime.Parity.ParityStatus.Pending ->
+                    pending <- pending + 1
+                    "pending"
+                | _ ->
+                    failed <- failed + 1
+                    "FAIL"
+
+            let num (x: float) =
+                if Double.IsNaN x then "-" else x.ToString("0.000e+00")
+
+            printfn "%-28s %-24s %12s %12s  %-7s %s" r.Name r.Kind (num r.WorstError) (num r.Allowed) status r.Detail
+
+    printfn "%d passed, %d failed, %d pending" passed failed pending
+    if failed > 0 then 1 else 0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -73,6 +121,17 @@ let main argv =
 
         match results.GetSubCommand() with
         | Info a -> info a
-    with :? TorchLoadException as e ->
+        | Verify_Parity a -> verifyParity a
+    with
+    | :? TorchLoadException as e ->
         eprintfn "himar: %s" e.Message
         TorchLoadException.ExitCode
+    | :? IO.FileNotFoundException as e ->
+        eprintfn "himar: %s" e.Message
+        2
+    | :? IO.InvalidDataException as e ->
+        eprintfn "himar: %s" e.Message
+        2
+    | :? HiMar.Runtime.Checkpoints.CheckpointFormatException as e ->
+        eprintfn "himar: %s" e.Message
+        HiMar.Runtime.Checkpoints.CheckpointFormatException.ExitCode
