@@ -1,7 +1,241 @@
 namespace HiMar.Model
 
-/// Version information of the model library.
-module Library =
-    /// The name of this library, as printed by `himar info`.
-    [<Literal>]
-    let Name = "HiMar.Model"
+/// Where the phase-2 pivots come from (the ablation of the paper's Table 5).
+type PivotSource =
+    /// Plain MAR: no phase 1; the dense tokens are generated alone.
+    | NoPivots = 0
+    /// Phase 2 sees the ground-truth (or sampled) low-resolution latents through `cond_proj`.
+    | LowResTokens = 1
+    /// Hi-MAR: phase 2 sees the pivots' conditional tokens (phase-1 decoder states) through `cond_z_proj`.
+    | ConditionalTokens = 2
+
+/// Which diffusion head denoises the dense tokens in phase 2 (Table 5).
+type Phase2Head =
+    /// The per-token MLP head (as MAR and phase 1).
+    | Mlp = 0
+    /// The Diffusion Transformer head that denoises all tokens together (Hi-MAR).
+    | Transformer = 1
+
+/// Every setting of a Hi-MAR model: the reference `HiMAR(...)` arguments (models/himar.py) plus the values the
+/// reference hard-wires (DiT head grid, "no class" label, loss weights), which here derive from the config.
+type HiMarConfig =
+    {
+        /// Image side in pixels (256).
+        ImgSize: int
+        /// VAE downsampling factor (16).
+        VaeStride: int
+        /// Tokens per side of one patch of latents (1).
+        PatchSize: int
+        EncoderEmbedDim: int
+        EncoderDepth: int
+        EncoderNumHeads: int
+        DecoderEmbedDim: int
+        DecoderDepth: int
+        DecoderNumHeads: int
+        MlpRatio: float
+        /// Latent channels of the tokenizer (16 for KL-16).
+        VaeEmbedDim: int
+        MaskRatioMin: float
+        LabelDropProb: float
+        ClassNum: int
+        AttnDropout: float
+        ProjDropout: float
+        BufferSize: int
+        /// MLP head (phase 1): depth and width.
+        DiffLossD: int
+        DiffLossW: int
+        /// Respacing of the MLP head's sampling diffusion ("100", "ddim25", ...).
+        NumSamplingSteps: string
+        /// Respacing of the Transformer head's sampling diffusion (the reference hard-codes "250").
+        DitSamplingSteps: string
+        DiffusionBatchMul: int
+        /// Side of the pivot grid (8: the latent of a 128x128 image).
+        CondScale: int
+        /// Channels of a pivot token (equal to the token channels).
+        CondDim: int
+        /// Transformer head (phase 2): width, depth, heads and MLP ratio (`gdm_w`, `gdm_d`, `head`, `ratio`).
+        GdmW: int
+        GdmD: int
+        GdmHeads: int
+        GdmMlpRatio: float
+        /// Phase-2 masking: cosine rule (true) or truncated normal from 0.38.
+        Cos: bool
+        /// Pivot-condition dropout: the placeholder probability falls from 1 to 1 - StepStage2Rate over StepWarmup epochs.
+        StepWarmup: int
+        StepStage2Rate: float
+        /// LayerNorm eps of the backbone (1e-6 in the reference presets).
+        LayerNormEps: float
+        /// Loss weights: inside the model (2.0, 0.75), then in the engine (S/L and N/L: 64/320, 256/320).
+        Phase1LossWeight: float
+        Phase2LossWeight: float
+        /// Diffusion steps of the training schedule (1000) and the noise schedule name ("cosine").
+        DiffusionSteps: int
+        NoiseSchedule: string
+        /// Ablation switches (Table 5).
+        Pivots: PivotSource
+        Phase2: Phase2Head
+        /// Scale-aware adaLN blocks (true) or the same modulation for both phases (false).
+        ScaleAware: bool
+    }
+
+    /// Dense grid side: img_size / vae_stride / patch_size (16).
+    member c.SeqH = c.ImgSize / c.VaeStride / c.PatchSize
+    /// Dense token count N (256).
+    member c.DenseTokens = c.SeqH * c.SeqH
+
+    /// Pivot token count S = cond_scale^2 (64); zero without pivots.
+    member c.PivotTokens =
+        if c.Pivots = PivotSource.NoPivots then
+            0
+        else
+            c.CondScale * c.CondScale
+
+    /// The full sequence L = S + N without buffer (320).
+    member c.SeqLen = c.PivotTokens + c.DenseTokens
+    /// Channels of one token: vae_embed_dim * patch_size^2 (16).
+    member c.TokenEmbedDim = c.VaeEmbedDim * c.PatchSize * c.PatchSize
+    /// The "no class" label used for unconditional rows (the reference hard-codes 1000).
+    member c.NullClass = c.ClassNum
+    /// Phase-1 sampling steps by default: 4 * cond_scale.
+    member c.Phase1Steps = 4 * c.CondScale
+
+/// Named configurations equal to the reference launch settings.
+module HiMarConfig =
+    /// Hi-MAR-B: 12 + 12 blocks of width 768 (12 heads), MLP head 6 x 1024, Transformer head 6 x 512 (8 heads).
+    /// 244,730,160 parameters.
+    [<CompiledName("Base")>]
+    let hiMarB =
+        {
+            ImgSize = 256
+            VaeStride = 16
+            PatchSize = 1
+            EncoderEmbedDim = 768
+            EncoderDepth = 12
+            EncoderNumHeads = 12
+            DecoderEmbedDim = 768
+            DecoderDepth = 12
+            DecoderNumHeads = 12
+            MlpRatio = 4.0
+            VaeEmbedDim = 16
+            MaskRatioMin = 0.7
+            LabelDropProb = 0.1
+            ClassNum = 1000
+            AttnDropout = 0.1
+            ProjDropout = 0.1
+            BufferSize = 64
+            DiffLossD = 6
+            DiffLossW = 1024
+            NumSamplingSteps = "100"
+            DitSamplingSteps = "250"
+            DiffusionBatchMul = 1
+            CondScale = 8
+            CondDim = 16
+            GdmW = 512
+            GdmD = 6
+            GdmHeads = 8
+            GdmMlpRatio = 4.0
+            Cos = true
+            StepWarmup = 100
+            StepStage2Rate = 0.25
+            LayerNormEps = 1e-6
+            Phase1LossWeight = 2.0
+            Phase2LossWeight = 0.75
+            DiffusionSteps = 1000
+            NoiseSchedule = "cosine"
+            Pivots = PivotSource.ConditionalTokens
+            Phase2 = Phase2Head.Transformer
+            ScaleAware = true
+        }
+
+    /// Hi-MAR-L: 16 + 16 blocks of width 1024 (16 heads), MLP head 8 x 1280, Transformer head 8 x 512 (8 heads).
+    /// 529,490,480 parameters.
+    [<CompiledName("Large")>]
+    let hiMarL =
+        { hiMarB with
+            EncoderEmbedDim = 1024
+            EncoderDepth = 16
+            EncoderNumHeads = 16
+            DecoderEmbedDim = 1024
+            DecoderDepth = 16
+            DecoderNumHeads = 16
+            DiffLossD = 8
+            DiffLossW = 1280
+            GdmW = 512
+            GdmD = 8
+            GdmHeads = 8
+        }
+
+    /// Hi-MAR-H: 20 + 20 blocks of width 1280 (16 heads), MLP head 12 x 1536, Transformer head 12 x 768 (12 heads).
+    /// 1,090,965,808 parameters.
+    [<CompiledName("Huge")>]
+    let hiMarH =
+        { hiMarB with
+            EncoderEmbedDim = 1280
+            EncoderDepth = 20
+            EncoderNumHeads = 16
+            DecoderEmbedDim = 1280
+            DecoderDepth = 20
+            DecoderNumHeads = 16
+            DiffLossD = 12
+            DiffLossW = 1536
+            GdmW = 768
+            GdmD = 12
+            GdmHeads = 12
+        }
+
+    /// The presets by name (`hi-mar-b`, `hi-mar-l`, `hi-mar-h`).
+    [<CompiledName("Presets")>]
+    let presets = [ "hi-mar-b", hiMarB; "hi-mar-l", hiMarL; "hi-mar-h", hiMarH ]
+
+    /// A preset by name (case-insensitive; `b`, `himar_base` and `hi-mar-b` all work), or None.
+    [<CompiledName("TryPreset")>]
+    let tryPreset (name: string) =
+        match name.Trim().ToLowerInvariant().Replace("_", "-") with
+        | "b"
+        | "hi-mar-b"
+        | "himar-b"
+        | "himar-base"
+        | "base" -> Some hiMarB
+        | "l"
+        | "hi-mar-l"
+        | "himar-l"
+        | "himar-large"
+        | "large" -> Some hiMarL
+        | "h"
+        | "hi-mar-h"
+        | "himar-h"
+        | "himar-huge"
+        | "huge" -> Some hiMarH
+        | _ -> None
+
+    /// Checks the settings the architecture depends on; returns every problem found.
+    [<CompiledName("Validate")>]
+    let validate (c: HiMarConfig) =
+        [
+            if c.ImgSize % (c.VaeStride * c.PatchSize) <> 0 then
+                sprintf
+                    "img_size %d is not a multiple of vae_stride * patch_size = %d"
+                    c.ImgSize
+                    (c.VaeStride * c.PatchSize)
+            if c.EncoderEmbedDim % c.EncoderNumHeads <> 0 then
+                sprintf "encoder width %d is not divisible by %d heads" c.EncoderEmbedDim c.EncoderNumHeads
+            if c.DecoderEmbedDim % c.DecoderNumHeads <> 0 then
+                sprintf "decoder width %d is not divisible by %d heads" c.DecoderEmbedDim c.DecoderNumHeads
+            if c.EncoderEmbedDim <> c.DecoderEmbedDim then
+                // The reference's mask token has the encoder's width but is placed in the decoder's sequence.
+                sprintf
+                    "encoder width %d differs from decoder width %d (the reference needs them equal)"
+                    c.EncoderEmbedDim
+                    c.DecoderEmbedDim
+            if c.GdmW % c.GdmHeads <> 0 then
+                sprintf "Transformer head width %d is not divisible by %d heads" c.GdmW c.GdmHeads
+            if c.Pivots <> PivotSource.NoPivots && c.CondDim <> c.TokenEmbedDim then
+                sprintf
+                    "cond_dim %d must equal the token channels %d (sampled pivots are written as tokens)"
+                    c.CondDim
+                    c.TokenEmbedDim
+            if c.Phase2 = Phase2Head.Transformer && c.PatchSize <> 1 then
+                sprintf "the Transformer head needs patch_size 1, not %d" c.PatchSize
+            if c.ClassNum < 1 then
+                sprintf "class_num must be positive, not %d" c.ClassNum
+        ]
