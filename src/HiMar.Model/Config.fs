@@ -239,3 +239,72 @@ module HiMarConfig =
             if c.ClassNum < 1 then
                 sprintf "class_num must be positive, not %d" c.ClassNum
         ]
+
+    /// A config from the reference's `HiMAR(...)` keyword arguments or argparse fields (boxed int, float,
+    /// string or bool by name), starting from `baseConfig` for anything absent. Unknown names are ignored.
+    [<CompiledName("FromReferenceArgs")>]
+    let fromReferenceArgs
+        (baseConfig: HiMarConfig)
+        (args: System.Collections.Generic.IReadOnlyDictionary<string, obj>)
+        =
+        let get name =
+            match args.TryGetValue name with
+            | true, v when not (obj.ReferenceEquals(v, null)) -> Some v
+            | _ -> None
+
+        let int' name dflt =
+            get name
+            |> Option.map (fun v -> System.Convert.ToInt32 v)
+            |> Option.defaultValue dflt
+
+        let float' name dflt =
+            get name
+            |> Option.map (fun v -> System.Convert.ToDouble v)
+            |> Option.defaultValue dflt
+
+        let str' name dflt =
+            get name |> Option.map string |> Option.defaultValue dflt
+
+        let bool' name dflt =
+            get name
+            |> Option.map (fun v -> System.Convert.ToBoolean v)
+            |> Option.defaultValue dflt
+
+        let b = baseConfig
+        let encDim = int' "encoder_embed_dim" b.EncoderEmbedDim
+        let encDepth = int' "encoder_depth" b.EncoderDepth
+        let encHeads = int' "encoder_num_heads" b.EncoderNumHeads
+
+        { b with
+            ImgSize = int' "img_size" b.ImgSize
+            VaeStride = int' "vae_stride" b.VaeStride
+            PatchSize = int' "patch_size" b.PatchSize
+            EncoderEmbedDim = encDim
+            EncoderDepth = encDepth
+            EncoderNumHeads = encHeads
+            DecoderEmbedDim = int' "decoder_embed_dim" encDim
+            DecoderDepth = int' "decoder_depth" encDepth
+            DecoderNumHeads = int' "decoder_num_heads" encHeads
+            MlpRatio = float' "mlp_ratio" b.MlpRatio
+            VaeEmbedDim = int' "vae_embed_dim" b.VaeEmbedDim
+            MaskRatioMin = float' "mask_ratio_min" b.MaskRatioMin
+            LabelDropProb = float' "label_drop_prob" b.LabelDropProb
+            ClassNum = int' "class_num" b.ClassNum
+            AttnDropout = float' "attn_dropout" b.AttnDropout
+            ProjDropout = float' "proj_dropout" b.ProjDropout
+            BufferSize = int' "buffer_size" b.BufferSize
+            DiffLossD = int' "diffloss_d" b.DiffLossD
+            DiffLossW = int' "diffloss_w" b.DiffLossW
+            NumSamplingSteps = str' "num_sampling_steps" b.NumSamplingSteps
+            DitSamplingSteps = str' "dit_head_sampling_steps" b.DitSamplingSteps
+            DiffusionBatchMul = int' "diffusion_batch_mul" b.DiffusionBatchMul
+            CondScale = int' "cond_scale" b.CondScale
+            CondDim = int' "cond_dim" b.CondDim
+            GdmW = int' "gdm_w" b.GdmW
+            GdmD = int' "gdm_d" b.GdmD
+            GdmHeads = int' "head" b.GdmHeads
+            GdmMlpRatio = float' "ratio" b.GdmMlpRatio
+            Cos = bool' "cos" b.Cos
+            StepWarmup = int' "step_warmup" b.StepWarmup
+            StepStage2Rate = float' "step_stage2_rate" b.StepStage2Rate
+        }

@@ -19,4 +19,78 @@ public static class ParityCases
             ["timestep_map"] = torch.tensor(s.TimestepMap),
         };
     }
+
+    static double Scalar(ParityFixture f, ParityCase c, string name) => f.Tensor(c, name).to(ScalarType.Float64).item<double>();
+
+    /// <summary>`mlp_head_forward`: the phase-1 MLP head on (x, t, c).</summary>
+    public static Dictionary<string, Tensor> MlpHeadForward(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        return new() { ["out"] = f.Model.DiffLoss.Net.call(f.Tensor(c, "x"), f.Tensor(c, "t"), f.Tensor(c, "c")) };
+    }
+
+    /// <summary>`mlp_head_forward_cfg`: its guided form.</summary>
+    public static Dictionary<string, Tensor> MlpHeadForwardCfg(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        return new() { ["out"] = f.Model.DiffLoss.Net.ForwardWithCfg(f.Tensor(c, "x"), f.Tensor(c, "t"), f.Tensor(c, "c"), Scalar(f, c, "cfg_scale")) };
+    }
+
+    /// <summary>`dit_head_forward`: the phase-2 Transformer head on (x, t, z).</summary>
+    public static Dictionary<string, Tensor> DitHeadForward(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        return new() { ["out"] = f.Model.CondDiffLoss.Net.call(f.Tensor(c, "x"), f.Tensor(c, "t"), f.Tensor(c, "z")) };
+    }
+
+    /// <summary>`dit_head_forward_cfg`: its guided form.</summary>
+    public static Dictionary<string, Tensor> DitHeadForwardCfg(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        return new() { ["out"] = f.Model.CondDiffLoss.Net.ForwardWithCfg(f.Tensor(c, "x"), f.Tensor(c, "t"), f.Tensor(c, "z"), Scalar(f, c, "cfg_scale")) };
+    }
+
+    /// <summary>`mlp_head_training_loss`: per-row mse, vb and their sum for given noise and steps.</summary>
+    public static Dictionary<string, Tensor> MlpHeadTrainingLoss(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        var l = f.Model.DiffLoss.Losses(f.Tensor(c, "target"), f.Tensor(c, "z"), f.Tensor(c, "t"), f.Tensor(c, "noise"));
+        return new() { ["loss"] = l.Loss, ["mse"] = l.Mse, ["vb"] = l.Vb };
+    }
+
+    /// <summary>`dit_head_training_loss`: per-sample epsilon MSE over every token.</summary>
+    public static Dictionary<string, Tensor> DitHeadTrainingLoss(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        return new() { ["loss"] = f.Model.CondDiffLoss.Losses(f.Tensor(c, "target"), f.Tensor(c, "z"), f.Tensor(c, "t"), f.Tensor(c, "noise"), null!) };
+    }
+
+    /// <summary>`backbone_phase1`: encoder and decoder of phase 1 (task 0).</summary>
+    public static Dictionary<string, Tensor> BackbonePhase1(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        var m = f.Model;
+        var mask = f.Tensor(c, "mask");
+        var enc = m.EncoderPhase1(f.Tensor(c, "tokens"), mask, m.ClassEmbedding(f.Tensor(c, "labels")), f.Tensor(c, "cond"));
+        return new() { ["encoder_out"] = enc, ["decoder_out"] = m.Decoder(enc, mask, 0) };
+    }
+
+    /// <summary>`backbone_phase2`: encoder and decoder of phase 2 (task 1), pivots from small_z.</summary>
+    public static Dictionary<string, Tensor> BackbonePhase2(ParityFixture f, ParityCase c)
+    {
+        using var _ = torch.no_grad();
+        var m = f.Model;
+        var mask = f.Tensor(c, "mask");
+        var enc = m.EncoderPhase2(f.Tensor(c, "tokens"), mask, m.ClassEmbedding(f.Tensor(c, "labels")), f.Tensor(c, "cond"), f.Tensor(c, "small_z"));
+        return new() { ["encoder_out"] = enc, ["decoder_out"] = m.Decoder(enc, mask, 1) };
+    }
+
+    /// <summary>`parameter`: a named entry of the loaded model's state_dict.</summary>
+    public static Dictionary<string, Tensor> Parameter(ParityFixture f, ParityCase c)
+    {
+        var state = HiMar.Model.Weights.StateDict(f.Model);
+        if (!state.TryGetValue(c.Name, out var value))
+            throw new KeyNotFoundException($"the model has no parameter '{c.Name}'");
+        return new() { ["value"] = value.detach().clone() };
+    }
 }

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using HiMar.Model;
 using HiMar.Runtime.Checkpoints;
 using static TorchSharp.torch;
 
@@ -119,9 +120,43 @@ public sealed class ParityFixture : IDisposable
         throw new InvalidDataException($"{Directory}: case tensor '{key}' is missing.");
     }
 
+    HiMAR? model;
+
+    /// <summary>The fixture's configuration as ours: the manifest's `model_config` over the Hi-MAR-B preset,
+    /// with the top-level `dit_head_sampling_steps` when present.</summary>
+    public HiMarConfig Config
+    {
+        get
+        {
+            var args = ReferenceArgs.FromJson(ModelConfig);
+            if (Manifest["dit_head_sampling_steps"] is { } dit)
+                args["dit_head_sampling_steps"] = dit.GetValue<string>();
+            return HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, args);
+        }
+    }
+
+    /// <summary>The model of this fixture in evaluation mode, with weights.safetensors loaded strictly.
+    /// Built on first use; call it outside any dispose scope (the runner does).</summary>
+    public HiMAR Model
+    {
+        get
+        {
+            if (model == null)
+            {
+                var m = new HiMAR(Config);
+                HiMar.Model.Weights.Load(m, Weights, strict: true);
+                m.eval();
+                model = m;
+            }
+            return model;
+        }
+    }
+
     /// <summary>Disposes every loaded tensor.</summary>
     public void Dispose()
     {
+        model?.Dispose();
+        model = null;
         foreach (var f in files.Values)
             foreach (var t in f.Values)
                 t.Dispose();

@@ -1,0 +1,380 @@
+namespace HiMar.Model
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+open type TorchSharp.torch.nn
+
+/// The two weighted training losses of one step and their combination.
+/// `Phase1` = 2.0 x MLP-head loss, `Phase2` = 0.75 x phase-2 head loss (reference `HiMAR.forward`), and
+/// `Total` = (S / L) Phase1 + (N / L) Phase2 (reference engine: 64/320 and 256/320).
+type HiMarLosses =
+    {
+        Phase1: torch.Tensor
+        Phase2: torch.Tensor
+        Total: torch.Tensor
+    }
+
+/// Hi-MAR (models/himar.py `HiMAR`): one MAE-style encoder/decoder Transformer with buffer tokens and
+/// scale-aware blocks that serves both phases, the phase-1 MLP diffusion head `diffloss` and the phase-2
+/// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; task 0 is phase 1
+/// (pivots), task 1 phase 2 (dense). State-dict keys equal the reference's.
+type HiMAR(config: HiMarConfig) as this =
+    inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("HiMAR")
+
+    do
+        match HiMarConfig.validate config with
+        | [] -> ()
+        | problems -> invalidArg "config" (String.Join("; ", problems))
+
+    let e = int64 config.EncoderEmbedDim
+    let d = int64 config.DecoderEmbedDim
+    let c = int64 config.TokenEmbedDim
+    let s = int64 config.PivotTokens
+    let n = int64 config.DenseTokens
+    let l = int64 config.SeqLen
+    let buf = int64 config.BufferSize
+    let hasPivots = config.Pivots <> PivotSource.NoPivots
+    let eps = config.LayerNormEps
+    let normal (shape: int64[]) = torch.randn(shape).mul_ (scalar 0.02)
+
+    let fake_latent = this.Param("fake_latent", normal [| 1L; e |])
+
+    let cond_tokens =
+        if hasPivots then
+            Some(this.Param("cond_tokens", normal [| 1L; s; int64 config.CondDim |]))
+        else
+            None
+
+    let mask_token = this.Param("mask_token", normal [| 1L; 2L * l; e |])
+
+    let encoder_pos_embed_learned =
+        this.Param("encoder_pos_embed_learned", normal [| 1L; 2L * (l + buf); e |])
+
+    let decoder_pos_embed_learned =
+        this.Param("decoder_pos_embed_learned", normal [| 1L; 2L * (l + buf); d |])
+
+    let diffusion_pos_embed_learned =
+        this.Param("diffusion_pos_embed_learned", normal [| 1L; l; d |])
+
+    let class_emb = this.Child("class_emb", Embedding(int64 config.ClassNum, e))
+    let z_proj = this.Child("z_proj", Linear(c, e))
+    let z_proj_ln = this.Child("z_proj_ln", LayerNorm(e, eps = 1e-6))
+
+    let cond_z_proj =
+        if hasPivots then
+            Some(this.Child("cond_z_proj", Linear(d, e)))
+        else
+            None
+
+    let cond_proj =
+        if hasPivots then
+            Some(this.Child("cond_proj", Linear(int64 config.CondDim, e)))
+        else
+            None
+
+    let block (width: int) (heads: int) =
+        new Block(int64 width, int64 heads, config.MlpRatio, 2L, eps, config.AttnDropout, config.ProjDropout)
+
+    let encoder_blocks =
+        this.Child(
+            "encoder_blocks",
+            ModuleList<Block>(
+                [|
+                    for _ in 1 .. config.EncoderDepth -> block config.EncoderEmbedDim config.EncoderNumHeads
+                |]
+            )
+        )
+
+    let encoder_task_emb = this.Child("encoder_task_emb", Embedding(2L, e))
+    let encoder_blocks_ada = this.Child("encoder_blocks_ada", AdaLN.modulation e 4L)
+    let encoder_norm = this.Child("encoder_norm", LayerNorm(e, eps = eps))
+    let decoder_embed = this.Child("decoder_embed", Linear(e, d))
+
+    let decoder_blocks =
+        this.Child(
+            "decoder_blocks",
+            ModuleList<Block>(
+                [|
+                    for _ in 1 .. config.DecoderDepth -> block config.DecoderEmbedDim config.DecoderNumHeads
+                |]
+            )
+        )
+
+    let decoder_task_emb = this.Child("decoder_task_emb", Embedding(2L, d))
+    let decoder_blocks_ada = this.Child("decoder_blocks_ada", AdaLN.modulation d 4L)
+    let decoder_norm = this.Child("decoder_norm", LayerNorm(d, eps = eps))
+
+    let diffloss =
+        if hasPivots || config.Phase2 = Phase2Head.Mlp then
+            Some(
+                this.Child(
+                    "diffloss",
+                    new DiffLoss(
+                        c,
+                        d,
+                        int64 config.DiffLossW,
+                        config.DiffLossD,
+                        config.NumSamplingSteps,
+                        config.NoiseSchedule,
+                        config.DiffusionSteps
+                    )
+                )
+            )
+        else
+            None
+
+    let cond_diffloss =
+        if config.Phase2 = Phase2Head.Transformer then
+            Some(
+                this.Child(
+                    "cond_diffloss",
+                    new GlobalDiffLoss(
+                        c,
+                        int64 config.SeqH,
+                        d,
+                        int64 config.GdmW,
+                        config.GdmD,
+                        int64 config.GdmHeads,
+                        config.GdmMlpRatio,
+                        config.DitSamplingSteps,
+                        config.NoiseSchedule,
+                        config.DiffusionSteps
+                    )
+                )
+            )
+        else
+            None
+
+    let required name (o: 'a option) =
+        match o with
+        | Some v -> v
+        | None -> invalidOp (sprintf "this configuration has no %s" name)
+
+    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares task 0.
+    let adaIndex (task: int64) = if config.ScaleAware then task else 0L
+
+    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[task])).
+    let phaseModulation (emb: Embedding) (ada: Sequential) (task: int64) =
+        use row = (nonNull emb.weight).[adaIndex task]
+        use r = row.reshape (1L, 1L, -1L)
+        ada.call r
+
+    /// Column indices (B, T) of the known positions of each row, ascending; rows must agree on T.
+    let knownColumns (maskWithBuffer: torch.Tensor) =
+        let b = maskWithBuffer.shape.[0]
+        use known = maskWithBuffer.eq (scalar 0.0)
+        use idx = known.nonzero ()
+        let count = idx.shape.[0]
+
+        if count % b <> 0L then
+            invalidArg "mask" "every row of the mask must have the same number of known positions"
+
+        use col = idx.select (1L, 1L)
+        col.reshape (b, count / b)
+
+    let withBuffer (mask: torch.Tensor) =
+        use z = torch.zeros (mask.shape.[0], buf, dtype = mask.dtype, device = mask.device)
+        torch.cat ([| z; mask |], 1L)
+
+    /// The shared encoder: x (B, N, C) dense tokens, first (B, S, E) pivot block, mask (B, L),
+    /// classEmb (B, E) -> (B, buf + known, E).
+    let encode (first: torch.Tensor) (x: torch.Tensor) (mask: torch.Tensor) (classEmb: torch.Tensor) (task: int64) =
+        let b = x.shape.[0]
+        use dense = z_proj.call x
+        use seq = torch.cat ([| first; dense |], 1L) // (B, L, E)
+
+        use classEmb =
+            if this.training && config.LabelDropProb > 0.0 then
+                use drop =
+                    torch.rand(b, device = x.device).lt(scalar config.LabelDropProb).unsqueeze (1L)
+
+                torch.where (drop, fake_latent.expand (b, e), classEmb)
+            else
+                classEmb.alias ()
+
+        // The buffer slots all hold the class embedding: (B, E) -> (B, buf, E)
+        use buffer = classEmb.unsqueeze(1L).expand (b, buf, e)
+        use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
+        use pos = encoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        use added = withBuf + pos
+        use normed = z_proj_ln.call added
+        use mwb = withBuffer mask
+        use cols = knownColumns mwb
+        // (B, buf + L, E) -> (B, buf + known, E)
+        let visible = normed.gather (1L, cols.unsqueeze(-1L).expand (-1L, -1L, e))
+        use ada = phaseModulation encoder_task_emb encoder_blocks_ada task
+
+        let h =
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) visible encoder_blocks
+
+        encoder_norm.call h
+
+    /// The configuration.
+    member _.Config = config
+
+    /// The unconditional class embedding (1, E).
+    member _.FakeLatent = fake_latent
+
+    /// Class embeddings (B, E) of labels (B,); labels equal to `ClassNum` (the null class) take `fake_latent`.
+    member _.ClassEmbedding(labels: torch.Tensor) =
+        use isNull = labels.eq (scalarL (int64 config.NullClass))
+        use safe = labels.masked_fill (isNull, scalarL 0L)
+        use emb = class_emb.call safe
+        torch.where (isNull.unsqueeze 1L, fake_latent.expand (labels.shape.[0], e), emb)
+
+    /// The phase-1 MLP diffusion head.
+    member _.DiffLoss = required "MLP head (diffloss)" diffloss
+
+    /// The phase-2 Transformer head.
+    member _.CondDiffLoss = required "Transformer head (cond_diffloss)" cond_diffloss
+
+    /// Phase-1 encoder (task 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
+    /// in practice. -> (B, buf + known, E).
+    member _.EncoderPhase1(tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor) =
+        use first = (required "pivots" cond_proj).call cond
+        encode first tokens mask classEmb 0L
+
+    /// Phase-2 encoder (task 1), evaluation branch: the pivots enter as cond_z_proj(smallZ (B, S, D)) (Hi-MAR)
+    /// or, without smallZ or with low-res pivots, as cond_proj(cond). -> (B, buf + known, E).
+    member _.EncoderPhase2
+        (tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor, smallZ: torch.Tensor)
+        =
+        use first =
+            if not hasPivots then
+                torch.zeros (tokens.shape.[0], 0L, e, dtype = tokens.dtype, device = tokens.device)
+            elif config.Pivots = PivotSource.ConditionalTokens && not (isNull (box smallZ)) then
+                (required "pivots" cond_z_proj).call smallZ
+            else
+                (required "pivots" cond_proj).call cond
+
+        encode first tokens mask classEmb 1L
+
+    /// The decoder of either phase: encoder output (B, buf + known, E), mask (B, L) -> (B, L, D), the
+    /// masked positions filled with the phase's mask tokens, buffer dropped, diffusion positions added.
+    member _.Decoder(x: torch.Tensor, mask: torch.Tensor, task: int64) =
+        let b = x.shape.[0]
+        use xe = decoder_embed.call x
+        use mwb = withBuffer mask
+        use cols = knownColumns mwb
+        use tokens = mask_token.narrow(1L, task * l, l).expand (b, l, e)
+        use zeros = torch.zeros (b, buf, e, dtype = xe.dtype, device = xe.device)
+        use full = torch.cat ([| zeros; tokens |], 1L) // (B, buf + L, D)
+        use placed = full.scatter (1L, cols.unsqueeze(-1L).expand (-1L, -1L, d), xe)
+        use pos = decoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        let h0 = placed + pos
+        use ada = phaseModulation decoder_task_emb decoder_blocks_ada task
+
+        let h =
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) h0 decoder_blocks
+
+        use normed = decoder_norm.call h
+        use noBuffer = normed.narrow (1L, buf, l) // (B, L, D)
+        noBuffer + diffusion_pos_embed_learned
+
+    /// The training losses of one batch: tokens (B, N, C) dense latents, cond (B, S, C) pivot latents,
+    /// labels (B,), epoch (for the pivot-condition warm-up). Draws orders, masks, label drops and diffusion
+    /// noise from torch's generator.
+    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float) =
+        let b = tokens.shape.[0]
+        let dev = tokens.device
+        let dt = tokens.dtype
+        let mul = int64 config.DiffusionBatchMul
+        use classEmb = class_emb.call labels
+        use orders = Masking.randomOrders b s n dev
+
+        // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
+        let phase1, smallZ, smallMask =
+            if hasPivots then
+                let k =
+                    int64 (Math.Ceiling(float s * Masking.truncatedNormalRate config.MaskRatioMin))
+
+                use m = Masking.maskByOrder k orders l dt
+                m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
+                use enc = this.EncoderPhase1(tokens, m, classEmb, cond)
+                use dec = this.Decoder(enc, m, 0L)
+                use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
+                use target = cond.reshape(b * s, c).repeat (mul, 1L)
+                use z = z1.reshape(b * s, d).repeat (mul, 1L)
+                use pm = m.narrow (1L, 0L, s)
+                use rowMask = pm.reshape(b * s).repeat (mul)
+                let loss1 = (required "MLP head" diffloss).call (target, z, rowMask)
+                loss1, z1.detach (), (1.0 - pm)
+            else
+                torch.zeros ([||], dtype = dt, device = dev), null, null
+
+        use loss1 = phase1
+
+        // Phase 2: mask ceil(N rate) dense tokens (cosine rule or truncated normal from 0.38); pivots known.
+        let rate =
+            if config.Cos then
+                Masking.cosineRate ()
+            else
+                Masking.truncatedNormalRate 0.38
+
+        let k2 = int64 (Math.Ceiling(float n * rate))
+        use denseOrders = orders.narrow (1L, s, n)
+        use bigMask = Masking.maskByOrder k2 denseOrders l dt
+        let warm = min 1.0 (epoch / float (max 1 config.StepWarmup))
+
+        use first =
+            if not hasPivots then
+                torch.zeros (b, 0L, e, dtype = dt, device = dev)
+            elif config.Pivots = PivotSource.LowResTokens then
+                (required "pivots" cond_proj).call cond
+            else
+                // Pivot-condition dropout: visible-in-phase-1 pivots and, per sample with a probability that
+                // warms from 1 to 1 - rate, all pivots take the learned placeholder instead of their states.
+                use placeholder =
+                    (required "pivots" cond_proj).call ((required "pivots" cond_tokens).expand (b, -1L, -1L))
+
+                use states = (required "pivots" cond_z_proj).call smallZ
+                use sm = smallMask.unsqueeze (-1L)
+                use mixed = sm * placeholder + (1.0 - sm) * states
+                use u = torch.rand (b, 1L, 1L, dtype = dt, device = dev)
+                use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
+                usePlaceholder * placeholder + (1.0 - usePlaceholder) * mixed
+
+        use enc2 = encode first tokens bigMask classEmb 1L
+        use dec2 = this.Decoder(enc2, bigMask, 1L)
+        use z2 = dec2.narrow (1L, s, n) // (B, N, D)
+        use denseMask = bigMask.narrow (1L, s, n)
+
+        use loss2 =
+            match config.Phase2 with
+            | Phase2Head.Transformer ->
+                let g = int64 config.SeqH
+                // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
+                use target =
+                    tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+
+                use zImg = z2.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+                use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
+                (required "Transformer head" cond_diffloss).call (target, zImg, m)
+            | _ ->
+                use target = tokens.reshape(b * n, c).repeat (mul, 1L)
+                use z = z2.reshape(b * n, d).repeat (mul, 1L)
+                use m = denseMask.reshape(b * n).repeat (mul)
+                (required "MLP head" diffloss).call (target, z, m)
+
+        if not (isNull (box smallZ)) then
+            smallZ.Dispose()
+            smallMask.Dispose()
+
+        let p1 = loss1 * config.Phase1LossWeight
+        let p2 = loss2 * config.Phase2LossWeight
+        let wl = float s / float l
+        let wn = float n / float l
+
+        {
+            Phase1 = p1
+            Phase2 = p2
+            Total = p1 * wl + p2 * wn
+        }
+
+    /// `forward(tokens, cond, labels)` is the training loss at the end of the warm-up; use `TrainingLosses`.
+    override this.forward(tokens, cond, labels) =
+        let r = this.TrainingLosses(tokens, cond, labels, float config.StepWarmup)
+        r.Phase1.Dispose()
+        r.Phase2.Dispose()
+        r.Total

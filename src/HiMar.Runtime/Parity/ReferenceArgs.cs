@@ -1,0 +1,33 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace HiMar.Runtime.Parity;
+
+/// <summary>Reference keyword arguments (JSON or a checkpoint's argparse Namespace) as boxed .NET values.</summary>
+public static class ReferenceArgs
+{
+    /// <summary>Numbers become long or double, strings, booleans; other values are skipped.</summary>
+    public static Dictionary<string, object> FromJson(JsonObject o)
+    {
+        var d = new Dictionary<string, object>();
+        foreach (var (k, v) in o)
+        {
+            if (v is not JsonValue value)
+                continue;
+            switch (value.GetValueKind())
+            {
+                case JsonValueKind.String:
+                    d[k] = value.GetValue<string>();
+                    break;
+                case JsonValueKind.True:
+                case JsonValueKind.False:
+                    d[k] = value.GetValue<bool>();
+                    break;
+                case JsonValueKind.Number:
+                    d[k] = value.TryGetValue<long>(out var l) ? l : value.GetValue<double>();
+                    break;
+            }
+        }
+        return d;
+    }
+}
