@@ -40,11 +40,12 @@ type HiMAR(config: HiMarConfig) as this =
 
     let fake_latent = this.Param("fake_latent", normal [| 1L; e |])
 
-    let cond_tokens =
+    // A plain field, not an option: TorchSharp's `.to(dtype/device)` rebinds parameter fields by name.
+    let cond_tokens: Parameter | null =
         if hasPivots then
-            Some(this.Param("cond_tokens", normal [| 1L; s; int64 config.CondDim |]))
+            this.Param("cond_tokens", normal [| 1L; s; int64 config.CondDim |])
         else
-            None
+            null
 
     let mask_token = this.Param("mask_token", normal [| 1L; 2L * l; e |])
 
@@ -326,7 +327,7 @@ type HiMAR(config: HiMarConfig) as this =
                 // Pivot-condition dropout: visible-in-phase-1 pivots and, per sample with a probability that
                 // warms from 1 to 1 - rate, all pivots take the learned placeholder instead of their states.
                 use placeholder =
-                    (required "pivots" cond_proj).call ((required "pivots" cond_tokens).expand (b, -1L, -1L))
+                    (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (b, -1L, -1L))
 
                 use states = (required "pivots" cond_z_proj).call smallZ
                 use sm = smallMask.unsqueeze (-1L)
@@ -378,3 +379,23 @@ type HiMAR(config: HiMarConfig) as this =
         r.Phase1.Dispose()
         r.Phase2.Dispose()
         r.Total
+
+/// Looking at a model's structure without paying for its weights.
+module Anatomy =
+    /// Builds a module with every tensor on the meta device: shapes and counts without memory or
+    /// initialisation cost. Sets TorchSharp's default device for the duration, so call it from one thread.
+    [<CompiledName("OnMeta")>]
+    let onMeta (build: unit -> 'M) =
+        let previous = torch.get_default_device ()
+        torch.set_default_device torch.META
+
+        try
+            build ()
+        finally
+            torch.set_default_device previous
+
+    /// Parameter counts of a configuration: per top-level module (in registration order) and in total.
+    [<CompiledName("ParameterCounts")>]
+    let parameterCounts (config: HiMarConfig) =
+        use m = onMeta (fun () -> new HiMAR(config))
+        Weights.parameterCounts m, Weights.parameterCount m

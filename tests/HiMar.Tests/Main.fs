@@ -5,4 +5,17 @@ open Expecto
 
 [<EntryPoint>]
 let main argv =
-    Tests.runTestsWithCLIArgs [] argv (testList "HiMar" [ NativeTests.tests ])
+    HiMar.Runtime.Native.TorchNative.EnsureLoaded()
+    // Sequenced: some tests build models on the meta device through TorchSharp's process-wide default device.
+    Tests.runTestsWithCLIArgs
+        [ CLIArguments.Sequenced ]
+        argv
+        (testList
+            "HiMar"
+            [
+                NativeTests.tests
+                DiffusionTests.tests
+                MaskingTests.tests
+                ModelTests.tests
+                ParityTests.tests
+            ])
