@@ -18,4 +18,5 @@ let main argv =
                 MaskingTests.tests
                 ModelTests.tests
                 ParityTests.tests
+                VaeTests.tests
             ])

@@ -45,6 +45,8 @@ public static class ParityRunner
         ["backbone_phase1"] = ParityCases.BackbonePhase1,
         ["backbone_phase2"] = ParityCases.BackbonePhase2,
         ["parameter"] = ParityCases.Parameter,
+        ["vae_encode"] = VaeParityCases.Encode,
+        ["vae_decode"] = VaeParityCases.Decode,
     };
 
     /// <summary>max |a - e| and the allowance atol + rtol * max |e|, compared in float64.</summary>
@@ -70,7 +72,7 @@ public static class ParityRunner
         try
         {
             // Weights and case tensors belong to the fixture: load them before this case's scope opens.
-            if (c.Kind != "diffusion_schedule")
+            if (c.Kind != "diffusion_schedule" && !c.Kind.StartsWith("vae_", StringComparison.Ordinal))
                 _ = fixture.Model;
             using var scope = torch.NewDisposeScope();
             var outputs = evaluate(fixture, c);
