@@ -10,12 +10,15 @@ open HiMar.Runtime.Native
 type InfoArgs =
     | [<AltCommandLine("-s")>] Probe_Seconds of seconds: float
     | No_Probe
+    | [<AltCommandLine("-m")>] Model of preset_or_file: string
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
             | Probe_Seconds _ -> "how long the fp32 matmul probe runs (default 2)."
             | No_Probe -> "skip the matmul probe."
+            | Model _ ->
+                "print the parameter count per module of a model: hi-mar-b, hi-mar-l, hi-mar-h, or a JSON file of reference arguments."
 
 /// Arguments of `himar verify-parity`.
 type VerifyParityArgs =
@@ -41,40 +44,84 @@ type HimarArgs =
             | Verify_Parity _ ->
                 "check our implementation against a reference parity fixture; one line per case, exit 1 on any failure."
 
-let private info (args: ParseResults<InfoArgs>) =
-    let e = TorchNative.Describe()
-    let grid = Grid().AddColumn().AddColumn()
+/// The parameter table of one configuration, built on the meta device (no memory, instant).
+let private modelInfo (nameOrFile: string) =
+    let config = HiMar.Runtime.Checkpoints.ModelConfigs.Resolve nameOrFile
+    let parts, total = HiMar.Model.Anatomy.parameterCounts config
 
-    let row (k: string) (v: string) =
-        grid.AddRow(Markup.Escape k, Markup.Escape v) |> ignore
+    let table =
+        Table()
+            .AddColumn("module")
+            .AddColumn(TableColumn("parameters").RightAligned())
+            .AddColumn(TableColumn("share").RightAligned())
 
-    row "HiMarFunctional" (string (typeof<HimarArgs>.Assembly.GetName().Version))
-    row "TorchSharp" e.TorchSharpVersion
-    row "libtorch" e.LibTorchVersion
-    row ".NET" e.DotNetVersion
-    row "OS" (Runtime.InteropServices.RuntimeInformation.OSDescription)
-    row "devices" (String.Join(", ", e.Devices))
-    row "threads" (string e.Threads)
+    for name, count in parts do
+        table.AddRow(Markup.Escape name, count.ToString("N0"), sprintf "%.1f%%" (100.0 * float count / float total))
+        |> ignore
 
-    row
-        "native patch"
-        (match e.Glue.Path with
-         | null -> "no libLibTorchSharp.so beside the application"
-         | p when e.Glue.PatchApplied ->
-             sprintf "applied: %s need marked weak in %s" (String.Join(", ", e.Glue.WeakenedNeeds)) p
-         | p -> sprintf "not needed: %s loads as shipped" p)
+    table.AddRow("[bold]total[/]", sprintf "[bold]%s[/]" (total.ToString("N0")), "100.0%")
+    |> ignore
 
-    AnsiConsole.Write grid
+    table.Title <-
+        TableTitle(
+            Markup.Escape(
+                sprintf
+                    "%s: %d+%d blocks of width %d, pivots %dx%d, %d classes"
+                    nameOrFile
+                    config.EncoderDepth
+                    config.DecoderDepth
+                    config.EncoderEmbedDim
+                    config.CondScale
+                    config.CondScale
+                    config.ClassNum
+            )
+        )
 
-    if not (args.Contains No_Probe) then
-        let seconds = args.GetResult(Probe_Seconds, defaultValue = 2.0)
-
-        let gflops =
-            AnsiConsole.Status().Start("fp32 matmul probe (1024 x 1024)...", fun _ -> TorchNative.MatmulGflops(seconds))
-
-        AnsiConsole.MarkupLine(sprintf "matmul fp32   [bold]%.1f GFLOP/s[/] on cpu, %d threads" gflops e.Threads)
-
+    AnsiConsole.Write table
     0
+
+let private info (args: ParseResults<InfoArgs>) =
+    match args.TryGetResult Model with
+    | Some m ->
+        TorchNative.EnsureLoaded()
+        modelInfo m
+    | None ->
+
+        let e = TorchNative.Describe()
+        let grid = Grid().AddColumn().AddColumn()
+
+        let row (k: string) (v: string) =
+            grid.AddRow(Markup.Escape k, Markup.Escape v) |> ignore
+
+        row "HiMarFunctional" (string (typeof<HimarArgs>.Assembly.GetName().Version))
+        row "TorchSharp" e.TorchSharpVersion
+        row "libtorch" e.LibTorchVersion
+        row ".NET" e.DotNetVersion
+        row "OS" (Runtime.InteropServices.RuntimeInformation.OSDescription)
+        row "devices" (String.Join(", ", e.Devices))
+        row "threads" (string e.Threads)
+
+        row
+            "native patch"
+            (match e.Glue.Path with
+             | null -> "no libLibTorchSharp.so beside the application"
+             | p when e.Glue.PatchApplied ->
+                 sprintf "applied: %s need marked weak in %s" (String.Join(", ", e.Glue.WeakenedNeeds)) p
+             | p -> sprintf "not needed: %s loads as shipped" p)
+
+        AnsiConsole.Write grid
+
+        if not (args.Contains No_Probe) then
+            let seconds = args.GetResult(Probe_Seconds, defaultValue = 2.0)
+
+            let gflops =
+                AnsiConsole
+                    .Status()
+                    .Start("fp32 matmul probe (1024 x 1024)...", fun _ -> TorchNative.MatmulGflops(seconds))
+
+            AnsiConsole.MarkupLine(sprintf "matmul fp32   [bold]%.1f GFLOP/s[/] on cpu, %d threads" gflops e.Threads)
+
+        0
 
 let private verifyParity (args: ParseResults<VerifyParityArgs>) =
     TorchNative.EnsureLoaded()
