@@ -94,3 +94,32 @@ public static class ParityCases
         return new() { ["value"] = value.detach().clone() };
     }
 }
+
+/// <summary>The `sample_tokens` evaluator: the whole two-phase sampler, replaying recorded orders and noise.</summary>
+public static class SamplerParityCases
+{
+    /// <summary>Runs <see cref="Sampling.HiMarSampler"/> with the case's settings and a replay of its noise.</summary>
+    public static Dictionary<string, Tensor> SampleTokens(ParityFixture f, ParityCase c)
+    {
+        var roles = (c.Spec["noise_roles"]?.AsArray() ?? []).Select(r => r!.GetValue<string>()).ToList();
+        var recorded = roles.Select((role, i) => (role, f.Tensor(c, $"noise_{i:D5}"))).ToList();
+        var replay = new Sampling.ReplayNoise(f.Tensor(c, "orders"), recorded);
+        double Value(string name) => f.Tensor(c, name).to(ScalarType.Float64).item<double>();
+        var options = new Sampling.SamplerOptions
+        {
+            Phase1Steps = c.Int("phase1_steps", f.Config.Phase1Steps),
+            Phase2Steps = c.Int("num_iter", 4),
+            Cfg = Value("cfg"),
+            ReCfg = Value("re_cfg"),
+            Temperature = Value("temperature"),
+            Schedule = c.Text("cfg_schedule", "linear") == "constant" ? Sampling.CfgSchedule.Constant : Sampling.CfgSchedule.Linear,
+            MlpHeadSteps = c.Text("mlp_head_sampling_steps") is { Length: > 0 } m ? m : null,
+            DitHeadSteps = c.Text("dit_head_sampling_steps") is { Length: > 0 } dd ? dd : null,
+        };
+        var result = Sampling.HiMarSampler.Sample(f.Model, f.Tensor(c, "labels"), replay, options);
+        var skippedTail = roles.Skip(replay.Position).Count(r => r != "p2_unused");
+        if (skippedTail > 0)
+            throw new InvalidOperationException($"the sampler used {replay.Position} of {roles.Count} recorded draws");
+        return new() { ["small_tokens"] = result.SmallTokens, ["big_tokens"] = result.BigTokens };
+    }
+}

@@ -45,6 +45,7 @@ public static class ParityRunner
         ["backbone_phase1"] = ParityCases.BackbonePhase1,
         ["backbone_phase2"] = ParityCases.BackbonePhase2,
         ["parameter"] = ParityCases.Parameter,
+        ["sample_tokens"] = SamplerParityCases.SampleTokens,
         ["vae_encode"] = VaeParityCases.Encode,
         ["vae_decode"] = VaeParityCases.Decode,
     };

@@ -1,0 +1,280 @@
+using HiMar.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Sampling;
+
+/// <summary>How classifier-free guidance grows over the generation steps.</summary>
+public enum CfgSchedule
+{
+    /// <summary>1 + (scale - 1) x (share of tokens known after the step).</summary>
+    Linear,
+
+    /// <summary>The full scale at every step.</summary>
+    Constant,
+}
+
+/// <summary>Settings of one sampling run. Guidance 1.0 turns it off for that phase.</summary>
+public sealed record SamplerOptions
+{
+    /// <summary>Phase-1 steps over the pivots; null for the reference's 4 x cond_scale.</summary>
+    public int? Phase1Steps { get; init; }
+
+    /// <summary>Phase-2 steps over the dense tokens (`num_iter`, 4 in the paper).</summary>
+    public int Phase2Steps { get; init; } = 4;
+
+    /// <summary>Phase-2 guidance scale (`cfg`, DiT head).</summary>
+    public double Cfg { get; init; } = 1.0;
+
+    /// <summary>Phase-1 guidance scale (`re_cfg`, MLP head).</summary>
+    public double ReCfg { get; init; } = 1.0;
+
+    /// <summary>The schedule of both guidance scales.</summary>
+    public CfgSchedule Schedule { get; init; } = CfgSchedule.Linear;
+
+    /// <summary>Sampling temperature (multiplies each step's noise).</summary>
+    public double Temperature { get; init; } = 1.0;
+
+    /// <summary>Respacing of the MLP head's diffusion; null for the model's (`num_sampling_steps`).</summary>
+    public string? MlpHeadSteps { get; init; }
+
+    /// <summary>Respacing of the Transformer head's diffusion; null for the model's (250 in the reference).</summary>
+    public string? DitHeadSteps { get; init; }
+
+    /// <summary>Keep every step's tokens in <see cref="SampleResult.Intermediates"/>.</summary>
+    public bool KeepIntermediates { get; init; }
+}
+
+/// <summary>Where the sampler is, for progress displays.</summary>
+/// <param name="Phase">1 (pivots) or 2 (dense tokens).</param>
+/// <param name="Step">The generation step within the phase (0-based).</param>
+/// <param name="Steps">Generation steps in the phase.</param>
+/// <param name="DiffusionStep">Diffusion steps done within this generation step.</param>
+/// <param name="DiffusionSteps">Diffusion steps per generation step.</param>
+public readonly record struct SamplerProgress(int Phase, int Step, int Steps, int DiffusionStep, int DiffusionSteps);
+
+/// <summary>The tokens of one run. The caller owns (and disposes) the tensors.</summary>
+/// <param name="SmallTokens">Pivot latents (B, C, s, s).</param>
+/// <param name="BigTokens">Dense latents (B, C, g, g).</param>
+/// <param name="Intermediates">With <see cref="SamplerOptions.KeepIntermediates"/>: (phase, step, pivots, dense tokens) after each step.</param>
+public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnlyList<(int Phase, int Step, Tensor Pivots, Tensor Dense)> Intermediates) : IDisposable
+{
+    /// <summary>Disposes every tensor.</summary>
+    public void Dispose()
+    {
+        SmallTokens.Dispose();
+        BigTokens.Dispose();
+        foreach (var (_, _, p, d) in Intermediates)
+        {
+            p.Dispose();
+            d.Dispose();
+        }
+    }
+}
+
+/// <summary>
+/// The two-phase masked sampler of Hi-MAR (reference `HiMAR.sample_tokens`): phase 1 generates the pivots in a
+/// random order with the MLP head, recording each pivot's decoder state at the step it is predicted; phase 2
+/// generates the dense tokens conditioned on those states, the Transformer head regenerating the whole grid at
+/// each step with the known tokens re-noised from the loop's start noise. Each step runs in its own dispose
+/// scope; the model is used in evaluation mode without gradients.
+/// </summary>
+public static class HiMarSampler
+{
+    /// <summary>Generates tokens for <paramref name="labels"/> (B,) (the null class `ClassNum` for unconditional rows).</summary>
+    public static SampleResult Sample(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null)
+    {
+        var cfg = model.Config;
+        if (cfg.Pivots != PivotSource.ConditionalTokens || cfg.Phase2 != Phase2Head.Transformer)
+            throw new NotSupportedException("the two-phase sampler needs Hi-MAR's conditional-token pivots and Transformer head");
+        var wasTraining = model.training;
+        model.eval();
+        try
+        {
+            using var noGrad = torch.no_grad();
+            using var outer = torch.NewDisposeScope();
+            var result = Run(model, labels, noise, options, progress);
+            result.SmallTokens.MoveToOuterDisposeScope();
+            result.BigTokens.MoveToOuterDisposeScope();
+            foreach (var (_, _, p, d) in result.Intermediates)
+            {
+                p.MoveToOuterDisposeScope();
+                d.MoveToOuterDisposeScope();
+            }
+            return result;
+        }
+        finally
+        {
+            if (wasTraining)
+                model.train();
+        }
+    }
+
+    static double GuidanceAt(CfgSchedule schedule, double scale, int n, float maskLength) =>
+        schedule == CfgSchedule.Linear ? Masking.LinearCfg(scale, n, maskLength) : scale;
+
+    static GaussianDiffusion Diffusion(GaussianDiffusion modelDiffusion, string? respacing, HiMarConfig cfg) =>
+        respacing == null
+            ? modelDiffusion
+            : new GaussianDiffusion(ScheduleModule.Create(cfg.NoiseSchedule, cfg.DiffusionSteps, respacing), modelDiffusion.VarianceKind);
+
+    static Tensor Repeat2(Tensor t) => torch.cat([t, t], 0);
+
+    static SampleResult Run(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions o, Action<SamplerProgress>? progress)
+    {
+        var cfg = model.Config;
+        var dev = model.FakeLatent.device;
+        var dtype = model.FakeLatent.dtype;
+        long b = labels.shape[0], s = cfg.PivotTokens, n = cfg.DenseTokens, l = cfg.SeqLen;
+        long c = cfg.TokenEmbedDim, cd = cfg.CondDim, d = cfg.DecoderEmbedDim, side = cfg.CondScale, g = cfg.SeqH;
+        var steps1 = o.Phase1Steps ?? cfg.Phase1Steps;
+        var steps2 = o.Phase2Steps;
+        if (steps1 < 1 || steps2 < 1)
+            throw new ArgumentException("each phase needs at least one step");
+        var mlpDiffusion = Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg);
+        var ditDiffusion = Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg);
+        var intermediates = new List<(int, int, Tensor, Tensor)>();
+
+        labels = labels.to(dev);
+        var classEmb = model.ClassEmbedding(labels);
+        var uncondEmb = model.FakeLatent.expand(b, -1);
+        var orders = noise.Orders(s, n, dev);
+        var mask = torch.ones(b, l, dtype: dtype, device: dev);
+        var tokens = torch.zeros(b, n, c, dtype: dtype, device: dev);
+        var condTok = torch.zeros(b, s, cd, dtype: dtype, device: dev);
+        var smallZ = torch.zeros(b, s, d, dtype: dtype, device: dev);
+
+        // Phase 1: the pivots.
+        var guided1 = o.ReCfg != 1.0;
+        for (var step = 0; step < steps1; step++)
+        {
+            using var scope = torch.NewDisposeScope();
+            var tok = guided1 ? Repeat2(tokens) : tokens;
+            var ct = guided1 ? Repeat2(condTok) : condTok;
+            var m = guided1 ? Repeat2(mask) : mask;
+            var ce = guided1 ? torch.cat([classEmb, uncondEmb], 0) : classEmb;
+            var z = model.Decoder(model.EncoderPhase1(tok, m, ce, ct), m, 0); // (B', L, D)
+            var remaining = (int)mask[0].narrow(0, 0, s).sum().item<float>();
+            var len = Masking.NextMaskLength((int)s, step, steps1, remaining);
+            var maskNext = Masking.MaskByOrder((long)len, orders, l, dtype);
+            maskNext.narrow(1, s, n).fill_(1.0);
+            // The pivots predicted now: the last step takes every remaining one.
+            var pivMask = mask.narrow(1, 0, s).to(ScalarType.Bool);
+            var toPred = step == steps1 - 1 ? pivMask : pivMask.logical_xor(maskNext.narrow(1, 0, s).to(ScalarType.Bool)); // (B, S)
+            var k = toPred[0].sum().item<long>();
+            var zPiv = z.narrow(1, 0, s).narrow(0, 0, b); // conditional half (B, S, D)
+            var toPred3 = toPred.unsqueeze(-1);
+            var newSmallZ = torch.where(toPred3, zPiv, smallZ);
+            var toPredAll = guided1 ? Repeat2(toPred) : toPred;
+            var zSel = z.narrow(1, 0, s).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
+            var scale = GuidanceAt(o.Schedule, o.ReCfg, (int)s, len);
+            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion, zSel, guided1, scale, o.Temperature, k, c, noise, progress, step, steps1, dev);
+            var sampledCond = guided1 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
+            var newCond = condTok.masked_scatter(toPred.unsqueeze(-1), sampledCond);
+            Replace(ref smallZ, newSmallZ);
+            Replace(ref condTok, newCond);
+            Replace(ref mask, maskNext);
+            if (o.KeepIntermediates)
+                intermediates.Add((1, step, ToGrid(condTok, side).MoveToOuterDisposeScope(), ToGrid(tokens, g).MoveToOuterDisposeScope()));
+        }
+
+        var smallTokens = ToGrid(condTok, side);
+
+        // Phase 2: the dense tokens, conditioned on the pivots' decoder states (both halves use the conditional ones).
+        mask.narrow(1, 0, s).fill_(0.0);
+        var guided2 = o.Cfg != 1.0;
+        var smallZ2 = guided2 ? Repeat2(smallZ) : smallZ;
+        for (var step = 0; step < steps2; step++)
+        {
+            using var scope = torch.NewDisposeScope();
+            var tok = guided2 ? Repeat2(tokens) : tokens;
+            var ct = guided2 ? Repeat2(condTok) : condTok;
+            var m = guided2 ? Repeat2(mask) : mask;
+            var ce = guided2 ? torch.cat([classEmb, uncondEmb], 0) : classEmb;
+            var bb = m.shape[0];
+            var z = model.Decoder(model.EncoderPhase2(tok, m, ce, ct, smallZ2), m, 1); // (B', L, D)
+            var remaining = (int)mask[0].sum().item<float>();
+            var len = Masking.NextMaskLength((int)n, step, steps2, remaining);
+            var maskNext = Masking.MaskByOrder((long)len, orders.narrow(1, s, n), l, dtype);
+            var unknown = m.narrow(1, s, n).to(ScalarType.Bool); // (B', N): unknown before this step
+            var thisMask = unknown.reshape(bb, g, g);
+            var thisTok = tok.reshape(bb, g, g, c).permute(0, 3, 1, 2); // (B', C, g, g)
+            var zImg = z.narrow(1, s, n).reshape(bb, g, g, d).permute(0, 3, 1, 2); // (B', D, g, g)
+            var scale = GuidanceAt(o.Schedule, o.Cfg, (int)n, len);
+            var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion, zImg, guided2, scale, o.Temperature, thisMask, thisTok, noise, progress, step, steps2, dev);
+            var flat = outImg.narrow(0, 0, b).permute(0, 2, 3, 1).reshape(b, n, c); // (B, N, C)
+            // Every position unknown before the step takes its new value.
+            var newTokens = torch.where(unknown.narrow(0, 0, b).unsqueeze(-1), flat, tokens);
+            Replace(ref tokens, newTokens);
+            Replace(ref mask, maskNext);
+            if (o.KeepIntermediates)
+                intermediates.Add((2, step, smallTokens.clone().MoveToOuterDisposeScope(), ToGrid(tokens, g).MoveToOuterDisposeScope()));
+        }
+
+        var bigTokens = ToGrid(tokens, g);
+        return new SampleResult(smallTokens, bigTokens, intermediates);
+    }
+
+    /// <summary>Swaps in a tensor computed inside a step's scope, keeping it alive past that scope.</summary>
+    static void Replace(ref Tensor state, Tensor next)
+    {
+        next.MoveToOuterDisposeScope();
+        state.Dispose();
+        state = next;
+    }
+
+    /// <summary>(B, side*side, C) -> (B, C, side, side).</summary>
+    static Tensor ToGrid(Tensor t, long side) => t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2).contiguous();
+
+    /// <summary>One MLP-head loop (reference `DiffLoss.sample` + `p_sample_loop`) over the selected rows.</summary>
+    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    {
+        var rows = z.shape[0];
+        var start = noise.Draw(NoiseRole.Phase1Init, 1, perImage, [c], dev).to(z.dtype);
+        var x = guided ? Repeat2(start) : start;
+        var total = diffusion.NumTimesteps;
+        for (var i = total - 1; i >= 0; i--)
+        {
+            using var inner = torch.NewDisposeScope();
+            var t = torch.full([rows], i, dtype: ScalarType.Int64, device: dev);
+            var tm = diffusion.MapTimesteps(t);
+            var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
+            var ps = diffusion.PMeanVariance(output, x, t, false);
+            var eps = noise.Draw(NoiseRole.Phase1Step, guided ? 2 : 1, perImage, [c], dev).to(z.dtype);
+            var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
+            x.Dispose();
+            x = next;
+            progress?.Invoke(new SamplerProgress(1, step, steps, total - i, total));
+        }
+        return x;
+    }
+
+    /// <summary>One Transformer-head loop: the whole grid each diffusion step, known tokens replaced by
+    /// q_sample(tokens, t, start noise) before every call.</summary>
+    static Tensor SampleDitHead(DiT net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, Tensor unknown, Tensor known, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    {
+        var bb = z.shape[0];
+        var shape = new[] { known.shape[1], known.shape[2], known.shape[3] };
+        var start = noise.Draw(NoiseRole.Phase2Init, 1, 1, shape, dev).to(z.dtype);
+        var init = guided ? Repeat2(start) : start;
+        var img = init.clone();
+        var unknown4 = unknown.unsqueeze(1);
+        var total = diffusion.NumTimesteps;
+        for (var i = total - 1; i >= 0; i--)
+        {
+            using var inner = torch.NewDisposeScope();
+            var t = torch.full([bb], i, dtype: ScalarType.Int64, device: dev);
+            var xKnown = diffusion.QSample(known, t, init);
+            var x = torch.where(unknown4, img, xKnown);
+            var tm = diffusion.MapTimesteps(t);
+            var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
+            var ps = diffusion.PMeanVariance(output, x, t, false);
+            var eps = noise.Draw(NoiseRole.Phase2Step, guided ? 2 : 1, 1, shape, dev).to(z.dtype);
+            var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
+            img.Dispose();
+            img = next;
+            progress?.Invoke(new SamplerProgress(2, step, steps, total - i, total));
+        }
+        return img;
+    }
+}
