@@ -20,6 +20,10 @@ let repoRoot =
 let tinyFixture =
     Path.GetFullPath(Path.Combine(repoRoot, "..", "shared", "fixtures", "parity", "tiny"))
 
+/// The project's own fixture of a configuration unlike tiny's (tests/fixtures/generic: cond_scale 4, an 8x8
+/// grid, decoder deeper and with more heads than the encoder, 7 classes, 8-channel tokens).
+let genericFixture = Path.Combine(repoRoot, "tests", "fixtures", "generic")
+
 /// Runs f, expecting an exception of type 'E, and returns it.
 let catchT<'E when 'E :> exn> (f: unit -> unit) : 'E =
     try
