@@ -17,6 +17,7 @@ let main argv =
                 DiffusionTests.tests
                 MaskingTests.tests
                 ModelTests.tests
+                ModelTests.fileTests
                 ParityTests.tests
                 VaeTests.tests
             ])

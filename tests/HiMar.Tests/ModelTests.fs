@@ -218,3 +218,78 @@ let tests =
                     "only phase 2 counts"
             }
         ]
+
+/// Weight files: save and load round trips through safetensors.
+let fileTests =
+    testList
+        "ModelFiles"
+        [
+            test
+                "weights saved as safetensors load back into a fresh model exactly, and float64 files load into float32 models" {
+                let dir = IO.Directory.CreateTempSubdirectory("himar-weights-")
+
+                try
+                    torch.manual_seed 1L |> ignore
+                    use a = new HiMAR(small)
+                    let path = IO.Path.Combine(dir.FullName, "w.safetensors")
+                    ModelFiles.Save(a, path)
+                    torch.manual_seed 2L |> ignore
+                    use b = new HiMAR(small)
+                    ModelFiles.Load(b, path) |> ignore
+                    let sa, sb = Weights.stateDict a, Weights.stateDict b
+
+                    for KeyValue(k, t) in sa do
+                        Expect.equal (maxAbsDiff t sb.[k]) 0.0 k
+
+                    let path64 = IO.Path.Combine(dir.FullName, "w64.safetensors")
+                    ModelFiles.Save(a, path64, torch.float64)
+                    use c = new HiMAR(small)
+                    ModelFiles.Load(c, path64) |> ignore
+
+                    Expect.equal
+                        (maxAbsDiff (Weights.stateDict c).["mask_token"] sa.["mask_token"])
+                        0.0
+                        "float64 -> float32"
+
+                    Expect.equal (IO.Directory.GetFiles dir.FullName |> Array.length) 2 "no temporary files left"
+                finally
+                    dir.Delete true
+            }
+
+            test "loading weights of another configuration names the file and every mismatch" {
+                let dir = IO.Directory.CreateTempSubdirectory("himar-weights-")
+
+                try
+                    use a = new HiMAR(small)
+                    let path = IO.Path.Combine(dir.FullName, "w.safetensors")
+                    ModelFiles.Save(a, path)
+                    use b = new HiMAR({ small with ClassNum = 9 })
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () -> ModelFiles.Load(b, path) |> ignore)
+
+                    Expect.stringContains e.Message path "file"
+                    Expect.stringContains e.Message "class_emb.weight (model [9, 32], file [7, 32])" "mismatch"
+                finally
+                    dir.Delete true
+            }
+
+            test "a truncated safetensors file is refused with a message naming it" {
+                let dir = IO.Directory.CreateTempSubdirectory("himar-weights-")
+
+                try
+                    use a = new HiMAR(small)
+                    let path = IO.Path.Combine(dir.FullName, "w.safetensors")
+                    ModelFiles.Save(a, path)
+                    let bytes = IO.File.ReadAllBytes path
+                    IO.File.WriteAllBytes(path, bytes.[.. bytes.Length / 2])
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () -> ModelFiles.Load(a, path) |> ignore)
+
+                    Expect.stringContains e.Message path "file"
+                    Expect.stringContains e.Message "outside the file (truncated?)" "problem"
+                finally
+                    dir.Delete true
+            }
+        ]
