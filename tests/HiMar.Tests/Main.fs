@@ -20,4 +20,5 @@ let main argv =
                 ModelTests.fileTests
                 ParityTests.tests
                 VaeTests.tests
+                CheckpointTests.tests
             ])

@@ -1,0 +1,471 @@
+using System.Buffers.Binary;
+using System.Globalization;
+using System.Numerics;
+using System.Text;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Checkpoints;
+
+/// <summary>A storage class named by a pickled global (`torch.FloatStorage`, ...): only a dtype marker here.</summary>
+internal sealed record StorageType(string Name, ScalarType DType, int ElementSize);
+
+/// <summary>The callable globals the unpickler accepts; everything else is refused when the GLOBAL opcode is read.</summary>
+internal enum PickleCallable
+{
+    OrderedDict,
+    RebuildTensorV2,
+    RebuildParameter,
+    Namespace,
+    Set,
+    FrozenSet,
+    TorchSize,
+    CodecsEncode,
+}
+
+/// <summary>The pickled form of <c>argparse.Namespace</c>: its attributes, in the order they were pickled.</summary>
+public sealed record PickledNamespace(Dictionary<string, object?> Values);
+
+/// <summary>
+/// A strict interpreter for the pickle subset (protocols 2 to 5) that <c>torch.save</c> writes. It builds dicts as
+/// <c>Dictionary&lt;string, object?&gt;</c> (insertion order kept), lists as <c>List&lt;object?&gt;</c>, tuples as
+/// <c>object?[]</c>, ints as <c>long</c> (<c>BigInteger</c> past 64 bits), floats as <c>double</c>, and accepts only
+/// the globals of an allow-list. We write our own rather than take Razorvine.Pickle: that library constructs any
+/// registered class a pickle names and materialises everything eagerly, while a checkpoint reader needs a strict
+/// allow-list (a pickle is a program, and <c>os.system</c> is one GLOBAL away) and tensors built from storages that
+/// are read from the zip only when a persistent id refers to them.
+/// </summary>
+internal sealed class SafeUnpickler(
+    byte[] data,
+    string what,
+    Func<object?[], object> persistentLoad,
+    Func<object?[], object> rebuildTensor)
+{
+    static readonly Dictionary<string, StorageType> StorageTypes = new[]
+    {
+        new StorageType("FloatStorage", ScalarType.Float32, 4),
+        new StorageType("HalfStorage", ScalarType.Float16, 2),
+        new StorageType("BFloat16Storage", ScalarType.BFloat16, 2),
+        new StorageType("DoubleStorage", ScalarType.Float64, 8),
+        new StorageType("LongStorage", ScalarType.Int64, 8),
+        new StorageType("IntStorage", ScalarType.Int32, 4),
+        new StorageType("ShortStorage", ScalarType.Int16, 2),
+        new StorageType("CharStorage", ScalarType.Int8, 1),
+        new StorageType("ByteStorage", ScalarType.Byte, 1),
+        new StorageType("BoolStorage", ScalarType.Bool, 1),
+    }.ToDictionary(s => "torch." + s.Name);
+
+    static readonly Dictionary<string, PickleCallable> Callables = new()
+    {
+        ["collections.OrderedDict"] = PickleCallable.OrderedDict,
+        ["torch._utils._rebuild_tensor_v2"] = PickleCallable.RebuildTensorV2,
+        ["torch._utils._rebuild_parameter"] = PickleCallable.RebuildParameter,
+        ["argparse.Namespace"] = PickleCallable.Namespace,
+        ["builtins.set"] = PickleCallable.Set,
+        ["builtins.frozenset"] = PickleCallable.FrozenSet,
+        ["torch.Size"] = PickleCallable.TorchSize,
+        ["_codecs.encode"] = PickleCallable.CodecsEncode,
+    };
+
+    readonly List<object?> stack = [];
+    readonly Stack<int> marks = new();
+    readonly Dictionary<long, object?> memo = [];
+    int pos;
+
+    /// <summary>Runs the pickle program to its STOP opcode and returns the value it built.</summary>
+    public object? Load()
+    {
+        while (true)
+        {
+            var at = pos;
+            var op = Byte();
+            try
+            {
+                if (op == '.')
+                {
+                    if (stack.Count != 1 || marks.Count != 0)
+                        throw Bad($"STOP with {stack.Count} values on the stack");
+                    return Pop();
+                }
+                Step(op);
+            }
+            catch (PickleException e)
+            {
+                throw new CheckpointFormatException($"{what}: bad pickle at byte {at} (opcode 0x{op:x2}): {e.Message}.");
+            }
+        }
+    }
+
+    sealed class PickleException(string message) : Exception(message);
+
+    static PickleException Bad(string message) => new(message);
+
+    void Step(byte op)
+    {
+        switch (op)
+        {
+            case 0x80: // PROTO
+                var proto = Byte();
+                if (proto is < 2 or > 5)
+                    throw Bad($"pickle protocol {proto} is not read (2 to 5 are)");
+                break;
+            case 0x95: // FRAME: a length prefix for the opcodes that follow; nothing to do in memory.
+                Take(8);
+                break;
+            case (byte)'}': // EMPTY_DICT
+                Push(new Dictionary<string, object?>());
+                break;
+            case (byte)']': // EMPTY_LIST
+                Push(new List<object?>());
+                break;
+            case (byte)')': // EMPTY_TUPLE
+                Push(Array.Empty<object?>());
+                break;
+            case 0x8f: // EMPTY_SET (read as a list)
+                Push(new List<object?>());
+                break;
+            case (byte)'(': // MARK
+                marks.Push(stack.Count);
+                break;
+            case (byte)'0': // POP
+                Pop();
+                break;
+            case (byte)'1': // POP_MARK
+                PopMark();
+                break;
+            case (byte)'2': // DUP
+                Push(Peek());
+                break;
+            case (byte)'X': // BINUNICODE
+                Push(Utf8(Length(4)));
+                break;
+            case 0x8c: // SHORT_BINUNICODE
+                Push(Utf8(Byte()));
+                break;
+            case 0x8d: // BINUNICODE8
+                Push(Utf8(Length(8)));
+                break;
+            case (byte)'C': // SHORT_BINBYTES
+                Push(Take(Byte()).ToArray());
+                break;
+            case (byte)'B': // BINBYTES
+                Push(Take(Length(4)).ToArray());
+                break;
+            case 0x8e: // BINBYTES8
+                Push(Take(Length(8)).ToArray());
+                break;
+            case (byte)'q': // BINPUT
+                memo[Byte()] = Peek();
+                break;
+            case (byte)'r': // LONG_BINPUT
+                memo[BinaryPrimitives.ReadUInt32LittleEndian(Take(4))] = Peek();
+                break;
+            case 0x94: // MEMOIZE
+                memo[memo.Count] = Peek();
+                break;
+            case (byte)'h': // BINGET
+                Push(Memo(Byte()));
+                break;
+            case (byte)'j': // LONG_BINGET
+                Push(Memo(BinaryPrimitives.ReadUInt32LittleEndian(Take(4))));
+                break;
+            case (byte)'J': // BININT
+                Push((long)BinaryPrimitives.ReadInt32LittleEndian(Take(4)));
+                break;
+            case (byte)'K': // BININT1
+                Push((long)Byte());
+                break;
+            case (byte)'M': // BININT2
+                Push((long)BinaryPrimitives.ReadUInt16LittleEndian(Take(2)));
+                break;
+            case 0x8a: // LONG1
+                Push(Long(Take(Byte())));
+                break;
+            case 0x8b: // LONG4
+                Push(Long(Take(Length(4))));
+                break;
+            case (byte)'G': // BINFLOAT
+                Push(BinaryPrimitives.ReadDoubleBigEndian(Take(8)));
+                break;
+            case (byte)'N': // NONE
+                Push(null);
+                break;
+            case 0x88: // NEWTRUE
+                Push(true);
+                break;
+            case 0x89: // NEWFALSE
+                Push(false);
+                break;
+            case (byte)'t': // TUPLE
+                Push(PopMark().ToArray());
+                break;
+            case 0x85: // TUPLE1
+                Push(new[] { Pop() });
+                break;
+            case 0x86: // TUPLE2
+                {
+                    var b = Pop();
+                    var a = Pop();
+                    Push(new[] { a, b });
+                    break;
+                }
+            case 0x87: // TUPLE3
+                {
+                    var c = Pop();
+                    var b = Pop();
+                    var a = Pop();
+                    Push(new[] { a, b, c });
+                    break;
+                }
+            case (byte)'s': // SETITEM
+                {
+                    var value = Pop();
+                    var key = Pop();
+                    SetItem(Peek(), key, value);
+                    break;
+                }
+            case (byte)'u': // SETITEMS
+                {
+                    var items = PopMark();
+                    if (items.Count % 2 != 0)
+                        throw Bad("SETITEMS with an odd number of values");
+                    var dict = Peek();
+                    for (var i = 0; i < items.Count; i += 2)
+                        SetItem(dict, items[i], items[i + 1]);
+                    break;
+                }
+            case (byte)'a': // APPEND
+                {
+                    var value = Pop();
+                    AsList(Peek(), "APPEND").Add(value);
+                    break;
+                }
+            case (byte)'e': // APPENDS
+            case 0x90: // ADDITEMS (sets are read as lists)
+                {
+                    var items = PopMark();
+                    AsList(Peek(), "APPENDS").AddRange(items);
+                    break;
+                }
+            case 0x91: // FROZENSET
+                Push(PopMark());
+                break;
+            case (byte)'c': // GLOBAL
+                {
+                    var module = Line();
+                    var name = Line();
+                    Push(Global(module, name));
+                    break;
+                }
+            case 0x93: // STACK_GLOBAL
+                {
+                    var name = Pop() as string ?? throw Bad("STACK_GLOBAL without a string name");
+                    var module = Pop() as string ?? throw Bad("STACK_GLOBAL without a string module");
+                    Push(Global(module, name));
+                    break;
+                }
+            case (byte)'R': // REDUCE
+                {
+                    var args = Pop() as object?[] ?? throw Bad("REDUCE without an argument tuple");
+                    Push(Call(Pop(), args));
+                    break;
+                }
+            case 0x81: // NEWOBJ: cls.__new__(cls, *args)
+                {
+                    var args = Pop() as object?[] ?? throw Bad("NEWOBJ without an argument tuple");
+                    Push(New(Pop(), args));
+                    break;
+                }
+            case 0x92: // NEWOBJ_EX
+                {
+                    Pop();
+                    var args = Pop() as object?[] ?? throw Bad("NEWOBJ_EX without an argument tuple");
+                    Push(New(Pop(), args));
+                    break;
+                }
+            case (byte)'b': // BUILD
+                {
+                    var state = Pop();
+                    Build(Peek(), state);
+                    break;
+                }
+            case (byte)'Q': // BINPERSID
+                {
+                    var pid = Pop() as object?[] ?? throw Bad("BINPERSID without a tuple persistent id");
+                    Push(persistentLoad(pid));
+                    break;
+                }
+            default:
+                throw Bad("unsupported opcode (torch.save does not write it)");
+        }
+    }
+
+    object Global(string module, string name)
+    {
+        // Protocol 2 spells builtins the Python 2 way; Python's own unpickler maps it back the same way.
+        var full = (module == "__builtin__" ? "builtins" : module) + "." + name;
+        if (StorageTypes.TryGetValue(full, out var storage))
+            return storage;
+        if (Callables.TryGetValue(full, out var callable))
+            return callable;
+        throw new CheckpointFormatException(
+            $"{what}: refuses to load the pickled global '{full}' (only tensors, dicts, lists and argparse.Namespace are read).");
+    }
+
+    object? Call(object? callable, object?[] args)
+    {
+        switch (callable)
+        {
+            case PickleCallable.OrderedDict:
+                var dict = new Dictionary<string, object?>();
+                if (args.Length == 1)
+                    foreach (var pair in AsList(args[0], "OrderedDict"))
+                    {
+                        var kv = pair as object?[] ?? (pair as List<object?>)?.ToArray();
+                        if (kv is not { Length: 2 })
+                            throw Bad("OrderedDict built from something other than pairs");
+                        SetItem(dict, kv[0], kv[1]);
+                    }
+                else if (args.Length != 0)
+                    throw Bad($"OrderedDict called with {args.Length} arguments");
+                return dict;
+            case PickleCallable.RebuildTensorV2:
+                return rebuildTensor(args);
+            case PickleCallable.RebuildParameter:
+                // _rebuild_parameter(data, requires_grad, backward_hooks): the parameter is its data here.
+                if (args.Length < 1 || args[0] is not Tensor)
+                    throw Bad("_rebuild_parameter without a tensor");
+                return args[0];
+            case PickleCallable.Set:
+            case PickleCallable.FrozenSet:
+                return args.Length == 0 ? [] : new List<object?>(AsList(args[0], "set"));
+            case PickleCallable.TorchSize:
+                return args.Length == 1 && args[0] is object?[] dims ? dims : throw Bad("torch.Size called without a tuple");
+            case PickleCallable.CodecsEncode:
+                // Protocol 2 pickles a bytes object as _codecs.encode(text, 'latin1').
+                if (args is [string text, "latin1" or "latin-1"])
+                    return Encoding.Latin1.GetBytes(text);
+                throw Bad("_codecs.encode called with something other than (str, 'latin1')");
+            default:
+                throw Bad($"cannot call {Describe(callable)}");
+        }
+    }
+
+    object New(object? cls, object?[] args) => (cls, args.Length) switch
+    {
+        (PickleCallable.Namespace, 0) => new PickledNamespace([]),
+        (PickleCallable.OrderedDict, 0) => new Dictionary<string, object?>(),
+        _ => throw Bad($"cannot construct {Describe(cls)} with {args.Length} arguments"),
+    };
+
+    void Build(object? target, object? state)
+    {
+        switch (target)
+        {
+            case PickledNamespace ns:
+                // Namespace pickles its __dict__ as the BUILD state.
+                if (state is not Dictionary<string, object?> attributes)
+                    throw Bad("argparse.Namespace built from something other than a dict");
+                foreach (var (k, v) in attributes)
+                    ns.Values[k] = v;
+                break;
+            case Dictionary<string, object?>:
+                // An OrderedDict's state holds its instance attributes: a state_dict's `_metadata` (module versions),
+                // which nothing here needs. Its items come through SETITEMS, not through BUILD.
+                break;
+            default:
+                throw Bad($"BUILD on {Describe(target)} is not supported");
+        }
+    }
+
+    void SetItem(object? target, object? key, object? value)
+    {
+        if (target is not Dictionary<string, object?> dict)
+            throw Bad($"SETITEM on {Describe(target)}");
+        // Dict keys become strings: state dicts use names, and an optimizer state keys its entries by parameter index.
+        dict[key switch
+        {
+            string s => s,
+            long l => l.ToString(CultureInfo.InvariantCulture),
+            _ => throw Bad($"dict key of type {Describe(key)} (only str and int keys are read)"),
+        }] = value;
+    }
+
+    List<object?> AsList(object? value, string op) =>
+        value as List<object?> ?? throw Bad($"{op} on {Describe(value)}");
+
+    static string Describe(object? value) => value switch
+    {
+        null => "None",
+        PickleCallable c => $"the global {c}",
+        StorageType s => $"torch.{s.Name}",
+        _ => value.GetType().Name,
+    };
+
+    object? Memo(long index) =>
+        memo.TryGetValue(index, out var value) ? value : throw Bad($"memo slot {index} was never stored");
+
+    void Push(object? value) => stack.Add(value);
+
+    object? Peek() => stack.Count > (marks.Count > 0 ? marks.Peek() : 0) ? stack[^1] : throw Bad("stack underflow");
+
+    object? Pop()
+    {
+        var value = Peek();
+        stack.RemoveAt(stack.Count - 1);
+        return value;
+    }
+
+    List<object?> PopMark()
+    {
+        if (marks.Count == 0)
+            throw Bad("no MARK on the stack");
+        var start = marks.Pop();
+        var items = stack.GetRange(start, stack.Count - start);
+        stack.RemoveRange(start, stack.Count - start);
+        return items;
+    }
+
+    byte Byte() => Take(1)[0];
+
+    ReadOnlySpan<byte> Take(int count)
+    {
+        if (count < 0 || count > data.Length - pos)
+            throw new CheckpointFormatException($"{what}: the pickle is truncated (needs {count} bytes at byte {pos} of {data.Length}).");
+        var span = data.AsSpan(pos, count);
+        pos += count;
+        return span;
+    }
+
+    int Length(int width)
+    {
+        var raw = width == 4 ? BinaryPrimitives.ReadUInt32LittleEndian(Take(4)) : BinaryPrimitives.ReadUInt64LittleEndian(Take(8));
+        return raw <= (ulong)(data.Length - pos) ? (int)raw : throw new CheckpointFormatException(
+            $"{what}: the pickle is truncated (a {raw}-byte value at byte {pos} of {data.Length}).");
+    }
+
+    string Utf8(int count)
+    {
+        try
+        {
+            return new UTF8Encoding(false, true).GetString(Take(count));
+        }
+        catch (DecoderFallbackException)
+        {
+            throw Bad("a string that is not valid UTF-8");
+        }
+    }
+
+    string Line()
+    {
+        var end = Array.IndexOf(data, (byte)'\n', pos);
+        if (end < 0)
+            throw new CheckpointFormatException($"{what}: the pickle is truncated (a GLOBAL name without its newline).");
+        return Encoding.ASCII.GetString(Take(end - pos + 1)[..^1]);
+    }
+
+    static object Long(ReadOnlySpan<byte> bytes)
+    {
+        var value = new BigInteger(bytes, isUnsigned: false, isBigEndian: false);
+        return value >= long.MinValue && value <= long.MaxValue ? (long)value : value;
+    }
+}

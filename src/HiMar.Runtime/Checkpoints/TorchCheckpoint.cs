@@ -1,0 +1,264 @@
+using System.IO.Compression;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Checkpoints;
+
+/// <summary>
+/// A PyTorch <c>torch.save</c> checkpoint (<c>.pth</c>, <c>.ckpt</c>) read without Python: the zip format PyTorch
+/// writes since 1.6, holding <c>&lt;prefix&gt;/data.pkl</c> (the pickled object), <c>&lt;prefix&gt;/data/&lt;key&gt;</c>
+/// (raw little-endian storages) and <c>&lt;prefix&gt;/version</c>. The pickle runs through <see cref="SafeUnpickler"/>,
+/// which accepts only tensors, dicts, lists, tuples, scalars and <c>argparse.Namespace</c> (reference
+/// <c>util/misc.save_model</c> writes <c>{model, model_ema, optimizer, epoch, scaler, args}</c>).
+/// The checkpoint owns its tensors (CPU, contiguous, no grad) and disposes them with itself; views of one storage
+/// share its memory, as after <c>torch.load</c>.
+/// </summary>
+public sealed class TorchCheckpoint : IDisposable
+{
+    readonly List<Tensor> tensors;
+
+    TorchCheckpoint(string path, object? root, List<Tensor> tensors)
+    {
+        Path = path;
+        Root = root;
+        this.tensors = tensors;
+    }
+
+    /// <summary>The file the checkpoint was read from.</summary>
+    public string Path { get; }
+
+    /// <summary>
+    /// The unpickled object: <c>Dictionary&lt;string, object?&gt;</c> for dicts (insertion order kept; int keys
+    /// written in decimal), <c>List&lt;object?&gt;</c> for lists and sets, <c>object?[]</c> for tuples,
+    /// <c>long</c>, <c>double</c>, <c>string</c>, <c>bool</c>, <c>byte[]</c>, null, <see cref="Tensor"/> and
+    /// <see cref="PickledNamespace"/>.
+    /// </summary>
+    public object? Root { get; }
+
+    /// <summary>Reads a <c>torch.save</c> zip checkpoint; any problem is a <see cref="CheckpointFormatException"/>
+    /// naming the file.</summary>
+    public static TorchCheckpoint Read(string path)
+    {
+        FileStream stream;
+        try
+        {
+            stream = File.OpenRead(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new CheckpointFormatException($"{path}: cannot be read ({e.Message}).", e);
+        }
+        using (stream)
+        {
+            var zip = OpenZip(stream, path);
+            using (zip)
+            {
+                var reader = new Reader(zip, path);
+                return reader.Run();
+            }
+        }
+    }
+
+    static ZipArchive OpenZip(FileStream stream, string path)
+    {
+        Span<byte> magic = stackalloc byte[4];
+        var isZip = stream.Read(magic) == 4 && magic.SequenceEqual("PK\u0003\u0004"u8);
+        stream.Position = 0;
+        try
+        {
+            return new ZipArchive(stream, ZipArchiveMode.Read, leaveOpen: true);
+        }
+        catch (InvalidDataException e)
+        {
+            throw new CheckpointFormatException(isZip
+                ? $"{path}: the checkpoint zip is truncated or corrupt ({e.Message})."
+                : $"{path}: not a zip archive, so not a torch.save checkpoint (only the zip format of PyTorch 1.6 and later is read).", e);
+        }
+    }
+
+    /// <summary>
+    /// The tensors of a state dict: the entry <paramref name="key"/> of the root dict (<c>"model"</c>,
+    /// <c>"model_ema"</c>), or the root itself when it is a state dict without that key. The tensors belong to the
+    /// checkpoint; copy what outlives it.
+    /// </summary>
+    public Dictionary<string, Tensor> StateDict(string key)
+    {
+        var root = Root as Dictionary<string, object?>
+            ?? throw new CheckpointFormatException($"{Path}: the checkpoint holds a {Describe(Root)}, not a dict, so it has no state dict '{key}'.");
+        Dictionary<string, object?> dict;
+        if (root.TryGetValue(key, out var entry))
+            dict = entry as Dictionary<string, object?>
+                ?? throw new CheckpointFormatException($"{Path}: '{key}' is a {Describe(entry)}, not a state dict.");
+        else if (root.Count > 0 && root.Values.All(v => v is Tensor))
+            dict = root;
+        else
+            throw new CheckpointFormatException(
+                $"{Path}: has no state dict '{key}' (its top-level keys are {string.Join(", ", root.Keys.Select(k => $"'{k}'"))}).");
+        var result = new Dictionary<string, Tensor>();
+        foreach (var (name, value) in dict)
+            result[name] = value as Tensor
+                ?? throw new CheckpointFormatException($"{Path}: state dict '{key}' entry '{name}' is a {Describe(value)}, not a tensor.");
+        return result;
+    }
+
+    /// <summary>
+    /// The reference's training arguments (the root's <c>args</c>, an <c>argparse.Namespace</c>), for inferring the
+    /// model configuration; null when the checkpoint has none. Attributes whose value is None are left out.
+    /// </summary>
+    public IReadOnlyDictionary<string, object>? Args()
+    {
+        if (Root is not Dictionary<string, object?> root || !root.TryGetValue("args", out var args) || args is null)
+            return null;
+        var values = args switch
+        {
+            PickledNamespace ns => ns.Values,
+            Dictionary<string, object?> d => d,
+            _ => throw new CheckpointFormatException($"{Path}: 'args' is a {Describe(args)}, not an argparse.Namespace."),
+        };
+        var result = new Dictionary<string, object>();
+        foreach (var (k, v) in values)
+            if (v is not null)
+                result[k] = v;
+        return result;
+    }
+
+    static string Describe(object? value) => value switch
+    {
+        null => "None",
+        Dictionary<string, object?> => "dict",
+        List<object?> => "list",
+        object?[] => "tuple",
+        Tensor => "tensor",
+        PickledNamespace => "argparse.Namespace",
+        _ => value.GetType().Name,
+    };
+
+    /// <summary>Disposes every tensor of the checkpoint.</summary>
+    public void Dispose()
+    {
+        foreach (var t in tensors)
+            t.Dispose();
+        tensors.Clear();
+    }
+
+    /// <summary>One storage of the zip, read once and shared by every tensor that views it.</summary>
+    sealed record Storage(string Key, StorageType Type, Tensor Data);
+
+    /// <summary>One read: the zip entries, the storages read so far and the tensors built.</summary>
+    sealed class Reader(ZipArchive zip, string path)
+    {
+        readonly Dictionary<string, Storage> storages = [];
+        readonly List<Tensor> built = [];
+        string prefix = "";
+
+        public TorchCheckpoint Run()
+        {
+            var pickles = zip.Entries.Where(e => e.FullName.EndsWith("/data.pkl", StringComparison.Ordinal)
+                && e.FullName.IndexOf('/') == e.FullName.Length - "/data.pkl".Length).ToList();
+            if (pickles.Count != 1)
+                throw new CheckpointFormatException(pickles.Count == 0
+                    ? $"{path}: the zip has no <prefix>/data.pkl entry, so it is not a torch.save checkpoint."
+                    : $"{path}: the zip has {pickles.Count} data.pkl entries ({string.Join(", ", pickles.Select(e => e.FullName))}).");
+            prefix = pickles[0].FullName[..^"data.pkl".Length];
+            if (zip.GetEntry(prefix + "byteorder") is { } order && System.Text.Encoding.ASCII.GetString(ReadAll(order)).Trim() != "little")
+                throw new CheckpointFormatException($"{path}: the storages are big-endian; only little-endian checkpoints are read.");
+            var pickle = ReadAll(pickles[0]);
+            // Intermediate tensors (whole storages, strided views) die with this scope; the built ones are detached.
+            using var scope = torch.NewDisposeScope();
+            var root = new SafeUnpickler(pickle, $"{path} ({pickles[0].FullName})", PersistentLoad, RebuildTensor).Load();
+            foreach (var t in built)
+                t.DetachFromDisposeScope();
+            return new TorchCheckpoint(path, root, built);
+        }
+
+        byte[] ReadAll(ZipArchiveEntry entry)
+        {
+            try
+            {
+                if (entry.Length > Array.MaxLength)
+                    throw new CheckpointFormatException($"{path}: entry {entry.FullName} is too large ({entry.Length} bytes).");
+                var bytes = new byte[entry.Length];
+                using var s = entry.Open();
+                s.ReadExactly(bytes);
+                return bytes;
+            }
+            catch (Exception e) when (e is InvalidDataException or IOException)
+            {
+                throw new CheckpointFormatException($"{path}: entry {entry.FullName} is truncated or corrupt ({e.Message}).", e);
+            }
+        }
+
+        /// <summary>torch.save's persistent id for a storage: ('storage', storage type, key, location, numel).</summary>
+        object PersistentLoad(object?[] pid)
+        {
+            if (pid is not ["storage", StorageType type, string key, string, long numel])
+                throw new CheckpointFormatException(
+                    $"{path}: unexpected persistent id ({string.Join(", ", pid.Select(p => p?.ToString() ?? "None"))}); expected ('storage', type, key, location, numel).");
+            if (storages.TryGetValue(key, out var known))
+            {
+                if (known.Type != type)
+                    throw new CheckpointFormatException($"{path}: storage '{key}' is referred to as both {known.Type.Name} and {type.Name}.");
+                return known;
+            }
+            var name = prefix + "data/" + key;
+            var entry = zip.GetEntry(name)
+                ?? throw new CheckpointFormatException($"{path}: storage '{key}' ({name}) is missing from the zip.");
+            if (numel < 0 || entry.Length != numel * type.ElementSize)
+                throw new CheckpointFormatException(
+                    $"{path}: storage '{key}' ({name}) holds {entry.Length} bytes, but {numel} elements of {type.Name} need {numel * type.ElementSize}.");
+            if (entry.Length > int.MaxValue)
+                throw new CheckpointFormatException($"{path}: storage '{key}' is {entry.Length} bytes; storages over 2 GiB are not read.");
+            var data = torch.empty([numel], type.DType);
+            try
+            {
+                using var s = entry.Open();
+                s.ReadExactly(data.bytes);
+            }
+            catch (Exception e) when (e is InvalidDataException or IOException)
+            {
+                throw new CheckpointFormatException($"{path}: storage '{key}' ({name}) is truncated or corrupt ({e.Message}).", e);
+            }
+            var storage = new Storage(key, type, data);
+            storages[key] = storage;
+            return storage;
+        }
+
+        /// <summary>_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]).</summary>
+        object RebuildTensor(object?[] args)
+        {
+            if (args is not [Storage storage, long offset, object?[] size, object?[] stride, ..] || args.Length is < 5 or > 7)
+                throw new CheckpointFormatException($"{path}: _rebuild_tensor_v2 called with unexpected arguments.");
+            var shape = Longs(size, "size", storage.Key);
+            var strides = Longs(stride, "stride", storage.Key);
+            if (shape.Length != strides.Length)
+                throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} sizes but {strides.Length} strides.");
+            Tensor tensor;
+            if (shape.Contains(0))
+                tensor = torch.empty(shape, storage.Type.DType);
+            else
+            {
+                // The last element viewed: offset + sum((size_i - 1) * stride_i), which must lie inside the storage.
+                long last;
+                try
+                {
+                    last = checked(offset + shape.Zip(strides, (n, s) => (n - 1) * s).Sum());
+                }
+                catch (OverflowException)
+                {
+                    last = long.MaxValue;
+                }
+                var numel = storage.Data.shape[0];
+                if (offset < 0 || last >= numel)
+                    throw new CheckpointFormatException(
+                        $"{path}: a tensor of shape [{string.Join(", ", shape)}] at offset {offset} reaches element {last} of storage '{storage.Key}', which holds {numel}.");
+                tensor = storage.Data.as_strided(shape, strides, offset).contiguous();
+            }
+            built.Add(tensor);
+            return tensor;
+        }
+
+        long[] Longs(object?[] values, string what, string key) =>
+            values.Select(v => v is long l && l >= 0 ? l
+                : throw new CheckpointFormatException($"{path}: a tensor of storage '{key}' has a {what} that is not a non-negative int.")).ToArray();
+    }
+}
