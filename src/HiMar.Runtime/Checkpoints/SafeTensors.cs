@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 
 namespace HiMar.Runtime.Checkpoints;
 
-/// <summary>A safetensors file could not be read; the message names the file and the problem.</summary>
+/// <summary>A checkpoint or weight file could not be read or does not fit; the message names the file and the problem.</summary>
 public sealed class CheckpointFormatException(string message, Exception? inner = null) : Exception(message, inner)
 {
     /// <summary>The process exit code the command line uses for unreadable or mismatched checkpoints.</summary>
