@@ -5,6 +5,10 @@ open System
 open Argu
 open Spectre.Console
 open HiMar.Runtime.Native
+open TorchSharp
+
+/// A usage problem found after parsing: printed as one line, exit code 2.
+exception CliError of string
 
 /// Arguments of `himar info`.
 type InfoArgs =
@@ -31,11 +35,72 @@ type VerifyParityArgs =
             | Dir _ -> "a parity fixture folder (manifest.json, weights and cases; see shared/fixtures/parity)."
             | Kind _ -> "run only the cases of this kind (e.g. mlp_head_forward)."
 
+/// Arguments of `himar import`.
+type ImportArgs =
+    | [<MainCommand; ExactlyOnce>] Checkpoint of checkpoint: string
+    | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
+    | Weights of which: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Checkpoint _ -> "a reference checkpoint-*.pth, MAR's vae.ckpt, or a safetensors state dict."
+            | Out _ -> "the folder to write (weights.safetensors and config.json)."
+            | Weights _ -> "ema (default) or model: which weights of a training checkpoint to take."
+
+/// Arguments of `himar sample`.
+type SampleArgs =
+    | [<AltCommandLine("-c")>] Checkpoint of path: string
+    | Vae of path: string
+    | Classes of classes: string
+    | [<AltCommandLine("-n")>] N of count: int
+    | Per_Class of count: int
+    | Cfg of scale: float
+    | Re_Cfg of scale: float
+    | Guidance of mode: string
+    | Schedule of schedule: string
+    | Temperature of t: float
+    | Num_Iter of steps: int
+    | Phase1_Steps of steps: int
+    | Mlp_Steps of respacing: string
+    | Dit_Steps of respacing: string
+    | Seed of seed: int64
+    | Batch of size: int
+    | Device of device: string
+    | [<AltCommandLine("-o")>] Out of dir: string
+    | Explain
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Checkpoint _ ->
+                "the model: an imported folder, a reference .pth (EMA weights), or a parity fixture folder."
+            | Vae _ -> "the KL autoencoder: an imported folder, MAR's vae.ckpt, or a safetensors file."
+            | Classes _ -> "comma-separated class labels, e.g. 207,360,387,974."
+            | N _ -> "this many random classes (from the seed) instead of --classes."
+            | Per_Class _ -> "images per class (default 1)."
+            | Cfg _ -> "phase-2 guidance scale (dense tokens; default 1 = off)."
+            | Re_Cfg _ -> "phase-1 guidance scale (pivots; default 1 = off)."
+            | Guidance _ -> "full (default), no-phase2 (the paper's 'without CFG': phase 2 unguided) or off."
+            | Schedule _ -> "linear (default) or constant guidance schedule."
+            | Temperature _ -> "sampling temperature (default 1)."
+            | Num_Iter _ -> "phase-2 steps (default 4)."
+            | Phase1_Steps _ -> "phase-1 steps (default 4 x cond_scale)."
+            | Mlp_Steps _ -> "respacing of the MLP head's diffusion (default: the model's, 100)."
+            | Dit_Steps _ -> "respacing of the Transformer head's diffusion (default: the model's, 250)."
+            | Seed _ -> "run seed (default 0); image i is the same for a seed whatever the batch size."
+            | Batch _ -> "images per batch (default 8)."
+            | Device _ -> "cpu (default), cuda or cuda:N."
+            | Out _ -> "output folder (default samples/)."
+            | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Verify_Parity of ParseResults<VerifyParityArgs>
+    | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ImportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<SampleArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -43,6 +108,8 @@ type HimarArgs =
             | Info _ -> "print versions, devices, threads, the native patch state and a matmul GFLOP/s probe."
             | Verify_Parity _ ->
                 "check our implementation against a reference parity fixture; one line per case, exit 1 on any failure."
+            | Import _ -> "convert a reference checkpoint (.pth) or VAE (vae.ckpt) to safetensors plus config.json."
+            | Sample _ -> "generate images: two-phase sampling, VAE decoding, PNG files and a labelled grid."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -157,6 +224,149 @@ let private verifyParity (args: ParseResults<VerifyParityArgs>) =
     printfn "%d passed, %d failed, %d pending" passed failed pending
     if failed > 0 then 1 else 0
 
+let private import' (args: ParseResults<ImportArgs>) =
+    TorchNative.EnsureLoaded()
+    let source = args.GetResult ImportArgs.Checkpoint
+    let out = args.GetResult ImportArgs.Out
+
+    let useEma =
+        match args.GetResult(ImportArgs.Weights, defaultValue = "ema").ToLowerInvariant() with
+        | "ema" -> true
+        | "model" -> false
+        | other -> raise (CliError(sprintf "--weights must be ema or model, not '%s'" other))
+
+    let struct (kind, summary) =
+        HiMar.Runtime.Checkpoints.ReferenceImport.Import(source, out, useEma)
+
+    printfn "imported %s (%A, %s) -> %s" source kind summary out
+    0
+
+let private device (name: string) =
+    match name.ToLowerInvariant() with
+    | "cpu" -> TorchSharp.torch.CPU
+    | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
+    | other -> raise (CliError(sprintf "unknown device '%s' (cpu, cuda, cuda:N)" other))
+
+let private sample (args: ParseResults<SampleArgs>) =
+    TorchNative.EnsureLoaded()
+    let dev = device (args.GetResult(SampleArgs.Device, defaultValue = "cpu"))
+
+    let need (what: string) =
+        function
+        | Some v -> v
+        | None -> raise (CliError(sprintf "himar sample needs %s" what))
+
+    let ckpt = args.TryGetResult SampleArgs.Checkpoint |> need "--checkpoint"
+    let vaePath = args.TryGetResult SampleArgs.Vae |> need "--vae"
+    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel ckpt
+    use vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
+    model.``to`` dev |> ignore
+    vae.``to`` dev |> ignore
+    let seed = args.GetResult(Seed, defaultValue = 0L)
+    let perClass = args.GetResult(Per_Class, defaultValue = 1)
+    let classNum = model.Config.ClassNum
+
+    let classes =
+        match args.TryGetResult Classes, args.TryGetResult N with
+        | Some text, _ ->
+            text.Split(',', StringSplitOptions.RemoveEmptyEntries)
+            |> Array.map (fun c ->
+                match Int64.TryParse(c.Trim()) with
+                | true, v when v >= 0L && v < int64 classNum -> v
+                | _ -> raise (CliError(sprintf "--classes: '%s' is not a class of 0..%d" c (classNum - 1))))
+        | None, Some n ->
+            let rng = Random(int seed)
+            Array.init n (fun _ -> int64 (rng.Next classNum))
+        | None, None -> [| 0L .. int64 (min 4 classNum) - 1L |]
+
+    let labels =
+        [
+            for c in classes do
+                for _ in 1..perClass -> c
+        ]
+
+    let cfg = args.GetResult(Cfg, defaultValue = 1.0)
+    let reCfg = args.GetResult(Re_Cfg, defaultValue = 1.0)
+
+    let cfg, reCfg =
+        match args.GetResult(Guidance, defaultValue = "full").ToLowerInvariant() with
+        | "full" -> cfg, reCfg
+        | "no-phase2" -> 1.0, reCfg
+        | "off" -> 1.0, 1.0
+        | other -> raise (CliError(sprintf "--guidance must be full, no-phase2 or off, not '%s'" other))
+
+    let options =
+        HiMar.Runtime.Sampling.SamplerOptions(
+            Cfg = cfg,
+            ReCfg = reCfg,
+            Temperature = args.GetResult(Temperature, defaultValue = 1.0),
+            Phase2Steps = args.GetResult(Num_Iter, defaultValue = 4),
+            Phase1Steps =
+                (match args.TryGetResult Phase1_Steps with
+                 | Some s -> Nullable s
+                 | None -> Nullable()),
+            MlpHeadSteps = (args.TryGetResult Mlp_Steps |> Option.toObj),
+            DitHeadSteps = (args.TryGetResult Dit_Steps |> Option.toObj),
+            Schedule =
+                (match args.GetResult(Schedule, defaultValue = "linear").ToLowerInvariant() with
+                 | "linear" -> HiMar.Runtime.Sampling.CfgSchedule.Linear
+                 | "constant" -> HiMar.Runtime.Sampling.CfgSchedule.Constant
+                 | other -> raise (CliError(sprintf "--schedule must be linear or constant, not '%s'" other)))
+        )
+
+    let request =
+        HiMar.Runtime.Sampling.SampleRequest(
+            Labels = ResizeArray labels,
+            Seed = seed,
+            BatchSize = args.GetResult(Batch, defaultValue = 8),
+            OutDir = args.GetResult(SampleArgs.Out, defaultValue = "samples"),
+            Explain = args.Contains Explain,
+            Options = options
+        )
+
+    let total = labels.Length
+
+    let output =
+        AnsiConsole
+            .Progress()
+            .Columns(
+                TaskDescriptionColumn(),
+                ProgressBarColumn(),
+                PercentageColumn(),
+                ElapsedTimeColumn(),
+                RemainingTimeColumn()
+            )
+            .Start(fun ctx ->
+                let images = ctx.AddTask(sprintf "%d images" total, maxValue = float total)
+                let steps = ctx.AddTask("phase 1", maxValue = 1.0)
+
+                HiMar.Runtime.Sampling.SampleJob.Run(
+                    model,
+                    vae,
+                    request,
+                    fun doneImages p ->
+                        images.Value <- float doneImages
+
+                        if p.Steps > 0 then
+                            let frac =
+                                (float p.Step + float p.DiffusionStep / float p.DiffusionSteps) / float p.Steps
+
+                            steps.Description <- sprintf "phase %d, step %d/%d" p.Phase (p.Step + 1) p.Steps
+                            steps.Value <- frac
+                ))
+
+    printfn
+        "wrote %d images, %s%s in %.1f s"
+        output.Images.Count
+        output.Grid
+        (if output.Explanations.Count > 0 then
+             sprintf " and %d explanation strips" output.Explanations.Count
+         else
+             "")
+        output.Seconds
+
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -169,6 +379,8 @@ let main argv =
         match results.GetSubCommand() with
         | Info a -> info a
         | Verify_Parity a -> verifyParity a
+        | Import a -> import' a
+        | Sample a -> sample a
     with
     | :? TorchLoadException as e ->
         eprintfn "himar: %s" e.Message
@@ -177,6 +389,15 @@ let main argv =
         eprintfn "himar: %s" e.Message
         2
     | :? IO.InvalidDataException as e ->
+        eprintfn "himar: %s" e.Message
+        2
+    | CliError message ->
+        eprintfn "himar: %s" message
+        2
+    | :? ArgumentException as e ->
+        eprintfn "himar: %s" e.Message
+        2
+    | :? HiMar.Model.WeightMismatchException as e ->
         eprintfn "himar: %s" e.Message
         2
     | :? HiMar.Runtime.Checkpoints.CheckpointFormatException as e ->

@@ -1,0 +1,135 @@
+using HiMar.Model;
+using HiMar.Runtime.Imaging;
+using SixLabors.ImageSharp;
+using SixLabors.ImageSharp.PixelFormats;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Sampling;
+
+/// <summary>What to generate and where to put it.</summary>
+public sealed record SampleRequest
+{
+    /// <summary>One class label per image, in output order.</summary>
+    public required IReadOnlyList<long> Labels { get; init; }
+
+    /// <summary>The run seed: image i always gets the same noise and order for a given seed.</summary>
+    public long Seed { get; init; }
+
+    /// <summary>Images per sampler batch.</summary>
+    public int BatchSize { get; init; } = 8;
+
+    /// <summary>The output folder (created if needed).</summary>
+    public required string OutDir { get; init; }
+
+    /// <summary>Also write, per image, a strip of the decoded pivots and the image after every dense step.</summary>
+    public bool Explain { get; init; }
+
+    /// <summary>Sampler settings.</summary>
+    public SamplerOptions Options { get; init; } = new();
+}
+
+/// <summary>The files a run wrote.</summary>
+/// <param name="Images">One PNG per image.</param>
+/// <param name="Grid">The labelled grid.</param>
+/// <param name="Explanations">With `Explain`: one strip per image.</param>
+/// <param name="Seconds">Sampling and decoding time.</param>
+public sealed record SampleOutput(IReadOnlyList<string> Images, string Grid, IReadOnlyList<string> Explanations, double Seconds);
+
+/// <summary>Samples tokens in batches, decodes them with the VAE and writes PNG files and a labelled grid.</summary>
+public static class SampleJob
+{
+    /// <summary>Decodes latent tokens (B, C, h, w) to images (B, 3, H, W) in [-1, 1]: tokens / scale_factor through the decoder.</summary>
+    public static Tensor Decode(AutoencoderKL vae, Tensor tokens)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var z = tokens.to(vae.parameters().First().device) / vae.Config.ScaleFactor;
+        return vae.Decode(z).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
+    public static SampleOutput Run(HiMAR model, AutoencoderKL vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
+    {
+        if (request.Labels.Count == 0)
+            throw new ArgumentException("nothing to sample: no labels");
+        foreach (var l in request.Labels)
+            if (l < 0 || l > model.Config.ClassNum)
+                throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var imagesDir = Path.Combine(request.OutDir, "images");
+        Directory.CreateDirectory(imagesDir);
+        var explainDir = Path.Combine(request.OutDir, "explain");
+        if (request.Explain)
+            Directory.CreateDirectory(explainDir);
+        var device = model.FakeLatent.device;
+        var paths = new List<string>();
+        var explanations = new List<string>();
+        var tiles = new List<Image<Rgb24>>();
+        var options = request.Options with { KeepIntermediates = request.Explain };
+        try
+        {
+            for (var start = 0; start < request.Labels.Count; start += request.BatchSize)
+            {
+                var count = Math.Min(request.BatchSize, request.Labels.Count - start);
+                using var scope = torch.NewDisposeScope();
+                using var noise = new SeededNoise(request.Seed, start, count);
+                var labels = torch.tensor(request.Labels.Skip(start).Take(count).ToArray(), device: device);
+                var done = start;
+                using var result = HiMarSampler.Sample(model, labels, noise, options, p => progress?.Invoke(done, p));
+                var images = Images.FromTensor(Decode(vae, result.BigTokens));
+                for (var i = 0; i < count; i++)
+                {
+                    var index = start + i;
+                    var path = Path.Combine(imagesDir, $"{index:D4}-class{request.Labels[index]}.png");
+                    Images.SavePng(images[i], path);
+                    paths.Add(path);
+                    tiles.Add(images[i]);
+                }
+                if (request.Explain)
+                    explanations.AddRange(Explain(vae, result, request, start, count, images[0].Width));
+                progress?.Invoke(start + count, default);
+            }
+            var captions = request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : $"{i} class {l}").ToList();
+            var columns = (int)Math.Ceiling(Math.Sqrt(tiles.Count));
+            using var grid = Images.Grid(tiles, captions, columns);
+            var gridPath = Path.Combine(request.OutDir, "grid.png");
+            Images.SavePng(grid, gridPath);
+            return new SampleOutput(paths, gridPath, explanations, sw.Elapsed.TotalSeconds);
+        }
+        finally
+        {
+            foreach (var t in tiles)
+                t.Dispose();
+        }
+    }
+
+    static IEnumerable<string> Explain(AutoencoderKL vae, SampleResult result, SampleRequest request, int start, int count, int side)
+    {
+        // Decode the pivots once and the dense tokens after every phase-2 step.
+        var pivots = Images.FromTensor(Decode(vae, result.SmallTokens));
+        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(Decode(vae, x.Dense))).ToList();
+        try
+        {
+            for (var i = 0; i < count; i++)
+            {
+                var tiles = new List<Image<Rgb24>> { pivots[i] };
+                var captions = new List<string> { "pivots" };
+                for (var s = 0; s < dense.Count; s++)
+                {
+                    tiles.Add(dense[s][i]);
+                    captions.Add($"step {s + 1}");
+                }
+                using var strip = Images.Strip(tiles, captions, side);
+                var path = Path.Combine(request.OutDir, "explain", $"{start + i:D4}.png");
+                Images.SavePng(strip, path);
+                yield return path;
+            }
+        }
+        finally
+        {
+            foreach (var img in pivots.Concat(dense.SelectMany(d => d)))
+                img.Dispose();
+        }
+    }
+}
