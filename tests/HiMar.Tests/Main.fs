@@ -21,4 +21,6 @@ let main argv =
                 ParityTests.tests
                 VaeTests.tests
                 CheckpointTests.tests
+                SamplingTests.tests
+                SamplingTests.importTests
             ])

@@ -94,7 +94,11 @@ public static class ReferenceImport
         var config = HiMarConfigModule.FromReferenceArgs(baseConfig, a);
         var problems = HiMarConfigModule.Validate(config);
         if (!problems.IsEmpty)
-            throw new CheckpointFormatException($"{what}: the inferred configuration is inconsistent: {string.Join("; ", problems)}.");
+        {
+            var hint = a.ContainsKey("encoder_num_heads") && a.ContainsKey("head") ? ""
+                : " (head counts cannot be read from tensor shapes: give them in a config.json beside the file, e.g. {\"encoder_num_heads\": 16, \"decoder_num_heads\": 16, \"head\": 8})";
+            throw new CheckpointFormatException($"{what}: the inferred configuration is inconsistent: {string.Join("; ", problems)}{hint}.");
+        }
         return config;
     }
 
@@ -198,7 +202,10 @@ public static class ReferenceImport
         try
         {
             if (source.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+            {
                 state = SafeTensors.Load(source);
+                args = ArgsBeside(source);
+            }
             else
             {
                 ckpt = TorchCheckpoint.Read(source);
@@ -253,10 +260,25 @@ public static class ReferenceImport
         }
     }
 
-    /// <summary>Reads an imported folder's config.json as a Hi-MAR or VAE configuration.</summary>
-    static JsonObject ReadConfig(string dir)
+    /// <summary>Reference arguments from a config.json or parity manifest.json beside a bare state dict, if any.</summary>
+    static Dictionary<string, object>? ArgsBeside(string file)
     {
-        var path = Path.Combine(dir, ConfigFile);
+        var dir = Path.GetDirectoryName(Path.GetFullPath(file)) ?? ".";
+        foreach (var name in new[] { ConfigFile, "manifest.json" })
+        {
+            var p = Path.Combine(dir, name);
+            if (!File.Exists(p))
+                continue;
+            var root = ReadConfig(dir, name);
+            return ReferenceArgs.FromJson(root["model_config"]?.AsObject() ?? root);
+        }
+        return null;
+    }
+
+    /// <summary>Reads an imported folder's config.json as a Hi-MAR or VAE configuration.</summary>
+    static JsonObject ReadConfig(string dir, string name = ConfigFile)
+    {
+        var path = Path.Combine(dir, name);
         if (!File.Exists(path))
             throw new CheckpointFormatException($"{path}: no such file (import the checkpoint with `himar import` first).");
         try

@@ -1,0 +1,270 @@
+/// Tests of src/HiMar.Runtime/Sampling and Checkpoints/ReferenceImport: seeded noise, leaks, the sample job's
+/// files, and importing the fixture's reference checkpoints.
+module HiMar.Tests.SamplingTests
+
+open System
+open System.IO
+open Expecto
+open TorchSharp
+open HiMar.Model
+open HiMar.Runtime.Checkpoints
+open HiMar.Runtime.Parity
+open HiMar.Runtime.Sampling
+open HiMar.Tests.TestUtil
+
+let private fixture = lazy (ParityFixture.Open tinyFixture)
+
+/// Few steps, both phases guided: enough to exercise every path quickly.
+let private quick =
+    SamplerOptions(
+        Phase1Steps = Nullable 4,
+        Phase2Steps = 2,
+        Cfg = 2.0,
+        ReCfg = 2.5,
+        MlpHeadSteps = "ddim3",
+        DitHeadSteps = "ddim3"
+    )
+
+let private sample (labels: int64[]) (noise: INoiseSource) =
+    use l = torch.tensor labels
+    HiMarSampler.Sample(fixture.Force().Model, l, noise, quick)
+
+let private withTempDir (f: string -> unit) =
+    let dir = Directory.CreateTempSubdirectory("himar-test-")
+
+    try
+        f dir.FullName
+    finally
+        dir.Delete true
+
+let tests =
+    testList
+        "Sampling"
+        [
+            test "image i of a seeded run is the same whatever the batch size" {
+                use noise3 = new SeededNoise(42L, 0L, 3)
+                use all = sample [| 1L; 2L; 3L |] noise3
+                use noise1 = new SeededNoise(42L, 2L, 1)
+                use third = sample [| 3L |] noise1
+                Expect.equal (shapeOf all.BigTokens) [ 3L; 16L; 16L; 16L ] "dense shape"
+                Expect.equal (shapeOf all.SmallTokens) [ 3L; 16L; 8L; 8L ] "pivot shape"
+
+                Expect.isLessThan
+                    (maxAbsDiff (all.BigTokens.narrow (0L, 2L, 1L)) third.BigTokens)
+                    1e-4
+                    "dense tokens of image 2"
+
+                Expect.isLessThan
+                    (maxAbsDiff (all.SmallTokens.narrow (0L, 2L, 1L)) third.SmallTokens)
+                    1e-4
+                    "pivots of image 2"
+            }
+
+            test "two images of one class in one batch get different noise" {
+                use noise = new SeededNoise(7L, 0L, 2)
+                use r = sample [| 5L; 5L |] noise
+
+                Expect.isGreaterThan
+                    (maxAbsDiff (r.BigTokens.narrow (0L, 0L, 1L)) (r.BigTokens.narrow (0L, 1L, 1L)))
+                    0.1
+                    "distinct"
+            }
+
+            test "sampling leaks no tensors across runs" {
+                let run () =
+                    use noise = new SeededNoise(1L, 0L, 2)
+                    use r = sample [| 0L; 9L |] noise
+                    ()
+
+                run ()
+                let before = torch.Tensor.TotalCount
+
+                for _ in 1..3 do
+                    run ()
+
+                Expect.equal (torch.Tensor.TotalCount - before) 0L "live tensors after three more runs"
+            }
+
+            test "a replay whose recorded roles do not match the sampler's draws names both" {
+                use orders = torch.arange(320L).reshape (1L, 320L)
+                use wrong = torch.zeros (1L, 16L, 16L, 16L)
+
+                let replay =
+                    ReplayNoise(orders, [| struct ("p2_init", wrong) |] |> Array.map (fun struct (a, b) -> (a, b)))
+
+                let e =
+                    catchT<InvalidOperationException> (fun () -> sample [| 1L |] replay |> ignore)
+
+                Expect.stringContains e.Message "recorded draw 0 is p2_init, the sampler asked for p1_init" "message"
+            }
+
+            test "the sample job writes one PNG per image, a grid and explanation strips" {
+                withTempDir (fun dir ->
+                    use vae = VaeParityCases.Build(fixture.Force())
+
+                    let request =
+                        SampleRequest(
+                            Labels = ResizeArray [ 1L; 2L; 3L ],
+                            Seed = 3L,
+                            BatchSize = 2,
+                            OutDir = dir,
+                            Explain = true,
+                            Options = quick
+                        )
+
+                    let out = SampleJob.Run(fixture.Force().Model, vae, request)
+                    Expect.equal out.Images.Count 3 "images"
+
+                    Expect.equal
+                        (out.Images |> Seq.map Path.GetFileName |> List.ofSeq)
+                        [ "0000-class1.png"; "0001-class2.png"; "0002-class3.png" ]
+                        "names"
+
+                    use img = SixLabors.ImageSharp.Image.Load(out.Images.[0])
+                    Expect.equal (img.Width, img.Height) (256, 256) "a 16x16 latent decodes to 256x256"
+                    use strip = SixLabors.ImageSharp.Image.Load(out.Explanations.[0])
+                    Expect.isGreaterThan strip.Width (3 * 256) "pivots and two dense steps side by side"
+                    Expect.isTrue (File.Exists out.Grid) "grid"
+                    Expect.isEmpty (Directory.GetFiles(dir, "*.tmp", SearchOption.AllDirectories)) "no temporary files")
+            }
+
+            test "a label outside the model's classes is refused before any work" {
+                withTempDir (fun dir ->
+                    use vae = VaeParityCases.Build(fixture.Force())
+
+                    let request =
+                        SampleRequest(Labels = ResizeArray [ 11L ], OutDir = Path.Combine(dir, "out"))
+
+                    let e =
+                        catchT<ArgumentException> (fun () ->
+                            SampleJob.Run(fixture.Force().Model, vae, request) |> ignore)
+
+                    Expect.stringContains e.Message "class 11 is outside 0..9" "message"
+                    Expect.isFalse (Directory.Exists(Path.Combine(dir, "out"))) "nothing written")
+            }
+
+            test "a bare state dict of unknown width asks for its head counts" {
+                withTempDir (fun dir ->
+                    let src = Path.Combine(dir, "w.safetensors")
+                    File.Copy(Path.Combine(tinyFixture, "weights.safetensors"), src)
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () ->
+                            ReferenceImport.Import(src, Path.Combine(dir, "out")) |> ignore)
+
+                    Expect.stringContains e.Message "head counts cannot be read from tensor shapes" "hint")
+            }
+        ]
+
+let importTests =
+    testList
+        "ReferenceImport"
+        [
+            test "importing the fixture checkpoint writes the EMA weights and a config that rebuilds the model" {
+                withTempDir (fun dir ->
+                    let out = Path.Combine(dir, "model")
+
+                    let struct (kind, _) =
+                        ReferenceImport.Import(Path.Combine(tinyFixture, "checkpoint-last.pth"), out)
+
+                    Expect.equal kind CheckpointKind.HiMar "kind"
+                    use m = ReferenceImport.LoadModel out
+                    Expect.equal m.Config.ClassNum 10 "class_num from args"
+                    Expect.equal m.Config.BufferSize 4 "buffer size from shapes"
+                    Expect.equal (m.Config.EncoderNumHeads, m.Config.GdmHeads) (4, 4) "heads from args"
+                    let ema = SafeTensors.Load(Path.Combine(tinyFixture, "ema-weights.safetensors"))
+
+                    for KeyValue(k, t) in Weights.stateDict m do
+                        Expect.equal (maxAbsDiff t ema.[k]) 0.0 k)
+            }
+
+            test "importing with --weights model takes the raw weights" {
+                withTempDir (fun dir ->
+                    let out = Path.Combine(dir, "raw")
+
+                    ReferenceImport.Import(Path.Combine(tinyFixture, "checkpoint-last.pth"), out, false)
+                    |> ignore
+
+                    use m = ReferenceImport.LoadModel out
+                    let raw = SafeTensors.Load(Path.Combine(tinyFixture, "weights.safetensors"))
+
+                    Expect.equal
+                        (maxAbsDiff (Weights.stateDict m).["fake_latent"] raw.["fake_latent"])
+                        0.0
+                        "fake_latent")
+            }
+
+            test "MAR's vae.ckpt imports and loads with its layout inferred" {
+                withTempDir (fun dir ->
+                    let out = Path.Combine(dir, "vae")
+
+                    let struct (kind, _) =
+                        ReferenceImport.Import(Path.Combine(tinyFixture, "vae.ckpt"), out)
+
+                    Expect.equal kind CheckpointKind.Vae "kind"
+                    use vae = ReferenceImport.LoadVae out
+
+                    Expect.equal
+                        (vae.Config.Ch, List.ofArray vae.Config.ChMult, List.ofArray vae.Config.AttnResolutions)
+                        (32, [ 1; 1; 2; 2; 4 ], [ 16 ])
+                        "layout")
+            }
+
+            test "a truncated checkpoint is refused with its name and nothing is written" {
+                withTempDir (fun dir ->
+                    let bytes = File.ReadAllBytes(Path.Combine(tinyFixture, "checkpoint-last.pth"))
+                    let bad = Path.Combine(dir, "cut.pth")
+                    File.WriteAllBytes(bad, bytes.[.. bytes.Length / 3])
+                    let out = Path.Combine(dir, "out")
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () -> ReferenceImport.Import(bad, out) |> ignore)
+
+                    Expect.stringContains e.Message bad "names the file"
+
+                    Expect.isEmpty
+                        (Directory.GetFileSystemEntries dir |> Array.filter (fun p -> p <> bad))
+                        "nothing written")
+            }
+
+            test "a file that is not a checkpoint is refused" {
+                withTempDir (fun dir ->
+                    let bad = Path.Combine(dir, "notes.pth")
+                    File.WriteAllText(bad, "hello")
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () ->
+                            ReferenceImport.Import(bad, Path.Combine(dir, "out")) |> ignore)
+
+                    Expect.stringContains e.Message bad "names the file")
+            }
+
+            test "weights whose shapes do not fit any consistent model are refused and nothing is written" {
+                withTempDir (fun dir ->
+                    let w = SafeTensors.Load(Path.Combine(tinyFixture, "weights.safetensors"))
+                    w.["decoder_blocks.1.mlp.fc1.weight"] <- torch.zeros (8L, 64L)
+                    let bad = Path.Combine(dir, "bad.safetensors")
+                    SafeTensors.Save(bad, w)
+                    // The head counts come from the manifest beside the file (shapes cannot tell them).
+                    File.Copy(Path.Combine(tinyFixture, "manifest.json"), Path.Combine(dir, "manifest.json"))
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () ->
+                            ReferenceImport.Import(bad, Path.Combine(dir, "out")) |> ignore)
+
+                    Expect.stringContains e.Message "decoder_blocks.1.mlp.fc1.weight" "names the key"
+                    Expect.isFalse (Directory.Exists(Path.Combine(dir, "out"))) "nothing written")
+            }
+
+            test "a bare state dict of unknown width asks for its head counts" {
+                withTempDir (fun dir ->
+                    let src = Path.Combine(dir, "w.safetensors")
+                    File.Copy(Path.Combine(tinyFixture, "weights.safetensors"), src)
+
+                    let e =
+                        catchT<CheckpointFormatException> (fun () ->
+                            ReferenceImport.Import(src, Path.Combine(dir, "out")) |> ignore)
+
+                    Expect.stringContains e.Message "head counts cannot be read from tensor shapes" "hint")
+            }
+        ]
