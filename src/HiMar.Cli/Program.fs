@@ -94,6 +94,44 @@ type SampleArgs =
             | Out _ -> "output folder (default samples/)."
             | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
 
+/// Arguments of `himar bench sample`.
+type BenchSampleArgs =
+    | [<AltCommandLine("-m"); ExactlyOnce>] Model of model: string
+    | Images of count: int
+    | Repeat of runs: int
+    | Cfg of scale: float
+    | Re_Cfg of scale: float
+    | Num_Iter of steps: int
+    | Mlp_Steps of respacing: string
+    | Dit_Steps of respacing: string
+    | Device of device: string
+    | [<AltCommandLine("-o")>] Out of file: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Model _ ->
+                "hi-mar-b|l|h or a config JSON (random weights), or an imported folder, .pth or fixture folder."
+            | Images _ -> "images per run (default 1)."
+            | Repeat _ -> "timed runs after one warm-up (default 3); the median is reported."
+            | Cfg _ -> "phase-2 guidance (default 2.5)."
+            | Re_Cfg _ -> "phase-1 guidance (default 2.7)."
+            | Num_Iter _ -> "phase-2 steps (default 4)."
+            | Mlp_Steps _ -> "MLP-head respacing (default ddim10)."
+            | Dit_Steps _ -> "Transformer-head respacing (default ddim10)."
+            | Device _ -> "cpu (default), cuda or cuda:N."
+            | Out _ -> "also write the JSON report to this file."
+
+/// Arguments of `himar bench`.
+[<RequireSubcommand>]
+type BenchArgs =
+    | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<BenchSampleArgs>
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Sample _ -> "time the two-phase sampler: seconds per image, settings and GFLOP/s, as JSON."
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
@@ -101,6 +139,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Verify_Parity of ParseResults<VerifyParityArgs>
     | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ImportArgs>
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<SampleArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -110,6 +149,7 @@ type HimarArgs =
                 "check our implementation against a reference parity fixture; one line per case, exit 1 on any failure."
             | Import _ -> "convert a reference checkpoint (.pth) or VAE (vae.ckpt) to safetensors plus config.json."
             | Sample _ -> "generate images: two-phase sampling, VAE decoding, PNG files and a labelled grid."
+            | Bench _ -> "benchmarks, reported as JSON."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -148,7 +188,7 @@ let private modelInfo (nameOrFile: string) =
     0
 
 let private info (args: ParseResults<InfoArgs>) =
-    match args.TryGetResult Model with
+    match args.TryGetResult InfoArgs.Model with
     | Some m ->
         TorchNative.EnsureLoaded()
         modelInfo m
@@ -262,12 +302,12 @@ let private sample (args: ParseResults<SampleArgs>) =
     use vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
     model.``to`` dev |> ignore
     vae.``to`` dev |> ignore
-    let seed = args.GetResult(Seed, defaultValue = 0L)
-    let perClass = args.GetResult(Per_Class, defaultValue = 1)
+    let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
+    let perClass = args.GetResult(SampleArgs.Per_Class, defaultValue = 1)
     let classNum = model.Config.ClassNum
 
     let classes =
-        match args.TryGetResult Classes, args.TryGetResult N with
+        match args.TryGetResult SampleArgs.Classes, args.TryGetResult SampleArgs.N with
         | Some text, _ ->
             text.Split(',', StringSplitOptions.RemoveEmptyEntries)
             |> Array.map (fun c ->
@@ -285,11 +325,11 @@ let private sample (args: ParseResults<SampleArgs>) =
                 for _ in 1..perClass -> c
         ]
 
-    let cfg = args.GetResult(Cfg, defaultValue = 1.0)
-    let reCfg = args.GetResult(Re_Cfg, defaultValue = 1.0)
+    let cfg = args.GetResult(SampleArgs.Cfg, defaultValue = 1.0)
+    let reCfg = args.GetResult(SampleArgs.Re_Cfg, defaultValue = 1.0)
 
     let cfg, reCfg =
-        match args.GetResult(Guidance, defaultValue = "full").ToLowerInvariant() with
+        match args.GetResult(SampleArgs.Guidance, defaultValue = "full").ToLowerInvariant() with
         | "full" -> cfg, reCfg
         | "no-phase2" -> 1.0, reCfg
         | "off" -> 1.0, 1.0
@@ -299,16 +339,16 @@ let private sample (args: ParseResults<SampleArgs>) =
         HiMar.Runtime.Sampling.SamplerOptions(
             Cfg = cfg,
             ReCfg = reCfg,
-            Temperature = args.GetResult(Temperature, defaultValue = 1.0),
-            Phase2Steps = args.GetResult(Num_Iter, defaultValue = 4),
+            Temperature = args.GetResult(SampleArgs.Temperature, defaultValue = 1.0),
+            Phase2Steps = args.GetResult(SampleArgs.Num_Iter, defaultValue = 4),
             Phase1Steps =
-                (match args.TryGetResult Phase1_Steps with
+                (match args.TryGetResult SampleArgs.Phase1_Steps with
                  | Some s -> Nullable s
                  | None -> Nullable()),
-            MlpHeadSteps = (args.TryGetResult Mlp_Steps |> Option.toObj),
-            DitHeadSteps = (args.TryGetResult Dit_Steps |> Option.toObj),
+            MlpHeadSteps = (args.TryGetResult SampleArgs.Mlp_Steps |> Option.toObj),
+            DitHeadSteps = (args.TryGetResult SampleArgs.Dit_Steps |> Option.toObj),
             Schedule =
-                (match args.GetResult(Schedule, defaultValue = "linear").ToLowerInvariant() with
+                (match args.GetResult(SampleArgs.Schedule, defaultValue = "linear").ToLowerInvariant() with
                  | "linear" -> HiMar.Runtime.Sampling.CfgSchedule.Linear
                  | "constant" -> HiMar.Runtime.Sampling.CfgSchedule.Constant
                  | other -> raise (CliError(sprintf "--schedule must be linear or constant, not '%s'" other)))
@@ -318,9 +358,9 @@ let private sample (args: ParseResults<SampleArgs>) =
         HiMar.Runtime.Sampling.SampleRequest(
             Labels = ResizeArray labels,
             Seed = seed,
-            BatchSize = args.GetResult(Batch, defaultValue = 8),
+            BatchSize = args.GetResult(SampleArgs.Batch, defaultValue = 8),
             OutDir = args.GetResult(SampleArgs.Out, defaultValue = "samples"),
-            Explain = args.Contains Explain,
+            Explain = args.Contains SampleArgs.Explain,
             Options = options
         )
 
@@ -367,6 +407,43 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     0
 
+let private benchSample (args: ParseResults<BenchSampleArgs>) =
+    TorchNative.EnsureLoaded()
+    let name = args.GetResult BenchSampleArgs.Model
+    use model = HiMar.Runtime.Sampling.SampleBenchmark.LoadForTiming name
+
+    model.``to`` (device (args.GetResult(BenchSampleArgs.Device, defaultValue = "cpu")))
+    |> ignore
+
+    let options =
+        HiMar.Runtime.Sampling.SamplerOptions(
+            Cfg = args.GetResult(BenchSampleArgs.Cfg, defaultValue = 2.5),
+            ReCfg = args.GetResult(BenchSampleArgs.Re_Cfg, defaultValue = 2.7),
+            Phase2Steps = args.GetResult(BenchSampleArgs.Num_Iter, defaultValue = 4),
+            MlpHeadSteps = args.GetResult(BenchSampleArgs.Mlp_Steps, defaultValue = "ddim10"),
+            DitHeadSteps = args.GetResult(BenchSampleArgs.Dit_Steps, defaultValue = "ddim10")
+        )
+
+    let report =
+        HiMar.Runtime.Sampling.SampleBenchmark.Run(
+            model,
+            name,
+            options,
+            args.GetResult(Images, defaultValue = 1),
+            args.GetResult(Repeat, defaultValue = 3)
+        )
+
+    let json =
+        report.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true))
+
+    printfn "%s" json
+
+    match args.TryGetResult BenchSampleArgs.Out with
+    | Some path -> HiMar.Runtime.Checkpoints.AtomicFile.WriteText(path, json + "\n")
+    | None -> ()
+
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -381,6 +458,9 @@ let main argv =
         | Verify_Parity a -> verifyParity a
         | Import a -> import' a
         | Sample a -> sample a
+        | Bench b ->
+            match b.GetSubCommand() with
+            | BenchArgs.Sample a -> benchSample a
     with
     | :? TorchLoadException as e ->
         eprintfn "himar: %s" e.Message

@@ -1,0 +1,72 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using HiMar.Model;
+using HiMar.Runtime.Checkpoints;
+using TorchSharp;
+
+namespace HiMar.Runtime.Sampling;
+
+/// <summary>`himar bench sample`: seconds per image and achieved GFLOP/s of the sampler at given settings.</summary>
+public static class SampleBenchmark
+{
+    /// <summary>
+    /// A model to time: a preset name or config file (random weights: timing does not depend on the values), or
+    /// an imported folder, a `.pth` checkpoint or a parity fixture folder (its weights).
+    /// </summary>
+    public static HiMAR LoadForTiming(string model)
+    {
+        if (HiMarConfigModule.TryPreset(model) != null || model.EndsWith(".json", StringComparison.OrdinalIgnoreCase))
+        {
+            var m = new HiMAR(ModelConfigs.Resolve(model));
+            m.eval();
+            return m;
+        }
+        return ReferenceImport.LoadModel(model);
+    }
+
+    /// <summary>Runs one warm-up and <paramref name="repeat"/> timed runs of <paramref name="images"/> images; returns the report.</summary>
+    public static JsonObject Run(HiMAR model, string modelName, SamplerOptions options, int images, int repeat, long seed = 0)
+    {
+        var labels = Enumerable.Range(0, images).Select(i => (long)(i % model.Config.ClassNum)).ToArray();
+        double Once(int run)
+        {
+            using var l = torch.tensor(labels);
+            using var noise = new SeededNoise(seed + run, 0, images);
+            var sw = Stopwatch.StartNew();
+            using var r = HiMarSampler.Sample(model, l, noise, options);
+            return sw.Elapsed.TotalSeconds;
+        }
+        var warmup = Once(-1);
+        var times = Enumerable.Range(0, Math.Max(1, repeat)).Select(Once).OrderBy(t => t).ToArray();
+        var median = times[times.Length / 2];
+        var flops = SamplerFlops.Count(model.Config, options, images);
+        var c = model.Config;
+        return new JsonObject
+        {
+            ["benchmark"] = "sample",
+            ["model"] = modelName,
+            ["parameters"] = Weights.ParameterCount(model),
+            ["images"] = images,
+            ["seconds_per_image"] = median / images,
+            ["seconds_median"] = median,
+            ["seconds_min"] = times[0],
+            ["seconds_warmup"] = warmup,
+            ["runs"] = times.Length,
+            ["gflop_per_image"] = flops / images / 1e9,
+            ["gflops"] = flops / median / 1e9,
+            ["settings"] = new JsonObject
+            {
+                ["cfg"] = options.Cfg,
+                ["re_cfg"] = options.ReCfg,
+                ["cfg_schedule"] = options.Schedule.ToString().ToLowerInvariant(),
+                ["temperature"] = options.Temperature,
+                ["phase1_steps"] = options.Phase1Steps ?? c.Phase1Steps,
+                ["num_iter"] = options.Phase2Steps,
+                ["mlp_head_steps"] = options.MlpHeadSteps ?? c.NumSamplingSteps,
+                ["dit_head_steps"] = options.DitHeadSteps ?? c.DitSamplingSteps,
+            },
+            ["device"] = model.FakeLatent.device.ToString(),
+            ["threads"] = torch.get_num_threads(),
+        };
+    }
+}
