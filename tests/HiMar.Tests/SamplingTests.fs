@@ -86,14 +86,24 @@ let tests =
             }
 
             test "the FLOP count of one guided Hi-MAR-B image at 32 + 4 steps and 10 head steps is about 7.9 TFLOP" {
-              let o = SamplerOptions(Cfg = 2.5, ReCfg = 2.7, MlpHeadSteps = "ddim10", DitHeadSteps = "ddim10")
-              let tflop = SamplerFlops.Count(HiMarConfig.hiMarB, o, 1) / 1e12
-              Expect.isTrue (tflop > 7.1 && tflop < 8.7) (sprintf "%.2f TFLOP" tflop)
-              let unguided = SamplerFlops.Count(HiMarConfig.hiMarB, SamplerOptions(MlpHeadSteps = "ddim10", DitHeadSteps = "ddim10"), 1) / 1e12
-              Expect.floatClose Accuracy.low (tflop / unguided) 2.0 "guidance doubles the work"
-          }
+                let o =
+                    SamplerOptions(Cfg = 2.5, ReCfg = 2.7, MlpHeadSteps = "ddim10", DitHeadSteps = "ddim10")
 
-          test "a replay whose recorded roles do not match the sampler's draws names both" {
+                let tflop = SamplerFlops.Count(HiMarConfig.hiMarB, o, 1) / 1e12
+                Expect.isTrue (tflop > 7.1 && tflop < 8.7) (sprintf "%.2f TFLOP" tflop)
+
+                let unguided =
+                    SamplerFlops.Count(
+                        HiMarConfig.hiMarB,
+                        SamplerOptions(MlpHeadSteps = "ddim10", DitHeadSteps = "ddim10"),
+                        1
+                    )
+                    / 1e12
+
+                Expect.floatClose Accuracy.low (tflop / unguided) 2.0 "guidance doubles the work"
+            }
+
+            test "a replay whose recorded roles do not match the sampler's draws names both" {
                 use orders = torch.arange(320L).reshape (1L, 320L)
                 use wrong = torch.zeros (1L, 16L, 16L, 16L)
 
