@@ -59,6 +59,7 @@ type SampleArgs =
     | Re_Cfg of scale: float
     | Guidance of mode: string
     | Schedule of schedule: string
+    | Re_Schedule of schedule: string
     | Temperature of t: float
     | Num_Iter of steps: int
     | Phase1_Steps of steps: int
@@ -82,7 +83,9 @@ type SampleArgs =
             | Cfg _ -> "phase-2 guidance scale (dense tokens; default 1 = off)."
             | Re_Cfg _ -> "phase-1 guidance scale (pivots; default 1 = off)."
             | Guidance _ -> "full (default), no-phase2 (the paper's 'without CFG': phase 2 unguided) or off."
-            | Schedule _ -> "linear (default) or constant guidance schedule."
+            | Schedule _ ->
+                "linear (default) or constant guidance schedule (phase 2, and phase 1 unless --re-schedule)."
+            | Re_Schedule _ -> "linear or constant schedule of the phase-1 guidance (default: as --schedule)."
             | Temperature _ -> "sampling temperature (default 1)."
             | Num_Iter _ -> "phase-2 steps (default 4)."
             | Phase1_Steps _ -> "phase-1 steps (default 4 x cond_scale)."
@@ -287,6 +290,12 @@ let private device (name: string) =
     | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
     | other -> raise (CliError(sprintf "unknown device '%s' (cpu, cuda, cuda:N)" other))
 
+let private parseSchedule (flag: string) (text: string) =
+    match text.ToLowerInvariant() with
+    | "linear" -> HiMar.Runtime.Sampling.CfgSchedule.Linear
+    | "constant" -> HiMar.Runtime.Sampling.CfgSchedule.Constant
+    | other -> raise (CliError(sprintf "%s must be linear or constant, not '%s'" flag other))
+
 let private sample (args: ParseResults<SampleArgs>) =
     TorchNative.EnsureLoaded()
     let dev = device (args.GetResult(SampleArgs.Device, defaultValue = "cpu"))
@@ -347,11 +356,11 @@ let private sample (args: ParseResults<SampleArgs>) =
                  | None -> Nullable()),
             MlpHeadSteps = (args.TryGetResult SampleArgs.Mlp_Steps |> Option.toObj),
             DitHeadSteps = (args.TryGetResult SampleArgs.Dit_Steps |> Option.toObj),
-            Schedule =
-                (match args.GetResult(SampleArgs.Schedule, defaultValue = "linear").ToLowerInvariant() with
-                 | "linear" -> HiMar.Runtime.Sampling.CfgSchedule.Linear
-                 | "constant" -> HiMar.Runtime.Sampling.CfgSchedule.Constant
-                 | other -> raise (CliError(sprintf "--schedule must be linear or constant, not '%s'" other)))
+            Schedule = parseSchedule "--schedule" (args.GetResult(SampleArgs.Schedule, defaultValue = "linear")),
+            ReCfgSchedule =
+                (match args.TryGetResult SampleArgs.Re_Schedule with
+                 | Some text -> Nullable(parseSchedule "--re-schedule" text)
+                 | None -> Nullable())
         )
 
     let request =

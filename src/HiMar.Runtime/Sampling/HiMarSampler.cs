@@ -29,8 +29,11 @@ public sealed record SamplerOptions
     /// <summary>Phase-1 guidance scale (`re_cfg`, MLP head).</summary>
     public double ReCfg { get; init; } = 1.0;
 
-    /// <summary>The schedule of both guidance scales.</summary>
+    /// <summary>The schedule of the phase-2 guidance scale (and of phase 1 unless <see cref="ReCfgSchedule"/> is set).</summary>
     public CfgSchedule Schedule { get; init; } = CfgSchedule.Linear;
+
+    /// <summary>The schedule of the phase-1 guidance scale; null for the same as <see cref="Schedule"/> (the reference).</summary>
+    public CfgSchedule? ReCfgSchedule { get; init; }
 
     /// <summary>Sampling temperature (multiplies each step's noise).</summary>
     public double Temperature { get; init; } = 1.0;
@@ -167,7 +170,7 @@ public static class HiMarSampler
             var newSmallZ = torch.where(toPred3, zPiv, smallZ);
             var toPredAll = guided1 ? Repeat2(toPred) : toPred;
             var zSel = z.narrow(1, 0, s).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
-            var scale = GuidanceAt(o.Schedule, o.ReCfg, (int)s, len);
+            var scale = GuidanceAt(o.ReCfgSchedule ?? o.Schedule, o.ReCfg, (int)s, len);
             var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion, zSel, guided1, scale, o.Temperature, k, c, noise, progress, step, steps1, dev);
             var sampledCond = guided1 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
             var newCond = condTok.masked_scatter(toPred.unsqueeze(-1), sampledCond);

@@ -59,6 +59,7 @@ public static class SampleBenchmark
                 ["cfg"] = options.Cfg,
                 ["re_cfg"] = options.ReCfg,
                 ["cfg_schedule"] = options.Schedule.ToString().ToLowerInvariant(),
+                ["re_cfg_schedule"] = (options.ReCfgSchedule ?? options.Schedule).ToString().ToLowerInvariant(),
                 ["temperature"] = options.Temperature,
                 ["phase1_steps"] = options.Phase1Steps ?? c.Phase1Steps,
                 ["num_iter"] = options.Phase2Steps,
