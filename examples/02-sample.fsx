@@ -32,5 +32,5 @@ let request =
         Options = options
     )
 
-let output = SampleJob.Run(model, vae, request)
+let output = SampleJob.Run(model, HiMar.Runtime.Data.VaeTokenizer vae, request)
 printfn "%d images in %.1f s; grid: %s" output.Images.Count output.Seconds output.Grid

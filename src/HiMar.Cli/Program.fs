@@ -391,7 +391,7 @@ let private sample (args: ParseResults<SampleArgs>) =
 
                 HiMar.Runtime.Sampling.SampleJob.Run(
                     model,
-                    vae,
+                    HiMar.Runtime.Data.VaeTokenizer vae,
                     request,
                     fun doneImages p ->
                         images.Value <- float doneImages

@@ -1,4 +1,5 @@
 using HiMar.Model;
+using HiMar.Runtime.Data;
 using HiMar.Runtime.Imaging;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.PixelFormats;
@@ -36,20 +37,11 @@ public sealed record SampleRequest
 /// <param name="Seconds">Sampling and decoding time.</param>
 public sealed record SampleOutput(IReadOnlyList<string> Images, string Grid, IReadOnlyList<string> Explanations, double Seconds);
 
-/// <summary>Samples tokens in batches, decodes them with the VAE and writes PNG files and a labelled grid.</summary>
+/// <summary>Samples tokens in batches, decodes them with the tokenizer (VAE or pixel patches) and writes PNG files and a labelled grid.</summary>
 public static class SampleJob
 {
-    /// <summary>Decodes latent tokens (B, C, h, w) to images (B, 3, H, W) in [-1, 1]: tokens / scale_factor through the decoder.</summary>
-    public static Tensor Decode(AutoencoderKL vae, Tensor tokens)
-    {
-        using var scope = torch.NewDisposeScope();
-        using var noGrad = torch.no_grad();
-        var z = tokens.to(vae.parameters().First().device) / vae.Config.ScaleFactor;
-        return vae.Decode(z).MoveToOuterDisposeScope();
-    }
-
     /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
-    public static SampleOutput Run(HiMAR model, AutoencoderKL vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
+    public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
         if (request.Labels.Count == 0)
             throw new ArgumentException("nothing to sample: no labels");
@@ -77,7 +69,7 @@ public static class SampleJob
                 var labels = torch.tensor(request.Labels.Skip(start).Take(count).ToArray(), device: device);
                 var done = start;
                 using var result = HiMarSampler.Sample(model, labels, noise, options, p => progress?.Invoke(done, p));
-                var images = Images.FromTensor(Decode(vae, result.BigTokens));
+                var images = Images.FromTensor(vae.Decode(result.BigTokens));
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
@@ -104,11 +96,11 @@ public static class SampleJob
         }
     }
 
-    static IEnumerable<string> Explain(AutoencoderKL vae, SampleResult result, SampleRequest request, int start, int count, int side)
+    static IEnumerable<string> Explain(ITokenizer vae, SampleResult result, SampleRequest request, int start, int count, int side)
     {
         // Decode the pivots once and the dense tokens after every phase-2 step.
-        var pivots = Images.FromTensor(Decode(vae, result.SmallTokens));
-        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(Decode(vae, x.Dense))).ToList();
+        var pivots = Images.FromTensor(vae.Decode(result.SmallTokens));
+        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(vae.Decode(x.Dense))).ToList();
         try
         {
             for (var i = 0; i < count; i++)

@@ -1,0 +1,92 @@
+using HiMar.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Data;
+
+/// <summary>Turns images into Hi-MAR's two token grids and back.</summary>
+public interface ITokenizer
+{
+    /// <summary>Dense tokens (B, N, C) and pivot tokens (B, S, C) of images (B, ch, H, W) in [-1, 1].</summary>
+    (Tensor Tokens, Tensor Pivots) Encode(Tensor images);
+
+    /// <summary>Images (B, ch, H, W) in [-1, 1] from a token grid (B, C, g, g): dense tokens or pivots.</summary>
+    Tensor Decode(Tensor grid);
+}
+
+/// <summary>
+/// Tokens that are pixel patches, needing no weights: the image padded to <c>side</c> (background -1) gives a
+/// (side/p)^2 grid of p x p patches; the pivot image, the padded image average-pooled by 2, gives a grid with a
+/// quarter of the tokens. For Fashion-MNIST (28 padded to 32, p = 4): 8x8 tokens and 4x4 pivots of 16 values.
+/// </summary>
+public sealed class PixelPatchTokenizer(int imageSide, int paddedSide, int patch, int channels = 1) : ITokenizer
+{
+    /// <summary>The tokenizer of the `fashion` preset.</summary>
+    public static PixelPatchTokenizer Fashion => new(28, 32, 4);
+
+    /// <summary>Values per token: channels x patch x patch.</summary>
+    public int TokenChannels => channels * patch * patch;
+
+    // (B, c, H, W) -> (B, (H/p)(W/p), c p p), token index row * (W/p) + col, features (c, pi, pj)
+    Tensor Patchify(Tensor x)
+    {
+        long b = x.shape[0], h = x.shape[2] / patch, w = x.shape[3] / patch;
+        return x.reshape(b, channels, h, patch, w, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, TokenChannels);
+    }
+
+    /// <inheritdoc/>
+    public (Tensor Tokens, Tensor Pivots) Encode(Tensor images)
+    {
+        using var scope = torch.NewDisposeScope();
+        var pad = (paddedSide - imageSide) / 2;
+        var padded = torch.nn.functional.pad(images, [pad, paddedSide - imageSide - pad, pad, paddedSide - imageSide - pad], value: -1.0);
+        var small = torch.nn.functional.avg_pool2d(padded, 2);
+        return (Patchify(padded).MoveToOuterDisposeScope(), Patchify(small).MoveToOuterDisposeScope());
+    }
+
+    /// <inheritdoc/>
+    public Tensor Decode(Tensor grid)
+    {
+        using var scope = torch.NewDisposeScope();
+        long b = grid.shape[0], g = grid.shape[2];
+        // (B, c p p, g, g) -> (B, c, g p, g p)
+        var img = grid.reshape(b, channels, patch, patch, g, g).permute(0, 1, 4, 2, 5, 3).reshape(b, channels, g * patch, g * patch);
+        var full = g * patch;
+        // Crop the padding back off (pivot grids are half the size: crop half as much).
+        var crop = (int)((paddedSide - imageSide) / 2 * full / paddedSide);
+        var side = full - 2 * crop;
+        return img.narrow(2, crop, side).narrow(3, crop, side).clamp(-1, 1).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>The KL autoencoder as a tokenizer: latents of the image and of its half-size pivot image, scaled.</summary>
+public sealed class VaeTokenizer(AutoencoderKL vae) : ITokenizer
+{
+    /// <summary>The autoencoder.</summary>
+    public AutoencoderKL Vae => vae;
+
+    static Tensor Grid(Tensor latents) => latents.flatten(2).transpose(1, 2); // (B, C, h, w) -> (B, h w, C)
+
+    /// <inheritdoc/>
+    public (Tensor Tokens, Tensor Pivots) Encode(Tensor images)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var small = torch.nn.functional.interpolate(images, [images.shape[2] / 2, images.shape[3] / 2], mode: InterpolationMode.Bicubic, align_corners: false);
+        Tensor Latent(Tensor x)
+        {
+            using var posterior = vae.Posterior(vae.Encode(x));
+            return posterior.Sample(torch.randn_like(posterior.Mean)) * vae.Config.ScaleFactor;
+        }
+        return (Grid(Latent(images)).MoveToOuterDisposeScope(), Grid(Latent(small)).MoveToOuterDisposeScope());
+    }
+
+    /// <inheritdoc/>
+    public Tensor Decode(Tensor grid)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var z = grid.to(vae.parameters().First().device) / vae.Config.ScaleFactor;
+        return vae.Decode(z).MoveToOuterDisposeScope();
+    }
+}
