@@ -97,6 +97,54 @@ type SampleArgs =
             | Out _ -> "output folder (default samples/)."
             | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
 
+/// Arguments of `himar train`.
+type TrainArgs =
+    | Preset of name: string
+    | Config of file: string
+    | Data of dir: string
+    | [<AltCommandLine("-o")>] Out of dir: string
+    | Steps of count: int
+    | Batch of size: int
+    | Accumulation of micro_batches: int
+    | Blr of rate: float
+    | Warmup of steps: int
+    | Lr_Schedule of schedule: string
+    | Weight_Decay of wd: float
+    | Grad_Clip of norm: float
+    | Ema of rate: float
+    | Seed of seed: int64
+    | No_Flip
+    | Checkpoint_Every of steps: int
+    | Keep of count: int
+    | Sample_Every of steps: int
+    | Log_Every of steps: int
+    | Resume
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Preset _ -> "a model preset (default fashion)."
+            | Config _ -> "a JSON file of reference arguments instead of a preset."
+            | Data _ ->
+                "the IDX folder (default /usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)."
+            | Out _ -> "the run folder (default runs/<preset>): checkpoints/, samples/, metrics.jsonl, loss.png."
+            | Steps _ -> "optimiser steps in total (default 4000); a resumed run continues up to this."
+            | Batch _ -> "images per step (default 64)."
+            | Accumulation _ -> "micro-batches per step (default 1)."
+            | Blr _ -> "base learning rate: lr = blr x batch / 256 (default 4e-3, i.e. 1e-3 at batch 64)."
+            | Warmup _ -> "linear warm-up steps (default 200)."
+            | Lr_Schedule _ -> "constant (default) or cosine."
+            | Weight_Decay _ -> "AdamW weight decay (default 0.02)."
+            | Grad_Clip _ -> "gradient-norm clip (default 3.0)."
+            | Ema _ -> "EMA rate (default 0.999 for short runs; the reference uses 0.9999)."
+            | Seed _ -> "run seed (default 1)."
+            | No_Flip -> "no random horizontal flips."
+            | Checkpoint_Every _ -> "checkpoint every N steps (default 250)."
+            | Keep _ -> "checkpoints to keep besides best (default 3)."
+            | Sample_Every _ -> "a grid of EMA samples every N steps (default 500; 0 = never)."
+            | Log_Every _ -> "metrics every N steps (default 10)."
+            | Resume -> "continue from the newest checkpoint of the run folder, exactly."
+
 /// Arguments of `himar bench sample`.
 type BenchSampleArgs =
     | [<AltCommandLine("-m"); ExactlyOnce>] Model of model: string
@@ -143,6 +191,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ImportArgs>
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<SampleArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -153,6 +202,7 @@ type HimarArgs =
             | Import _ -> "convert a reference checkpoint (.pth) or VAE (vae.ckpt) to safetensors plus config.json."
             | Sample _ -> "generate images: two-phase sampling, VAE decoding, PNG files and a labelled grid."
             | Bench _ -> "benchmarks, reported as JSON."
+            | Train _ -> "train a model (default: the fashion preset on Fashion-MNIST), resumably."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -453,6 +503,87 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
 
     0
 
+let private train (args: ParseResults<TrainArgs>) =
+    TorchNative.EnsureLoaded()
+    let presetName = args.GetResult(TrainArgs.Preset, defaultValue = "fashion")
+
+    let config =
+        match args.TryGetResult TrainArgs.Config with
+        | Some file -> HiMar.Runtime.Checkpoints.ModelConfigs.Resolve file
+        | None -> HiMar.Runtime.Checkpoints.ModelConfigs.Resolve presetName
+
+    if config.ImgSize <> 32 || config.VaeStride <> 4 then
+        raise (
+            CliError
+                "this build trains on IDX data with the pixel-patch tokenizer: use the fashion preset or a config with img_size 32 and vae_stride 4"
+        )
+
+    let data =
+        HiMar.Runtime.Data.IdxDataset.FashionMnist(
+            args.GetResult(TrainArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
+        )
+
+    let options =
+        HiMar.Runtime.Training.TrainOptions(
+            OutDir = args.GetResult(TrainArgs.Out, defaultValue = IO.Path.Combine("runs", presetName)),
+            Steps = args.GetResult(TrainArgs.Steps, defaultValue = 4000),
+            BatchSize = args.GetResult(TrainArgs.Batch, defaultValue = 64),
+            Accumulation = args.GetResult(Accumulation, defaultValue = 1),
+            BaseLr = args.GetResult(Blr, defaultValue = 4e-3),
+            WarmupSteps = args.GetResult(Warmup, defaultValue = 200),
+            LrSchedule = args.GetResult(Lr_Schedule, defaultValue = "constant"),
+            WeightDecay = args.GetResult(Weight_Decay, defaultValue = 0.02),
+            GradClip = args.GetResult(Grad_Clip, defaultValue = 3.0),
+            EmaRate = args.GetResult(TrainArgs.Ema, defaultValue = 0.999),
+            Seed = args.GetResult(TrainArgs.Seed, defaultValue = 1L),
+            Flip = not (args.Contains No_Flip),
+            CheckpointEvery = args.GetResult(Checkpoint_Every, defaultValue = 250),
+            KeepLast = args.GetResult(Keep, defaultValue = 3),
+            SampleEvery = args.GetResult(Sample_Every, defaultValue = 500),
+            LogEvery = args.GetResult(Log_Every, defaultValue = 10)
+        )
+
+    use trainer =
+        new HiMar.Runtime.Training.Trainer(
+            config,
+            data,
+            HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
+            options,
+            args.Contains Resume
+        )
+
+    if trainer.Step > 0 then
+        printfn "resuming %s at step %d" options.OutDir trainer.Step
+
+    AnsiConsole
+        .Progress()
+        .Columns(
+            TaskDescriptionColumn(),
+            ProgressBarColumn(),
+            PercentageColumn(),
+            ElapsedTimeColumn(),
+            RemainingTimeColumn()
+        )
+        .Start(fun ctx ->
+            let task = ctx.AddTask("training", maxValue = float options.Steps)
+            task.Value <- float trainer.Step
+
+            trainer.Run(fun p ->
+                task.Value <- float p.Step
+
+                task.Description <-
+                    sprintf
+                        "step %d  loss %.4f (%.3f / %.3f)  lr %.1e  %.0f img/s"
+                        p.Step
+                        p.Loss
+                        p.Phase1
+                        p.Phase2
+                        p.Lr
+                        p.ImagesPerSecond))
+
+    printfn "done: %d steps; checkpoints in %s" trainer.Step trainer.CheckpointsDir
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -467,6 +598,7 @@ let main argv =
         | Verify_Parity a -> verifyParity a
         | Import a -> import' a
         | Sample a -> sample a
+        | Train a -> train a
         | Bench b ->
             match b.GetSubCommand() with
             | BenchArgs.Sample a -> benchSample a
@@ -486,6 +618,9 @@ let main argv =
     | :? ArgumentException as e ->
         eprintfn "himar: %s" e.Message
         2
+    | :? HiMar.Runtime.Training.NonFiniteException as e ->
+        eprintfn "himar: %s" e.Message
+        4
     | :? HiMar.Model.WeightMismatchException as e ->
         eprintfn "himar: %s" e.Message
         2

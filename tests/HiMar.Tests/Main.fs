@@ -23,4 +23,5 @@ let main argv =
                 CheckpointTests.tests
                 SamplingTests.tests
                 SamplingTests.importTests
+                TrainingTests.tests
             ])

@@ -130,7 +130,9 @@ let tests =
                             Options = quick
                         )
 
-                    let out = SampleJob.Run(fixture.Force().Model, HiMar.Runtime.Data.VaeTokenizer vae, request)
+                    let out =
+                        SampleJob.Run(fixture.Force().Model, HiMar.Runtime.Data.VaeTokenizer vae, request)
+
                     Expect.equal out.Images.Count 3 "images"
 
                     Expect.equal
@@ -155,7 +157,8 @@ let tests =
 
                     let e =
                         catchT<ArgumentException> (fun () ->
-                            SampleJob.Run(fixture.Force().Model, HiMar.Runtime.Data.VaeTokenizer vae, request) |> ignore)
+                            SampleJob.Run(fixture.Force().Model, HiMar.Runtime.Data.VaeTokenizer vae, request)
+                            |> ignore)
 
                     Expect.stringContains e.Message "class 11 is outside 0..9" "message"
                     Expect.isFalse (Directory.Exists(Path.Combine(dir, "out"))) "nothing written")

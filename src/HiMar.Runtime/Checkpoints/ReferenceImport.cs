@@ -312,7 +312,9 @@ public static class ReferenceImport
         else
             c = HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, ReferenceArgs.FromJson(ReadConfig(path)));
         var model = new HiMAR(c);
-        ModelFiles.Load(model, Path.Combine(path, WeightsFile));
+        // A training checkpoint folder holds EMA weights beside the raw ones: sample with those by default.
+        var ema = Path.Combine(path, "ema.safetensors");
+        ModelFiles.Load(model, useEma && File.Exists(ema) ? ema : Path.Combine(path, WeightsFile));
         model.eval();
         return model;
     }

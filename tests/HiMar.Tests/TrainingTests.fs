@@ -1,0 +1,250 @@
+/// Tests of src/HiMar.Runtime/Training and Data: exact resume, no leaks, the NaN guard, IDX files, the
+/// pixel-patch tokenizer.
+module HiMar.Tests.TrainingTests
+
+open System
+open System.IO
+open System.IO.Compression
+open Expecto
+open TorchSharp
+open HiMar.Model
+open HiMar.Runtime.Data
+open HiMar.Runtime.Training
+open HiMar.Tests.TestUtil
+
+/// A tiny model on 32x32 pixel patches (the fashion layout, much narrower).
+let tinyConfig =
+    { HiMarConfig.fashion with
+        EncoderEmbedDim = 32
+        EncoderDepth = 1
+        EncoderNumHeads = 2
+        DecoderEmbedDim = 32
+        DecoderDepth = 1
+        DecoderNumHeads = 2
+        DiffLossD = 1
+        DiffLossW = 32
+        GdmW = 16
+        GdmD = 1
+        GdmHeads = 2
+        NumSamplingSteps = "ddim3"
+        DitSamplingSteps = "ddim3"
+    }
+
+/// 48 random 28x28 images in 10 classes (or NaN images, to trip the guard).
+type SyntheticData(?nan: bool) =
+    let images =
+        use g = new torch.Generator(5UL)
+        torch.rand([| 48L; 1L; 28L; 28L |], generator = g).mul(scalar 2.0).sub (scalar 1.0)
+
+    interface IImageDataset with
+        member _.Count = 48
+        member _.Labels = [| for i in 0L .. 47L -> i % 10L |]
+        member _.ClassCount = 10
+
+        member _.Batch(indices, _flips) =
+            use idx = torch.tensor (indices |> Seq.map int64 |> Array.ofSeq)
+            let b = images.index_select (0L, idx)
+
+            if defaultArg nan false then
+                b.fill_ (scalar Double.NaN)
+            else
+                b
+
+let private options dir steps =
+    TrainOptions(
+        OutDir = dir,
+        Steps = steps,
+        BatchSize = 8,
+        BaseLr = 0.01,
+        WarmupSteps = 2,
+        EmaRate = 0.9,
+        CheckpointEvery = 3,
+        LogEvery = 1,
+        Seed = 9L
+    )
+
+let private withTempDir (f: string -> unit) =
+    let dir = Directory.CreateTempSubdirectory("himar-train-")
+
+    try
+        f dir.FullName
+    finally
+        dir.Delete true
+
+let private writeGz (path: string) (bytes: byte[]) =
+    use f = File.Create path
+    use gz = new GZipStream(f, CompressionLevel.Fastest)
+    gz.Write(bytes, 0, bytes.Length)
+
+let private bigEndian (v: int) =
+    [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
+
+let tests =
+    testList
+        "Training"
+        [
+            test "N steps straight and N/2 + resume + N/2 give the same weights, EMA and optimizer state" {
+                withTempDir (fun dir ->
+                    let straight = Path.Combine(dir, "straight")
+                    let split = Path.Combine(dir, "split")
+
+                    use a =
+                        new Trainer(tinyConfig, SyntheticData(), PixelPatchTokenizer.Fashion, options straight 6)
+
+                    a.Run()
+
+                    use b =
+                        new Trainer(tinyConfig, SyntheticData(), PixelPatchTokenizer.Fashion, options split 3)
+
+                    b.Run()
+
+                    use c =
+                        new Trainer(
+                            tinyConfig,
+                            SyntheticData(),
+                            PixelPatchTokenizer.Fashion,
+                            options split 6,
+                            resume = true
+                        )
+
+                    Expect.equal c.Step 3 "resumed at step 3"
+                    c.Run()
+                    let wa, wc = Weights.stateDict a.Model, Weights.stateDict c.Model
+
+                    for KeyValue(k, t) in wa do
+                        Expect.equal (maxAbsDiff t wc.[k]) 0.0 k
+
+                    Expect.equal
+                        (maxAbsDiff
+                            (Weights.stateDict a.EmaModel).["mask_token"]
+                            (Weights.stateDict c.EmaModel).["mask_token"])
+                        0.0
+                        "EMA"
+
+                    let lines (d: string) =
+                        File.ReadAllLines(Path.Combine(d, "metrics.jsonl"))
+
+                    Expect.equal (lines split).Length 6 "metrics continue after the resume"
+                    Expect.isTrue (File.Exists(Path.Combine(straight, "loss.png"))) "loss curve")
+            }
+
+            test "checkpoints are whole folders, pruned to the last K, with a best copy" {
+                withTempDir (fun dir ->
+                    use t =
+                        new Trainer(
+                            tinyConfig,
+                            SyntheticData(),
+                            PixelPatchTokenizer.Fashion,
+                            (options dir 9).WithKeep 2
+                        )
+
+                    t.Run()
+
+                    let names =
+                        Directory.GetDirectories(Path.Combine(dir, "checkpoints"))
+                        |> Array.map Path.GetFileName
+                        |> Array.sort
+
+                    Expect.equal names [| "best"; "step-00000006"; "step-00000009" |] "folders"
+
+                    for f in
+                        [
+                            "weights.safetensors"
+                            "ema.safetensors"
+                            "optimizer.safetensors"
+                            "config.json"
+                            "state.json"
+                        ] do
+                        Expect.isTrue (File.Exists(Path.Combine(dir, "checkpoints", "step-00000009", f))) f
+
+                    use m =
+                        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(
+                            Path.Combine(dir, "checkpoints", "step-00000009")
+                        )
+
+                    Expect.equal m.Config.EncoderEmbedDim 32 "a checkpoint folder loads for sampling")
+            }
+
+            test "training steps leak no tensors" {
+                withTempDir (fun dir ->
+                    use t =
+                        new Trainer(
+                            tinyConfig,
+                            SyntheticData(),
+                            PixelPatchTokenizer.Fashion,
+                            (options dir 100).WithCheckpointEvery 1000
+                        )
+
+                    t.Run(maxSteps = 1)
+                    let after1 = torch.Tensor.TotalCount
+                    t.Run(maxSteps = 3)
+                    Expect.equal t.Step 4 "steps"
+                    Expect.equal (torch.Tensor.TotalCount - after1) 0L "live tensors after three more steps")
+            }
+
+            test "a non-finite loss stops training, names the term and keeps the last good checkpoint" {
+                withTempDir (fun dir ->
+                    use t =
+                        new Trainer(tinyConfig, SyntheticData(nan = true), PixelPatchTokenizer.Fashion, options dir 3)
+
+                    let e = catchT<NonFiniteException> (fun () -> t.Run())
+                    Expect.stringContains e.Message "step 1: the phase-1 loss is not finite" "message"
+                    Expect.stringContains e.Message "checkpoints" "where the good checkpoints are")
+            }
+
+            test "the pixel-patch tokenizer round-trips images and makes 8x8 tokens and 4x4 pivots of 16 values" {
+                use img = torch.rand(2L, 1L, 28L, 28L).mul(scalar 2.0).sub (scalar 1.0)
+                let tok = PixelPatchTokenizer.Fashion
+                let struct (tokens, pivots) = tok.Encode img
+                use tokens = tokens
+                use pivots = pivots
+                Expect.equal (shapeOf tokens) [ 2L; 64L; 16L ] "tokens"
+                Expect.equal (shapeOf pivots) [ 2L; 16L; 16L ] "pivots"
+                use grid = tokens.reshape(2L, 8L, 8L, 16L).permute (0L, 3L, 1L, 2L)
+                use back = tok.Decode grid
+                Expect.isLessThan (maxAbsDiff back img) 1e-6 "round trip"
+                use pgrid = pivots.reshape(2L, 4L, 4L, 16L).permute (0L, 3L, 1L, 2L)
+                use small = tok.Decode pgrid
+                Expect.equal (shapeOf small) [ 2L; 1L; 14L; 14L ] "pivot image"
+            }
+
+            test "IDX files load, and a truncated one is refused naming the file" {
+                withTempDir (fun dir ->
+                    let images =
+                        Array.concat [ bigEndian 0x803; bigEndian 3; bigEndian 2; bigEndian 2; [| 0uy .. 11uy |] ]
+
+                    let labels = Array.concat [ bigEndian 0x801; bigEndian 3; [| 2uy; 0uy; 1uy |] ]
+                    writeGz (Path.Combine(dir, "img.gz")) images
+                    writeGz (Path.Combine(dir, "lab.gz")) labels
+                    let d = IdxDataset.Load(Path.Combine(dir, "img.gz"), Path.Combine(dir, "lab.gz"))
+                    Expect.equal (d.Count, d.Rows, d.Cols, d.ClassCount) (3, 2, 2, 3) "header"
+                    use b = (d :> IImageDataset).Batch([| 1 |], [| true |])
+
+                    Expect.sequenceEqual
+                        (b.data<float32>().ToArray())
+                        [|
+                            5.0f / 127.5f - 1.0f
+                            4.0f / 127.5f - 1.0f
+                            7.0f / 127.5f - 1.0f
+                            6.0f / 127.5f - 1.0f
+                        |]
+                        "flipped pixels"
+
+                    writeGz (Path.Combine(dir, "cut.gz")) images.[..20]
+
+                    let e =
+                        catchT<InvalidDataException> (fun () ->
+                            IdxDataset.Load(Path.Combine(dir, "cut.gz"), Path.Combine(dir, "lab.gz"))
+                            |> ignore)
+
+                    Expect.stringContains
+                        e.Message
+                        "cut.gz: 21 bytes do not hold 3 images of 2x2 (truncated?)"
+                        "message")
+            }
+
+            test "Fashion-MNIST from the Debian package has 60,000 training images in 10 classes" {
+                let d = IdxDataset.FashionMnist()
+                Expect.equal (d.Count, d.Rows, d.Cols, d.ClassCount) (60000, 28, 28, 10) "shape"
+            }
+        ]
