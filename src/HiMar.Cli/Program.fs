@@ -50,6 +50,7 @@ type ImportArgs =
 
 /// Arguments of `himar sample`.
 type SampleArgs =
+    | Preset of name: string
     | [<AltCommandLine("-c")>] Checkpoint of path: string
     | Vae of path: string
     | Classes of classes: string
@@ -74,8 +75,9 @@ type SampleArgs =
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Preset _ -> "a shipped model: fashion (Fashion-MNIST, no data or download needed)."
             | Checkpoint _ ->
-                "the model: an imported folder, a reference .pth (EMA weights), or a parity fixture folder."
+                "the model: an imported folder, a training checkpoint folder, a reference .pth (EMA weights), or a parity fixture folder."
             | Vae _ -> "the KL autoencoder: an imported folder, MAR's vae.ckpt, or a safetensors file."
             | Classes _ -> "comma-separated class labels, e.g. 207,360,387,974."
             | N _ -> "this many random classes (from the seed) instead of --classes."
@@ -94,14 +96,33 @@ type SampleArgs =
             | Seed _ -> "run seed (default 0); image i is the same for a seed whatever the batch size."
             | Batch _ -> "images per batch (default 8)."
             | Device _ -> "cpu (default), cuda or cuda:N."
-            | Out _ -> "output folder (default samples/)."
+            | Out _ -> "output folder (default samples/), or a .png path to write only the grid."
             | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
+
+/// Arguments of `himar cache`.
+type CacheArgs =
+    | [<ExactlyOnce>] Data of folder: string
+    | [<ExactlyOnce>] Vae of path: string
+    | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
+    | Size of pixels: int
+    | Batch of size: int
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Data _ -> "an image folder in the ImageNet layout (one subfolder per class; JPEG or PNG)."
+            | Vae _ -> "the KL autoencoder (imported folder, vae.ckpt or safetensors)."
+            | Out _ -> "the cache folder to write (cache.json and safetensors shards)."
+            | Size _ -> "centre-crop side in pixels (default 256; the pivots use half)."
+            | Batch _ -> "images per VAE batch (default 8)."
 
 /// Arguments of `himar train`.
 type TrainArgs =
     | Preset of name: string
     | Config of file: string
     | Data of dir: string
+    | Cache of dir: string
+    | Vae of path: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Steps of count: int
     | Batch of size: int
@@ -127,6 +148,9 @@ type TrainArgs =
             | Config _ -> "a JSON file of reference arguments instead of a preset."
             | Data _ ->
                 "the IDX folder (default /usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)."
+            | Cache _ ->
+                "train on a latent cache made by `himar cache` instead (needs --vae for previews and the hash check)."
+            | Vae _ -> "the VAE the cache was made with."
             | Out _ -> "the run folder (default runs/<preset>): checkpoints/, samples/, metrics.jsonl, loss.png."
             | Steps _ -> "optimiser steps in total (default 4000); a resumed run continues up to this."
             | Batch _ -> "images per step (default 64)."
@@ -173,15 +197,32 @@ type BenchSampleArgs =
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "also write the JSON report to this file."
 
+/// Arguments of `himar bench train`.
+type BenchTrainArgs =
+    | [<AltCommandLine("-m"); ExactlyOnce>] Model of model: string
+    | Batch of size: int
+    | Steps of count: int
+    | [<AltCommandLine("-o")>] Out of file: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Model _ -> "hi-mar-b|l|h|fashion, a config JSON, or a parity fixture folder (its model_config)."
+            | Batch _ -> "images per step (default 8)."
+            | Steps _ -> "timed steps after one warm-up (default 3); the median is reported."
+            | Out _ -> "also write the JSON report to this file."
+
 /// Arguments of `himar bench`.
 [<RequireSubcommand>]
 type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<BenchSampleArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<BenchTrainArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
             | Sample _ -> "time the two-phase sampler: seconds per image, settings and GFLOP/s, as JSON."
+            | Train _ -> "time training steps: seconds per step for a configuration and batch, as JSON."
 
 /// The top-level command line.
 [<RequireSubcommand>]
@@ -192,6 +233,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<SampleArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Cache of ParseResults<CacheArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -203,6 +245,7 @@ type HimarArgs =
             | Sample _ -> "generate images: two-phase sampling, VAE decoding, PNG files and a labelled grid."
             | Bench _ -> "benchmarks, reported as JSON."
             | Train _ -> "train a model (default: the fashion preset on Fashion-MNIST), resumably."
+            | Cache _ -> "encode an image folder with the VAE into a latent cache for training."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -350,19 +393,54 @@ let private sample (args: ParseResults<SampleArgs>) =
     TorchNative.EnsureLoaded()
     let dev = device (args.GetResult(SampleArgs.Device, defaultValue = "cpu"))
 
-    let need (what: string) =
-        function
-        | Some v -> v
-        | None -> raise (CliError(sprintf "himar sample needs %s" what))
+    let preset = args.TryGetResult SampleArgs.Preset
 
-    let ckpt = args.TryGetResult SampleArgs.Checkpoint |> need "--checkpoint"
-    let vaePath = args.TryGetResult SampleArgs.Vae |> need "--vae"
+    let ckpt =
+        match preset, args.TryGetResult SampleArgs.Checkpoint with
+        | _, Some c -> c
+        | Some p, None ->
+            let dir = IO.Path.Combine(AppContext.BaseDirectory, "models", p.ToLowerInvariant())
+
+            if not (IO.Directory.Exists dir) then
+                raise (CliError(sprintf "no shipped model '%s' (shipped: fashion)" p))
+
+            dir
+        | None, None -> raise (CliError "himar sample needs --checkpoint (or --preset fashion)")
+
     use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel ckpt
-    use vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
     model.``to`` dev |> ignore
-    vae.``to`` dev |> ignore
+    let pixelModel = model.Config.ImgSize = 32 && model.Config.VaeStride = 4
+
+    let tokenizer: HiMar.Runtime.Data.ITokenizer =
+        match args.TryGetResult SampleArgs.Vae with
+        | Some vaePath ->
+            let vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
+            vae.``to`` dev |> ignore
+            HiMar.Runtime.Data.VaeTokenizer vae
+        | None when pixelModel -> HiMar.Runtime.Data.PixelPatchTokenizer.Fashion
+        | None -> raise (CliError "himar sample needs --vae to decode this model's latents")
+
+    // A model folder may carry its recommended sampling settings (sampling.json: cfg, re_cfg, num_iter, ...).
+    let defaults =
+        let path = IO.Path.Combine(ckpt, "sampling.json")
+
+        if IO.File.Exists path then
+            Text.Json.Nodes.JsonNode.Parse(IO.File.ReadAllText path)
+            |> nonNull
+            |> _.AsObject()
+        else
+            Text.Json.Nodes.JsonObject()
+
+    let dflt (key: string) (fallback: float) =
+        match defaults.[key] with
+        | null -> fallback
+        | v -> v.GetValue<float>()
+
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
-    let perClass = args.GetResult(SampleArgs.Per_Class, defaultValue = 1)
+
+    let perClass =
+        args.GetResult(SampleArgs.Per_Class, defaultValue = (if preset.IsSome then 6 else 1))
+
     let classNum = model.Config.ClassNum
 
     let classes =
@@ -376,6 +454,7 @@ let private sample (args: ParseResults<SampleArgs>) =
         | None, Some n ->
             let rng = Random(int seed)
             Array.init n (fun _ -> int64 (rng.Next classNum))
+        | None, None when preset.IsSome -> [| 0L .. int64 classNum - 1L |]
         | None, None -> [| 0L .. int64 (min 4 classNum) - 1L |]
 
     let labels =
@@ -384,8 +463,8 @@ let private sample (args: ParseResults<SampleArgs>) =
                 for _ in 1..perClass -> c
         ]
 
-    let cfg = args.GetResult(SampleArgs.Cfg, defaultValue = 1.0)
-    let reCfg = args.GetResult(SampleArgs.Re_Cfg, defaultValue = 1.0)
+    let cfg = args.GetResult(SampleArgs.Cfg, defaultValue = dflt "cfg" 1.0)
+    let reCfg = args.GetResult(SampleArgs.Re_Cfg, defaultValue = dflt "re_cfg" 1.0)
 
     let cfg, reCfg =
         match args.GetResult(SampleArgs.Guidance, defaultValue = "full").ToLowerInvariant() with
@@ -398,8 +477,8 @@ let private sample (args: ParseResults<SampleArgs>) =
         HiMar.Runtime.Sampling.SamplerOptions(
             Cfg = cfg,
             ReCfg = reCfg,
-            Temperature = args.GetResult(SampleArgs.Temperature, defaultValue = 1.0),
-            Phase2Steps = args.GetResult(SampleArgs.Num_Iter, defaultValue = 4),
+            Temperature = args.GetResult(SampleArgs.Temperature, defaultValue = dflt "temperature" 1.0),
+            Phase2Steps = args.GetResult(SampleArgs.Num_Iter, defaultValue = int (dflt "num_iter" 4.0)),
             Phase1Steps =
                 (match args.TryGetResult SampleArgs.Phase1_Steps with
                  | Some s -> Nullable s
@@ -413,12 +492,30 @@ let private sample (args: ParseResults<SampleArgs>) =
                  | None -> Nullable())
         )
 
+    let out =
+        args.GetResult(SampleArgs.Out, defaultValue = (if preset.IsSome then "fashion.png" else "samples"))
+
+    let gridOnly = out.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
+
     let request =
         HiMar.Runtime.Sampling.SampleRequest(
             Labels = ResizeArray labels,
             Seed = seed,
-            BatchSize = args.GetResult(SampleArgs.Batch, defaultValue = 8),
-            OutDir = args.GetResult(SampleArgs.Out, defaultValue = "samples"),
+            BatchSize = args.GetResult(SampleArgs.Batch, defaultValue = (if pixelModel then 64 else 8)),
+            OutDir =
+                (if gridOnly then
+                     (match IO.Path.GetDirectoryName(IO.Path.GetFullPath out) with
+                      | null -> "."
+                      | d -> d)
+                 else
+                     out),
+            GridPath = (if gridOnly then out else null),
+            Columns = (if preset.IsSome then perClass else 0),
+            ClassNames =
+                (if classNum = 10 && pixelModel then
+                     HiMar.Runtime.Data.IdxDataset.FashionClasses
+                 else
+                     ResizeArray()),
             Explain = args.Contains SampleArgs.Explain,
             Options = options
         )
@@ -441,7 +538,7 @@ let private sample (args: ParseResults<SampleArgs>) =
 
                 HiMar.Runtime.Sampling.SampleJob.Run(
                     model,
-                    HiMar.Runtime.Data.VaeTokenizer vae,
+                    tokenizer,
                     request,
                     fun doneImages p ->
                         images.Value <- float doneImages
@@ -512,15 +609,12 @@ let private train (args: ParseResults<TrainArgs>) =
         | Some file -> HiMar.Runtime.Checkpoints.ModelConfigs.Resolve file
         | None -> HiMar.Runtime.Checkpoints.ModelConfigs.Resolve presetName
 
-    if config.ImgSize <> 32 || config.VaeStride <> 4 then
+    let cache = args.TryGetResult TrainArgs.Cache
+
+    if cache.IsNone && (config.ImgSize <> 32 || config.VaeStride <> 4) then
         raise (
             CliError
-                "this build trains on IDX data with the pixel-patch tokenizer: use the fashion preset or a config with img_size 32 and vae_stride 4"
-        )
-
-    let data =
-        HiMar.Runtime.Data.IdxDataset.FashionMnist(
-            args.GetResult(TrainArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
+                "IDX data trains with the pixel-patch tokenizer (img_size 32, vae_stride 4, as the fashion preset); for other configs make a latent cache with `himar cache` and pass --cache and --vae"
         )
 
     let options =
@@ -544,13 +638,38 @@ let private train (args: ParseResults<TrainArgs>) =
         )
 
     use trainer =
-        new HiMar.Runtime.Training.Trainer(
-            config,
-            data,
-            HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
-            options,
-            args.Contains Resume
-        )
+        match cache with
+        | Some dir ->
+            let latents = HiMar.Runtime.Data.LatentCache.Open dir
+
+            let vae =
+                HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae(
+                    args.TryGetResult TrainArgs.Vae
+                    |> Option.defaultWith (fun () -> raise (CliError "--cache needs --vae"))
+                )
+
+            latents.CheckVae vae
+
+            new HiMar.Runtime.Training.Trainer(
+                config,
+                latents,
+                HiMar.Runtime.Data.VaeTokenizer vae,
+                options,
+                args.Contains Resume
+            )
+        | None ->
+            let data =
+                HiMar.Runtime.Data.IdxDataset.FashionMnist(
+                    args.GetResult(TrainArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
+                )
+
+            new HiMar.Runtime.Training.Trainer(
+                config,
+                data,
+                HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
+                options,
+                args.Contains Resume
+            )
 
     if trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
@@ -584,6 +703,70 @@ let private train (args: ParseResults<TrainArgs>) =
     printfn "done: %d steps; checkpoints in %s" trainer.Step trainer.CheckpointsDir
     0
 
+let private cache (args: ParseResults<CacheArgs>) =
+    TorchNative.EnsureLoaded()
+
+    let folder =
+        HiMar.Runtime.Data.ImageFolder(args.GetResult CacheArgs.Data, args.GetResult(Size, defaultValue = 256))
+
+    use vae =
+        HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae(args.GetResult CacheArgs.Vae)
+
+    let out = args.GetResult CacheArgs.Out
+    let warnings = ResizeArray<string>()
+
+    let manifest =
+        AnsiConsole
+            .Progress()
+            .Start(fun ctx ->
+                let task =
+                    ctx.AddTask(sprintf "encoding %d images" folder.Count, maxValue = float folder.Count)
+
+                HiMar.Runtime.Data.LatentCache.Build(
+                    folder,
+                    vae,
+                    out,
+                    args.GetResult(CacheArgs.Batch, defaultValue = 8),
+                    (fun doneCount _ -> task.Value <- float doneCount),
+                    (fun w -> warnings.Add w)
+                ))
+
+    for w in warnings do
+        eprintfn "warning: %s" w
+
+    printfn
+        "cached %d images of %d classes in %s; %d skipped"
+        ((nonNull manifest.["count"]).GetValue<int>())
+        folder.ClassCount
+        out
+        warnings.Count
+
+    0
+
+let private benchTrain (args: ParseResults<BenchTrainArgs>) =
+    TorchNative.EnsureLoaded()
+    let name = args.GetResult BenchTrainArgs.Model
+    let config = HiMar.Runtime.Training.TrainBenchmark.ConfigOf name
+
+    let report =
+        HiMar.Runtime.Training.TrainBenchmark.Run(
+            config,
+            name,
+            args.GetResult(BenchTrainArgs.Batch, defaultValue = 8),
+            args.GetResult(BenchTrainArgs.Steps, defaultValue = 3)
+        )
+
+    let json =
+        report.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true))
+
+    printfn "%s" json
+
+    match args.TryGetResult BenchTrainArgs.Out with
+    | Some path -> HiMar.Runtime.Checkpoints.AtomicFile.WriteText(path, json + "\n")
+    | None -> ()
+
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -599,9 +782,11 @@ let main argv =
         | Import a -> import' a
         | Sample a -> sample a
         | Train a -> train a
+        | Cache a -> cache a
         | Bench b ->
             match b.GetSubCommand() with
             | BenchArgs.Sample a -> benchSample a
+            | BenchArgs.Train a -> benchTrain a
     with
     | :? TorchLoadException as e ->
         eprintfn "himar: %s" e.Message

@@ -24,4 +24,5 @@ let main argv =
                 SamplingTests.tests
                 SamplingTests.importTests
                 TrainingTests.tests
+                TrainingTests.cacheTests
             ])

@@ -248,3 +248,67 @@ let tests =
                 Expect.equal (d.Count, d.Rows, d.Cols, d.ClassCount) (60000, 28, 28, 10) "shape"
             }
         ]
+
+/// Image folders and latent caches.
+let cacheTests =
+    testList
+        "LatentCache"
+        [
+            test "an image folder caches with a corrupt file skipped and named, and the cache trains a matching model" {
+                withTempDir (fun dir ->
+                    let data = Path.Combine(dir, "images")
+
+                    for cls, n in [ "cat", 2; "dog", 1 ] do
+                        Directory.CreateDirectory(Path.Combine(data, cls)) |> ignore
+
+                        for i in 1..n do
+                            use img =
+                                new SixLabors.ImageSharp.Image<SixLabors.ImageSharp.PixelFormats.Rgb24>(80, 60)
+
+                            img.[5 * i, 7] <- SixLabors.ImageSharp.PixelFormats.Rgb24(200uy, 10uy, 10uy)
+
+                            SixLabors.ImageSharp.ImageExtensions.SaveAsPng(
+                                img,
+                                Path.Combine(data, cls, sprintf "%d.png" i)
+                            )
+
+                    File.WriteAllText(Path.Combine(data, "dog", "broken.png"), "not a png")
+                    let folder = ImageFolder(data, 64)
+                    Expect.equal (folder.Count, folder.ClassCount) (4, 2) "files and classes"
+                    use fixture = HiMar.Runtime.Parity.ParityFixture.Open tinyFixture
+                    use vae = HiMar.Runtime.Parity.VaeParityCases.Build fixture
+                    let warnings = ResizeArray<string>()
+                    let out = Path.Combine(dir, "cache")
+
+                    let manifest =
+                        LatentCache.Build(folder, vae, out, 2, warn = Action<string>(fun w -> warnings.Add w))
+
+                    Expect.equal ((nonNull manifest.["count"]).GetValue<int>()) 3 "three readable images"
+                    Expect.equal warnings.Count 1 "one warning"
+                    Expect.stringContains warnings.[0] "broken.png: skipped, cannot be decoded" "names the file"
+                    use cache = LatentCache.Open out
+                    cache.CheckVae vae
+
+                    let config =
+                        { tinyConfig with
+                            ImgSize = 64
+                            VaeStride = 16
+                            CondScale = 2
+                        }
+
+                    cache.CheckFits config
+                    let struct (tokens, pivots) = cache.Batch([| 0; 2 |], [| false; true |])
+
+                    Expect.equal
+                        (shapeOf tokens, shapeOf pivots)
+                        ([ 2L; 16L; 16L ], [ 2L; 4L; 16L ])
+                        "4x4 tokens, 2x2 pivots"
+
+                    let e = catchT<InvalidDataException> (fun () -> cache.CheckFits tinyConfig)
+                    Expect.stringContains e.Message "cache.json: this cache does not match the model" "message"
+                    Expect.stringContains e.Message "the dense grid is 4x4, the model's 8x8" "names the mismatch"
+                    use t = new Trainer(config, cache, null, options (Path.Combine(dir, "run")) 2)
+                    t.Run()
+                    Expect.equal t.Step 2 "trained on the cache")
+            }
+        ]

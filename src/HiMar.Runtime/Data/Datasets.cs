@@ -53,6 +53,10 @@ public sealed class IdxDataset : IImageDataset
     /// <inheritdoc/>
     public int ClassCount { get; }
 
+    /// <summary>Fashion-MNIST's class names, in label order.</summary>
+    public static readonly IReadOnlyList<string> FashionClasses =
+        ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"];
+
     /// <summary>Where Debian's dataset-fashion-mnist package puts the files.</summary>
     public const string FashionMnistDir = "/usr/share/datasets/fashion-mnist";
 

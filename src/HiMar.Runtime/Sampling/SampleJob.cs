@@ -23,6 +23,15 @@ public sealed record SampleRequest
     /// <summary>The output folder (created if needed).</summary>
     public required string OutDir { get; init; }
 
+    /// <summary>Write only the labelled grid, to this PNG path (no per-image files).</summary>
+    public string? GridPath { get; init; }
+
+    /// <summary>Grid columns; 0 for a square-ish grid.</summary>
+    public int Columns { get; init; }
+
+    /// <summary>Optional caption per class label (e.g. Fashion-MNIST's class names).</summary>
+    public IReadOnlyList<string>? ClassNames { get; init; }
+
     /// <summary>Also write, per image, a strip of the decoded pivots and the image after every dense step.</summary>
     public bool Explain { get; init; }
 
@@ -50,7 +59,8 @@ public static class SampleJob
                 throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var imagesDir = Path.Combine(request.OutDir, "images");
-        Directory.CreateDirectory(imagesDir);
+        if (request.GridPath == null)
+            Directory.CreateDirectory(imagesDir);
         var explainDir = Path.Combine(request.OutDir, "explain");
         if (request.Explain)
             Directory.CreateDirectory(explainDir);
@@ -73,19 +83,30 @@ public static class SampleJob
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
-                    var path = Path.Combine(imagesDir, $"{index:D4}-class{request.Labels[index]}.png");
-                    Images.SavePng(images[i], path);
-                    paths.Add(path);
-                    tiles.Add(images[i]);
+                    if (request.GridPath == null)
+                    {
+                        var path = Path.Combine(imagesDir, $"{index:D4}-class{request.Labels[index]}.png");
+                        Images.SavePng(images[i], path);
+                        paths.Add(path);
+                    }
+                    if (images[i].Width < 96)
+                    {
+                        tiles.Add(Images.Resize(images[i], 96));
+                        images[i].Dispose();
+                    }
+                    else
+                        tiles.Add(images[i]);
                 }
                 if (request.Explain)
-                    explanations.AddRange(Explain(vae, result, request, start, count, images[0].Width));
+                    explanations.AddRange(Explain(vae, result, request, start, count, Math.Max(96, (int)result.BigTokens.shape[2] * 16)));
                 progress?.Invoke(start + count, default);
             }
-            var captions = request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : $"{i} class {l}").ToList();
-            var columns = (int)Math.Ceiling(Math.Sqrt(tiles.Count));
+            var named = request.ClassNames is { Count: > 0 };
+            string Name(long l) => named && l < request.ClassNames!.Count ? request.ClassNames[(int)l] : $"class {l}";
+            var captions = request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
+            var columns = request.Columns > 0 ? request.Columns : (int)Math.Ceiling(Math.Sqrt(tiles.Count));
             using var grid = Images.Grid(tiles, captions, columns);
-            var gridPath = Path.Combine(request.OutDir, "grid.png");
+            var gridPath = request.GridPath ?? Path.Combine(request.OutDir, "grid.png");
             Images.SavePng(grid, gridPath);
             return new SampleOutput(paths, gridPath, explanations, sw.Elapsed.TotalSeconds);
         }

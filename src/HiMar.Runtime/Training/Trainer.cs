@@ -109,19 +109,28 @@ public sealed class Trainer : IDisposable
     readonly HiMAR ema;
     readonly NamedAdamW optimizer;
     readonly Ema average;
-    readonly IImageDataset data;
-    readonly ITokenizer tokenizer;
+    readonly ITokenSource data;
+    readonly ITokenizer? tokenizer;
     readonly TrainOptions options;
     int step;
     double bestLoss = double.PositiveInfinity;
     readonly List<(int Step, double Loss)> curve = [];
 
-    /// <summary>A fresh run (weights initialised from the seed), or a resumed one when the run folder has checkpoints and <paramref name="resume"/> is set.</summary>
+    /// <summary>Training on images through a tokenizer (which also decodes the sample previews).</summary>
     public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false)
+        : this(config, new TokenizedImages(data, tokenizer), tokenizer, options, resume)
     {
+    }
+
+    /// <summary>A fresh run (weights initialised from the seed), or a resumed one when the run folder has checkpoints
+    /// and <paramref name="resume"/> is set. <paramref name="decoder"/> turns sample previews into pictures (none: no previews).</summary>
+    public Trainer(HiMarConfig config, ITokenSource data, ITokenizer? decoder, TrainOptions options, bool resume = false)
+    {
+        var tokenizer = decoder;
         this.data = data;
         this.tokenizer = tokenizer;
         this.options = options;
+        data.CheckFits(config);
         if (data.ClassCount > config.ClassNum)
             throw new ArgumentException($"the data has {data.ClassCount} classes, the model {config.ClassNum}");
         torch.manual_seed(options.Seed);
@@ -211,7 +220,7 @@ public sealed class Trainer : IDisposable
             }
             if (step % options.CheckpointEvery == 0 || step == options.Steps)
                 SaveCheckpoint();
-            if (options.SampleEvery > 0 && step % options.SampleEvery == 0)
+            if (options.SampleEvery > 0 && step % options.SampleEvery == 0 && tokenizer != null)
                 SamplePreview(Path.Combine(options.OutDir, "samples", $"step-{step:D8}.png"));
         }
         if (curve.Count > 1)
@@ -226,8 +235,7 @@ public sealed class Trainer : IDisposable
         for (var micro = 0; micro < options.Accumulation; micro++)
         {
             var (idx, flips) = BatchAt(step, micro);
-            var images = data.Batch(idx, flips);
-            var (tokens, pivots) = tokenizer.Encode(images);
+            var (tokens, pivots) = data.Batch(idx, flips);
             var labels = torch.tensor(idx.Select(i => data.Labels[i]).ToArray());
             var epoch = (double)step / StepsPerEpoch;
             var losses = model.TrainingLosses(tokens, pivots, labels, epoch);
@@ -314,7 +322,7 @@ public sealed class Trainer : IDisposable
             using var l = torch.tensor(labels);
             using var noise = new SeededNoise(options.Seed, 0, labels.Length);
             using var r = HiMarSampler.Sample(ema, l, noise, new SamplerOptions());
-            using var images = tokenizer.Decode(r.BigTokens);
+            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens);
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, 56)).ToList();
             using var grid = Imaging.Images.Grid(tiles, labels.Select(x => $"class {x}").ToList(), model.Config.ClassNum);
             Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
