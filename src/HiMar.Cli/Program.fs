@@ -383,6 +383,31 @@ let private device (name: string) =
     | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
     | other -> raise (CliError(sprintf "unknown device '%s' (cpu, cuda, cuda:N)" other))
 
+/// A progress display with a bar, percentage, elapsed and remaining time.
+let private progressBar () =
+    AnsiConsole
+        .Progress()
+        .Columns(
+            TaskDescriptionColumn(),
+            ProgressBarColumn(),
+            PercentageColumn(),
+            ElapsedTimeColumn(),
+            RemainingTimeColumn()
+        )
+
+/// Prints a benchmark report as indented JSON, and writes it to a file when asked.
+let private printReport (report: Text.Json.Nodes.JsonObject) (file: string option) =
+    let json =
+        report.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true))
+
+    printfn "%s" json
+
+    match file with
+    | Some path -> HiMar.Runtime.Checkpoints.AtomicFile.WriteText(path, json + "\n")
+    | None -> ()
+
+    0
+
 let private parseSchedule (flag: string) (text: string) =
     match text.ToLowerInvariant() with
     | "linear" -> HiMar.Runtime.Sampling.CfgSchedule.Linear
@@ -523,15 +548,7 @@ let private sample (args: ParseResults<SampleArgs>) =
     let total = labels.Length
 
     let output =
-        AnsiConsole
-            .Progress()
-            .Columns(
-                TaskDescriptionColumn(),
-                ProgressBarColumn(),
-                PercentageColumn(),
-                ElapsedTimeColumn(),
-                RemainingTimeColumn()
-            )
+        (progressBar ())
             .Start(fun ctx ->
                 let images = ctx.AddTask(sprintf "%d images" total, maxValue = float total)
                 let steps = ctx.AddTask("phase 1", maxValue = 1.0)
@@ -589,16 +606,7 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
             args.GetResult(Repeat, defaultValue = 3)
         )
 
-    let json =
-        report.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true))
-
-    printfn "%s" json
-
-    match args.TryGetResult BenchSampleArgs.Out with
-    | Some path -> HiMar.Runtime.Checkpoints.AtomicFile.WriteText(path, json + "\n")
-    | None -> ()
-
-    0
+    printReport report (args.TryGetResult BenchSampleArgs.Out)
 
 let private train (args: ParseResults<TrainArgs>) =
     TorchNative.EnsureLoaded()
@@ -674,15 +682,7 @@ let private train (args: ParseResults<TrainArgs>) =
     if trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
 
-    AnsiConsole
-        .Progress()
-        .Columns(
-            TaskDescriptionColumn(),
-            ProgressBarColumn(),
-            PercentageColumn(),
-            ElapsedTimeColumn(),
-            RemainingTimeColumn()
-        )
+    (progressBar ())
         .Start(fun ctx ->
             let task = ctx.AddTask("training", maxValue = float options.Steps)
             task.Value <- float trainer.Step
@@ -756,16 +756,7 @@ let private benchTrain (args: ParseResults<BenchTrainArgs>) =
             args.GetResult(BenchTrainArgs.Steps, defaultValue = 3)
         )
 
-    let json =
-        report.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true))
-
-    printfn "%s" json
-
-    match args.TryGetResult BenchTrainArgs.Out with
-    | Some path -> HiMar.Runtime.Checkpoints.AtomicFile.WriteText(path, json + "\n")
-    | None -> ()
-
-    0
+    printReport report (args.TryGetResult BenchTrainArgs.Out)
 
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]

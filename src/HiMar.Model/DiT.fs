@@ -113,14 +113,9 @@ type DiT(inChannels: int64, grid: int64, cChannels: int64, hidden: int64, depth:
     /// Classifier-free guidance over all channels: the first half of x runs with both halves of z
     /// ([cond; uncond]), and uncond + s (cond - uncond) is returned for both halves.
     member this.ForwardWithCfg(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, cfgScale: float) =
-        let n = x.shape.[0]
-        use half = x.narrow (0L, 0L, n / 2L)
-        use combined = torch.cat ([| half; half |], 0L)
+        use combined = firstHalfTwice x
         use out = this.forward (combined, t, z)
-        use condEps = out.narrow (0L, 0L, n / 2L)
-        use uncondEps = out.narrow (0L, n / 2L, n / 2L)
-        use guided = uncondEps + (condEps - uncondEps) * cfgScale
-        torch.cat ([| guided; guided |], 0L)
+        guide cfgScale out
 
 /// Hi-MAR `GlobalDiffLoss` (models/models.py): the phase-2 head `net` with a fixed-variance diffusion.
 type GlobalDiffLoss

@@ -65,16 +65,11 @@ type SimpleMLPAdaLN(inChannels: int64, modelChannels: int64, outChannels: int64,
     /// Classifier-free guidance: rows [cond; uncond] of c share the first half of x; only the noise channels
     /// are guided (uncond + s (cond - uncond)), and each half keeps its own variance channels.
     member this.ForwardWithCfg(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, cfgScale: float) =
-        let n = x.shape.[0]
-        use half = x.narrow (0L, 0L, n / 2L)
-        use combined = torch.cat ([| half; half |], 0L)
+        use combined = firstHalfTwice x
         use out = this.forward (combined, t, c)
         use eps = out.narrow (1L, 0L, inChannels)
         use rest = out.narrow (1L, inChannels, out.shape.[1] - inChannels)
-        use condEps = eps.narrow (0L, 0L, n / 2L)
-        use uncondEps = eps.narrow (0L, n / 2L, n / 2L)
-        use guided = uncondEps + (condEps - uncondEps) * cfgScale
-        use both = torch.cat ([| guided; guided |], 0L)
+        use both = guide cfgScale eps
         torch.cat ([| both; rest |], 1L)
 
 /// MAR `DiffLoss` (models/diffloss.py): the phase-1 head `net` with its training and sampling diffusions.

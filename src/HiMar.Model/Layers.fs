@@ -104,6 +104,19 @@ module Combinators =
         let c = chunks 6 t
         c.[0], c.[1], c.[2], c.[3], c.[4], c.[5]
 
+    /// [x_half; x_half] from the first half of a batch: both guidance halves start from the same input.
+    let firstHalfTwice (x: torch.Tensor) =
+        use half = x.narrow (0L, 0L, x.shape.[0] / 2L)
+        torch.cat ([| half; half |], 0L)
+
+    /// Classifier-free guidance on rows [cond; uncond]: g = uncond + s (cond - uncond), returned as [g; g].
+    let guide (scale: float) (eps: torch.Tensor) =
+        let n = eps.shape.[0] / 2L
+        use cond = eps.narrow (0L, 0L, n)
+        use uncond = eps.narrow (0L, n, n)
+        use guided = uncond + (cond - uncond) * scale
+        torch.cat ([| guided; guided |], 0L)
+
     /// Dropout active only in training mode.
     let dropout (p: float) (training: bool) (x: torch.Tensor) =
         if training && p > 0.0 then

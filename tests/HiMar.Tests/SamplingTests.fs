@@ -29,13 +29,6 @@ let private sample (labels: int64[]) (noise: INoiseSource) =
     use l = torch.tensor labels
     HiMarSampler.Sample(fixture.Force().Model, l, noise, quick)
 
-let private withTempDir (f: string -> unit) =
-    let dir = Directory.CreateTempSubdirectory("himar-test-")
-
-    try
-        f dir.FullName
-    finally
-        dir.Delete true
 
 let tests =
     testList

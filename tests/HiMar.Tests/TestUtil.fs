@@ -32,6 +32,15 @@ let catchT<'E when 'E :> exn> (f: unit -> unit) : 'E =
     with :? 'E as e ->
         e
 
+/// Runs f in a fresh temporary folder, deleted afterwards.
+let withTempDir (f: string -> unit) =
+    let dir = Directory.CreateTempSubdirectory("himar-test-")
+
+    try
+        f dir.FullName
+    finally
+        dir.Delete true
+
 /// max |a - b| in float64.
 let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
     use d = (a.``to`` torch.float64 - b.``to`` torch.float64).abs().max ()

@@ -63,13 +63,6 @@ let private options dir steps =
         Seed = 9L
     )
 
-let private withTempDir (f: string -> unit) =
-    let dir = Directory.CreateTempSubdirectory("himar-train-")
-
-    try
-        f dir.FullName
-    finally
-        dir.Delete true
 
 let private writeGz (path: string) (bytes: byte[]) =
     use f = File.Create path

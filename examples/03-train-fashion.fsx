@@ -1,0 +1,27 @@
+// A short Hi-MAR training run on Fashion-MNIST from F# Interactive: it logs the loss, draws the loss curve and
+// samples one image per class with the EMA weights. Needs the data (`apt-get install dataset-fashion-mnist`)
+// and a build (`dotnet build -c Release`). Run: dotnet fsi examples/03-train-fashion.fsx
+// A few hundred steps show the loss falling and blurry shapes appearing; the shipped model trained 3000 steps.
+#r "../src/HiMar.Cli/bin/Release/net10.0/TorchSharp.dll"
+#r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Model.dll"
+#r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Runtime.dll"
+
+open HiMar.Model
+open HiMar.Runtime.Data
+open HiMar.Runtime.Training
+
+HiMar.Runtime.Native.TorchNative.EnsureLoaded()
+
+let data = IdxDataset.FashionMnist() // 60,000 28x28 images in 10 classes
+let outDir = "runs/fsi-fashion"
+
+let options =
+    TrainOptions(OutDir = outDir, Steps = 100, BatchSize = 32, BaseLr = 8e-3, WarmupSteps = 20, EmaRate = 0.99, LogEvery = 10, CheckpointEvery = 100)
+
+// The fashion preset: 28x28 images padded to 32x32, 8x8 tokens of 4x4 pixels, 4x4 pivots.
+use trainer = new Trainer(HiMarConfig.fashion, data, PixelPatchTokenizer.Fashion, options)
+
+trainer.Run(fun p -> printfn "step %4d  loss %.4f  (phase 1 %.3f, phase 2 %.3f)  lr %.1e  %.0f img/s" p.Step p.Loss p.Phase1 p.Phase2 p.Lr p.ImagesPerSecond)
+
+trainer.SamplePreview(System.IO.Path.Combine(outDir, "samples.png"))
+printfn "loss curve: %s/loss.png; samples: %s/samples.png; metrics: %s/metrics.jsonl" outDir outDir outDir
