@@ -71,6 +71,8 @@ type SampleArgs =
     | Device of device: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Explain
+    | Clip
+    | Weights of which: string
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -98,6 +100,8 @@ type SampleArgs =
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "output folder (default samples/), or a .png path to write only the grid."
             | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
+            | Clip -> "clamp predicted x0 to [-1, 1] (for pixel-space models; default from the model's sampling.json)."
+            | Weights _ -> "ema (default) or model, for training checkpoint folders and .pth files."
 
 /// Arguments of `himar cache`.
 type CacheArgs =
@@ -432,7 +436,13 @@ let private sample (args: ParseResults<SampleArgs>) =
             dir
         | None, None -> raise (CliError "himar sample needs --checkpoint (or --preset fashion)")
 
-    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel ckpt
+    let useEma =
+        match args.GetResult(SampleArgs.Weights, defaultValue = "ema").ToLowerInvariant() with
+        | "ema" -> true
+        | "model" -> false
+        | other -> raise (CliError(sprintf "--weights must be ema or model, not '%s'" other))
+
+    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
     model.``to`` dev |> ignore
     let pixelModel = model.Config.ImgSize = 32 && model.Config.VaeStride = 4
 
@@ -459,6 +469,8 @@ let private sample (args: ParseResults<SampleArgs>) =
     let dflt (key: string) (fallback: float) =
         match defaults.[key] with
         | null -> fallback
+        | v when v.GetValueKind() = Text.Json.JsonValueKind.True -> 1.0
+        | v when v.GetValueKind() = Text.Json.JsonValueKind.False -> 0.0
         | v -> v.GetValue<float>()
 
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
@@ -503,6 +515,7 @@ let private sample (args: ParseResults<SampleArgs>) =
             Cfg = cfg,
             ReCfg = reCfg,
             Temperature = args.GetResult(SampleArgs.Temperature, defaultValue = dflt "temperature" 1.0),
+            ClipDenoised = (args.Contains SampleArgs.Clip || dflt "clip_denoised" 0.0 <> 0.0),
             Phase2Steps = args.GetResult(SampleArgs.Num_Iter, defaultValue = int (dflt "num_iter" 4.0)),
             Phase1Steps =
                 (match args.TryGetResult SampleArgs.Phase1_Steps with

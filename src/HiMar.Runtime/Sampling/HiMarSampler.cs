@@ -44,6 +44,13 @@ public sealed record SamplerOptions
     /// <summary>Respacing of the Transformer head's diffusion; null for the model's (250 in the reference).</summary>
     public string? DitHeadSteps { get; init; }
 
+    /// <summary>
+    /// Clamp each predicted x0 to [-1, 1] (guided-diffusion's `clip_denoised`). Off as in the reference, whose VAE
+    /// latents are unbounded; on for pixel-space tokens (the fashion preset), where it keeps the first, very
+    /// large respaced steps from amplifying small noise-prediction errors.
+    /// </summary>
+    public bool ClipDenoised { get; init; }
+
     /// <summary>Keep every step's tokens in <see cref="SampleResult.Intermediates"/>.</summary>
     public bool KeepIntermediates { get; init; }
 }
@@ -171,7 +178,7 @@ public static class HiMarSampler
             var toPredAll = guided1 ? Repeat2(toPred) : toPred;
             var zSel = z.narrow(1, 0, s).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
             var scale = GuidanceAt(o.ReCfgSchedule ?? o.Schedule, o.ReCfg, (int)s, len);
-            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion, zSel, guided1, scale, o.Temperature, k, c, noise, progress, step, steps1, dev);
+            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion, zSel, guided1, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, step, steps1, dev);
             var sampledCond = guided1 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
             var newCond = condTok.masked_scatter(toPred.unsqueeze(-1), sampledCond);
             Replace(ref smallZ, newSmallZ);
@@ -204,7 +211,7 @@ public static class HiMarSampler
             var thisTok = tok.reshape(bb, g, g, c).permute(0, 3, 1, 2); // (B', C, g, g)
             var zImg = z.narrow(1, s, n).reshape(bb, g, g, d).permute(0, 3, 1, 2); // (B', D, g, g)
             var scale = GuidanceAt(o.Schedule, o.Cfg, (int)n, len);
-            var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion, zImg, guided2, scale, o.Temperature, thisMask, thisTok, noise, progress, step, steps2, dev);
+            var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion, zImg, guided2, scale, o.Temperature, o.ClipDenoised, thisMask, thisTok, noise, progress, step, steps2, dev);
             var flat = outImg.narrow(0, 0, b).permute(0, 2, 3, 1).reshape(b, n, c); // (B, N, C)
             // Every position unknown before the step takes its new value.
             var newTokens = torch.where(unknown.narrow(0, 0, b).unsqueeze(-1), flat, tokens);
@@ -230,7 +237,7 @@ public static class HiMarSampler
     static Tensor ToGrid(Tensor t, long side) => t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2).contiguous();
 
     /// <summary>One MLP-head loop (reference `DiffLoss.sample` + `p_sample_loop`) over the selected rows.</summary>
-    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
     {
         var rows = z.shape[0];
         var start = noise.Draw(NoiseRole.Phase1Init, 1, perImage, [c], dev).to(z.dtype);
@@ -242,7 +249,7 @@ public static class HiMarSampler
             var t = torch.full([rows], i, dtype: ScalarType.Int64, device: dev);
             var tm = diffusion.MapTimesteps(t);
             var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
-            var ps = diffusion.PMeanVariance(output, x, t, false);
+            var ps = diffusion.PMeanVariance(output, x, t, clip);
             var eps = noise.Draw(NoiseRole.Phase1Step, guided ? 2 : 1, perImage, [c], dev).to(z.dtype);
             var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
             x.Dispose();
@@ -254,7 +261,7 @@ public static class HiMarSampler
 
     /// <summary>One Transformer-head loop: the whole grid each diffusion step, known tokens replaced by
     /// q_sample(tokens, t, start noise) before every call.</summary>
-    static Tensor SampleDitHead(DiT net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, Tensor unknown, Tensor known, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    static Tensor SampleDitHead(DiT net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, Tensor unknown, Tensor known, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
     {
         var bb = z.shape[0];
         var shape = new[] { known.shape[1], known.shape[2], known.shape[3] };
@@ -271,7 +278,7 @@ public static class HiMarSampler
             var x = torch.where(unknown4, img, xKnown);
             var tm = diffusion.MapTimesteps(t);
             var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
-            var ps = diffusion.PMeanVariance(output, x, t, false);
+            var ps = diffusion.PMeanVariance(output, x, t, clip);
             var eps = noise.Draw(NoiseRole.Phase2Step, guided ? 2 : 1, 1, shape, dev).to(z.dtype);
             var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
             img.Dispose();

@@ -321,7 +321,8 @@ public sealed class Trainer : IDisposable
         {
             using var l = torch.tensor(labels);
             using var noise = new SeededNoise(options.Seed, 0, labels.Length);
-            using var r = HiMarSampler.Sample(ema, l, noise, new SamplerOptions());
+            // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
+            using var r = HiMarSampler.Sample(ema, l, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer });
             using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens);
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, 56)).ToList();
             using var grid = Imaging.Images.Grid(tiles, labels.Select(x => $"class {x}").ToList(), model.Config.ClassNum);
