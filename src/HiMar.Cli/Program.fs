@@ -582,8 +582,8 @@ let private sample (args: ParseResults<SampleArgs>) =
                 ))
 
     printfn
-        "wrote %d images, %s%s in %.1f s"
-        output.Images.Count
+        "sampled %d images; wrote %s%s in %.1f s"
+        labels.Length
         output.Grid
         (if output.Explanations.Count > 0 then
              sprintf " and %d explanation strips" output.Explanations.Count

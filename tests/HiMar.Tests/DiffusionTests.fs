@@ -107,6 +107,24 @@ let tests =
                 Expect.isGreaterThanOrEqual (l.Vb.narrow(0L, 1L, 7L).min().item<float32> ()) -1e-5f "kl >= 0"
             }
 
+            test "clip_denoised clamps the predicted x0 to [-1, 1] and leaves it alone otherwise" {
+                let d =
+                    GaussianDiffusion(Schedule.create "cosine" 1000 "10", VarianceKind.FixedLarge)
+
+                use x = torch.full ([| 1L; 4L |], scalar 0.5)
+                use t = torch.tensor ([| 9L |])
+                use eps = torch.full ([| 1L; 4L |], scalar -0.5)
+                let free = d.PMeanVariance(eps, x, t, false)
+                let clipped = d.PMeanVariance(eps, x, t, true)
+
+                Expect.isGreaterThan
+                    (free.PredXstart.max().item<float32> ())
+                    10.0f
+                    "the last step amplifies the noise error"
+
+                Expect.equal (clipped.PredXstart.max().item<float32> ()) 1.0f "clamped"
+            }
+
             test "the DDIM step with eta 0 is deterministic and returns x0 at the last step" {
                 let d =
                     GaussianDiffusion(Schedule.create "cosine" 1000 "ddim10", VarianceKind.FixedLarge)

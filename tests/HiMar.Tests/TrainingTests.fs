@@ -236,6 +236,39 @@ let tests =
                         "message")
             }
 
+            test
+                "the shipped fashion model loads strictly as the fashion preset and samples bounded pixels for every class" {
+                let dir = Path.Combine(repoRoot, "models", "fashion")
+                use m = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel dir
+                Expect.equal m.Config HiMarConfig.fashion "the preset's configuration"
+
+                Expect.isLessThan
+                    (FileInfo(Path.Combine(dir, "weights.safetensors"))).Length
+                    (20L * 1024L * 1024L)
+                    "at most 20 MB"
+
+                use labels = torch.arange (10L)
+                use noise = new HiMar.Runtime.Sampling.SeededNoise(0L, 0L, 10)
+
+                let options =
+                    HiMar.Runtime.Sampling.SamplerOptions(
+                        Cfg = 3.0,
+                        ReCfg = 3.0,
+                        MlpHeadSteps = "10",
+                        DitHeadSteps = "10",
+                        ClipDenoised = true
+                    )
+
+                use r = HiMar.Runtime.Sampling.HiMarSampler.Sample(m, labels, noise, options)
+                use images = PixelPatchTokenizer.Fashion.Decode r.BigTokens
+                Expect.equal (shapeOf images) [ 10L; 1L; 28L; 28L ] "28x28 images"
+                // Trousers and sandals are dark beside tops and coats: the per-class ink follows the data's order.
+                use ink = (images + 1.0).mean ([| 1L; 2L; 3L |])
+                let v = ink.data<float32>().ToArray()
+                Expect.isGreaterThan v.[4] v.[5] "coats carry more ink than sandals"
+                Expect.isGreaterThan v.[2] v.[1] "pullovers carry more ink than trousers"
+            }
+
             test "Fashion-MNIST from the Debian package has 60,000 training images in 10 classes" {
                 let d = IdxDataset.FashionMnist()
                 Expect.equal (d.Count, d.Rows, d.Cols, d.ClassCount) (60000, 28, 28, 10) "shape"

@@ -114,11 +114,21 @@ public sealed class NamedAdamW : IDisposable
     }
 }
 
-/// <summary>Exponential moving average of a model's parameters, kept in a second model of the same shape (keyed by name).</summary>
+/// <summary>
+/// Exponential moving average of a model's parameters, kept in a second model of the same shape (keyed by name),
+/// bias-corrected as Adam corrects its moments: after t updates the shadow is
+/// (1 - r) sum_k r^(t-k) theta_k / (1 - r^t), a normalised average of the trained weights that carries no trace of
+/// the initial weights. (The reference's plain EMA from the initial weights keeps r^t of them: 5% after 3000
+/// steps at r = 0.999, which visibly dims a short run's samples; at the reference's 0.9999 and 10^5+ steps the two
+/// agree.) Written as one update of the corrected value: shadow += (theta - shadow) (1 - r) / (1 - r^(t+1)).
+/// </summary>
 public sealed class Ema(nn.Module model, nn.Module shadow, double rate)
 {
     /// <summary>The averaged model.</summary>
     public nn.Module Shadow => shadow;
+
+    /// <summary>Updates applied so far (restored from a checkpoint's optimizer step count on resume).</summary>
+    public long Updates { get; set; }
 
     /// <summary>Copies the model into the shadow (at the start of training).</summary>
     public void Reset()
@@ -127,14 +137,20 @@ public sealed class Ema(nn.Module model, nn.Module shadow, double rate)
         var target = shadow.named_parameters().ToDictionary(x => x.name, x => x.parameter);
         foreach (var (name, p) in model.named_parameters())
             target[name].copy_(p);
+        Updates = 0;
     }
 
-    /// <summary>shadow = rate * shadow + (1 - rate) * model, for every named parameter (frozen ones too, as the reference).</summary>
+    /// <summary>One bias-corrected update toward the model's current parameters (frozen ones too, as the reference).</summary>
     public void Update()
     {
+        var weight = (1 - rate) / (1 - Math.Pow(rate, Updates + 1));
+        Updates++;
         using var noGrad = torch.no_grad();
         var target = shadow.named_parameters().ToDictionary(x => x.name, x => x.parameter);
         foreach (var (name, p) in model.named_parameters())
-            target[name].mul_(rate).add_(p, alpha: 1 - rate);
+        {
+            using var delta = p - target[name];
+            target[name].add_(delta, alpha: weight);
+        }
     }
 }

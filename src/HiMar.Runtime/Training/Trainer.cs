@@ -306,6 +306,7 @@ public sealed class Trainer : IDisposable
                 t.Dispose();
         }
         step = stateJson["step"]!.GetValue<int>();
+        average.Updates = optimizer.Steps;
         bestLoss = stateJson["best_loss"]?.GetValue<double>() ?? double.PositiveInfinity;
         var rng = Convert.FromBase64String(stateJson["rng_state"]!.GetValue<string>());
         using var rngTensor = torch.tensor(rng);
