@@ -1,7 +1,8 @@
 // A short Hi-MAR training run on Fashion-MNIST from F# Interactive: it logs the loss, draws the loss curve and
 // samples one image per class with the EMA weights. Needs the data (`apt-get install dataset-fashion-mnist`)
 // and a build (`dotnet build -c Release`). Run: dotnet fsi examples/03-train-fashion.fsx
-// A few hundred steps show the loss falling and blurry shapes appearing; the shipped model trained 3000 steps.
+// These 100 steps (about a minute) take the loss from about 1.0 to 0.17; samples stay noise until about 500
+// steps, where blurry class shapes appear (--steps 3000 in `himar train` made the shipped model).
 #r "../src/HiMar.Cli/bin/Release/net10.0/TorchSharp.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Model.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Runtime.dll"
