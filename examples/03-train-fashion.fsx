@@ -17,12 +17,25 @@ let data = IdxDataset.FashionMnist() // 60,000 28x28 images in 10 classes
 let outDir = "runs/fsi-fashion"
 
 let options =
-    TrainOptions(OutDir = outDir, Steps = 100, BatchSize = 32, BaseLr = 8e-3, WarmupSteps = 20, EmaRate = 0.99, LogEvery = 10, CheckpointEvery = 100)
+    TrainOptions(
+        OutDir = outDir,
+        Steps = 100,
+        BatchSize = 32,
+        BaseLr = 8e-3,
+        WarmupSteps = 20,
+        EmaRate = 0.99,
+        LogEvery = 10,
+        CheckpointEvery = 100
+    )
 
 // The fashion preset: 28x28 images padded to 32x32, 8x8 tokens of 4x4 pixels, 4x4 pivots.
-use trainer = new Trainer(HiMarConfig.fashion, data, PixelPatchTokenizer.Fashion, options)
+let trainer =
+    new Trainer(HiMarConfig.fashion, data, PixelPatchTokenizer.Fashion, options)
 
-trainer.Run(fun p -> printfn "step %4d  loss %.4f  (phase 1 %.3f, phase 2 %.3f)  lr %.1e  %.0f img/s" p.Step p.Loss p.Phase1 p.Phase2 p.Lr p.ImagesPerSecond)
+let report (p: TrainProgress) =
+    printfn "step %4d  loss %.4f  (phase 1 %.3f, phase 2 %.3f)  lr %.1e" p.Step p.Loss p.Phase1 p.Phase2 p.Lr
+
+trainer.Run(report)
 
 trainer.SamplePreview(System.IO.Path.Combine(outDir, "samples.png"))
 printfn "loss curve: %s/loss.png; samples: %s/samples.png; metrics: %s/metrics.jsonl" outDir outDir outDir
