@@ -100,7 +100,7 @@ type SampleArgs =
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "output folder (default samples/), or a .png path to write only the grid."
             | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
-            | Clip -> "clamp predicted x0 to [-1, 1] (for pixel-space models; default from the model's sampling.json)."
+            | Clip -> "clamp predicted x0 to [-1, 1] (on by default for pixel-space models; else from sampling.json)."
             | Weights _ -> "ema (default) or model, for training checkpoint folders and .pth files."
 
 /// Arguments of `himar cache`.
@@ -515,7 +515,9 @@ let private sample (args: ParseResults<SampleArgs>) =
             Cfg = cfg,
             ReCfg = reCfg,
             Temperature = args.GetResult(SampleArgs.Temperature, defaultValue = dflt "temperature" 1.0),
-            ClipDenoised = (args.Contains SampleArgs.Clip || dflt "clip_denoised" 0.0 <> 0.0),
+            ClipDenoised =
+                (args.Contains SampleArgs.Clip
+                 || dflt "clip_denoised" (if pixelModel then 1.0 else 0.0) <> 0.0),
             Phase2Steps = args.GetResult(SampleArgs.Num_Iter, defaultValue = int (dflt "num_iter" 4.0)),
             Phase1Steps =
                 (match args.TryGetResult SampleArgs.Phase1_Steps with
