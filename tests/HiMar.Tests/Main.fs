@@ -25,4 +25,5 @@ let main argv =
                 SamplingTests.importTests
                 TrainingTests.tests
                 TrainingTests.cacheTests
+                EvaluationTests.tests
             ])

@@ -1,0 +1,179 @@
+using System.IO.Compression;
+using System.Text;
+using System.Text.RegularExpressions;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Evaluation;
+
+/// <summary>Mean and covariance of a set of feature vectors (the statistics FID compares), float64.</summary>
+/// <param name="Mu">(d,) mean.</param>
+/// <param name="Sigma">(d, d) covariance (unbiased, as numpy.cov).</param>
+public sealed record FeatureStats(Tensor Mu, Tensor Sigma) : IDisposable
+{
+    /// <summary>Statistics of features (n, d).</summary>
+    public static FeatureStats Of(Tensor features)
+    {
+        using var scope = torch.NewDisposeScope();
+        var f = features.to(ScalarType.Float64);
+        var mu = f.mean([0]);
+        var centred = f - mu;
+        var sigma = centred.T.matmul(centred) / (f.shape[0] - 1);
+        return new FeatureStats(mu.MoveToOuterDisposeScope(), sigma.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>Disposes both tensors.</summary>
+    public void Dispose()
+    {
+        Mu.Dispose();
+        Sigma.Dispose();
+    }
+}
+
+/// <summary>
+/// The generative-model metrics computed as the standard tools compute them: Fréchet distance (FID's formula,
+/// float64), Inception Score (10 splits) and precision/recall with k-nearest-neighbour manifolds (k = 3).
+/// The feature network is separate: these take features and probabilities.
+/// </summary>
+public static class Metrics
+{
+    /// <summary>
+    /// ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. The trace of the matrix square root is taken as the
+    /// sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), which is symmetric positive semi-definite,
+    /// so the result is real and stable where S1 S2 is near singular (no complex parts to discard).
+    /// </summary>
+    public static double FrechetDistance(FeatureStats a, FeatureStats b)
+    {
+        using var scope = torch.NewDisposeScope();
+        var diff = (a.Mu - b.Mu).square().sum().item<double>();
+        var (l1, v1) = torch.linalg.eigh(a.Sigma);
+        var sqrt1 = v1.matmul(torch.diag(l1.clamp(min: 0).sqrt())).matmul(v1.T);
+        var inner = sqrt1.matmul(b.Sigma).matmul(sqrt1);
+        inner = (inner + inner.T) / 2;
+        var traceSqrt = torch.linalg.eigvalsh(inner).clamp(min: 0).sqrt().sum().item<double>();
+        return diff + a.Sigma.trace().item<double>() + b.Sigma.trace().item<double>() - 2 * traceSqrt;
+    }
+
+    /// <summary>Inception Score: exp(E_x KL(p(y|x) || p(y))) over <paramref name="splits"/> equal splits; (mean, std).</summary>
+    public static (double Mean, double Std) InceptionScore(Tensor probabilities, int splits = 10)
+    {
+        using var scope = torch.NewDisposeScope();
+        var p = probabilities.to(ScalarType.Float64);
+        var n = p.shape[0];
+        var scores = new List<double>();
+        for (var k = 0; k < splits; k++)
+        {
+            long start = k * n / splits, end = (k + 1) * n / splits;
+            var part = p.narrow(0, start, end - start);
+            var py = part.mean([0], keepdim: true);
+            var kl = (part * ((part + 1e-12).log() - (py + 1e-12).log())).sum(1);
+            scores.Add(Math.Exp(kl.mean().item<double>()));
+        }
+        var mean = scores.Average();
+        var std = Math.Sqrt(scores.Select(s => (s - mean) * (s - mean)).Average());
+        return (mean, std);
+    }
+
+    /// <summary>
+    /// Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls reaching
+    /// every point's k-th nearest neighbour in the same set; precision is the share of generated features inside
+    /// the real manifold, recall the share of real features inside the generated one.
+    /// </summary>
+    public static (double Precision, double Recall) PrecisionRecall(Tensor real, Tensor generated, int k = 3)
+    {
+        using var scope = torch.NewDisposeScope();
+        var r = real.to(ScalarType.Float64);
+        var g = generated.to(ScalarType.Float64);
+        Tensor Radii(Tensor x)
+        {
+            var d = torch.cdist(x, x);
+            // The k-th neighbour other than the point itself: index k of the ascending distances.
+            return d.sort(1).Values.select(1, k);
+        }
+        double Coverage(Tensor manifold, Tensor radii, Tensor probe)
+        {
+            var d = torch.cdist(probe, manifold);
+            return (d <= radii.unsqueeze(0)).any(1).to(ScalarType.Float64).mean().item<double>();
+        }
+        return (Coverage(r, Radii(r), g), Coverage(g, Radii(g), r));
+    }
+
+    /// <summary>Reads the usual reference statistics file: an `.npz` holding float64 or float32 `mu` and `sigma`.</summary>
+    public static FeatureStats ReadNpz(string path)
+    {
+        try
+        {
+            using var zip = ZipFile.OpenRead(path);
+            Tensor Array(string name)
+            {
+                var entry = zip.GetEntry(name + ".npy") ?? throw new InvalidDataException($"{path}: no '{name}' array.");
+                using var s = entry.Open();
+                using var ms = new MemoryStream();
+                s.CopyTo(ms);
+                return ParseNpy(ms.ToArray(), $"{path}:{name}");
+            }
+            return new FeatureStats(Array("mu"), Array("sigma"));
+        }
+        catch (InvalidDataException e) when (!e.Message.StartsWith(path, StringComparison.Ordinal))
+        {
+            throw new InvalidDataException($"{path}: not an .npz archive ({e.Message}).", e);
+        }
+    }
+
+    /// <summary>Writes statistics as an `.npz` with float64 `mu` and `sigma` (atomically).</summary>
+    public static void WriteNpz(FeatureStats stats, string path) =>
+        Checkpoints.AtomicFile.Write(path, stream =>
+        {
+            using var zip = new ZipArchive(stream, ZipArchiveMode.Create, leaveOpen: true);
+            foreach (var (name, t) in new[] { ("mu", stats.Mu), ("sigma", stats.Sigma) })
+            {
+                using var entry = zip.CreateEntry(name + ".npy").Open();
+                var bytes = ToNpy(t);
+                entry.Write(bytes);
+            }
+        });
+
+    static Tensor ParseNpy(byte[] b, string what)
+    {
+        if (b.Length < 10 || b[0] != 0x93 || Encoding.ASCII.GetString(b, 1, 5) != "NUMPY")
+            throw new InvalidDataException($"{what}: not a .npy array.");
+        int headerLen = b[6] == 1 ? BitConverter.ToUInt16(b, 8) : BitConverter.ToInt32(b, 8);
+        int offset = b[6] == 1 ? 10 : 12;
+        var header = Encoding.ASCII.GetString(b, offset, headerLen);
+        var descr = Regex.Match(header, @"'descr':\s*'([<>|]?[a-z]\d+)'").Groups[1].Value;
+        if (Regex.IsMatch(header, @"'fortran_order':\s*True"))
+            throw new InvalidDataException($"{what}: Fortran-ordered arrays are not read.");
+        var shape = Regex.Match(header, @"'shape':\s*\(([^)]*)\)").Groups[1].Value
+            .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(long.Parse).ToArray();
+        var (type, size) = descr switch
+        {
+            "<f8" => (ScalarType.Float64, 8),
+            "<f4" => (ScalarType.Float32, 4),
+            _ => throw new InvalidDataException($"{what}: dtype '{descr}' is not read (float32 or float64 little-endian)."),
+        };
+        var data = b.AsSpan(offset + headerLen);
+        var count = shape.Aggregate(1L, (x, y) => x * y);
+        if (data.Length < count * size)
+            throw new InvalidDataException($"{what}: truncated ({data.Length} bytes for {count} values).");
+        var t = torch.empty(shape, type);
+        data[..(int)(count * size)].CopyTo(t.bytes);
+        return t.to(ScalarType.Float64);
+    }
+
+    static byte[] ToNpy(Tensor t)
+    {
+        using var c = t.detach().cpu().to(ScalarType.Float64).contiguous();
+        var shape = c.shape.Length == 1 ? $"({c.shape[0]},)" : $"({string.Join(", ", c.shape)})";
+        var header = $"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}";
+        var total = 10 + header.Length + 1;
+        header = header.PadRight(header.Length + (64 - total % 64) % 64) + "\n";
+        var ms = new MemoryStream();
+        ms.Write([0x93]);
+        ms.Write(Encoding.ASCII.GetBytes("NUMPY"));
+        ms.Write([1, 0]);
+        ms.Write(BitConverter.GetBytes((ushort)header.Length));
+        ms.Write(Encoding.ASCII.GetBytes(header));
+        ms.Write(c.bytes);
+        return ms.ToArray();
+    }
+}

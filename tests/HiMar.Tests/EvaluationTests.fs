@@ -1,0 +1,84 @@
+/// Tests of src/HiMar.Runtime/Evaluation/Metrics.cs: Fréchet distance, Inception Score, precision/recall and
+/// the .npz statistics format, on inputs whose answers are known in closed form.
+module HiMar.Tests.EvaluationTests
+
+open System
+open System.IO
+open Expecto
+open TorchSharp
+open HiMar.Model
+open HiMar.Runtime.Evaluation
+open HiMar.Tests.TestUtil
+
+let private stats (mu: float[]) (sigma: float[]) =
+    let d = int64 mu.Length
+
+    new FeatureStats(
+        torch.tensor (mu, dtype = torch.float64),
+        torch.tensor(sigma, dtype = torch.float64).reshape (d, d)
+    )
+
+let tests =
+    testList
+        "Evaluation"
+        [
+            test "the Fréchet distance of diagonal Gaussians is |dmu|^2 + sum (sqrt s1 - sqrt s2)^2" {
+                use a = stats [| 0.0; 0.0 |] [| 1.0; 0.0; 0.0; 4.0 |]
+                use b = stats [| 1.0; 2.0 |] [| 4.0; 0.0; 0.0; 9.0 |]
+                // 5 + (1 - 2)^2 + (2 - 3)^2
+                Expect.floatClose Accuracy.veryHigh (Metrics.FrechetDistance(a, b)) 7.0 "FD"
+            }
+
+            test
+                "the Fréchet distance handles covariances that do not commute: [[2,1],[1,2]] against I gives 4 - 2 sqrt 3" {
+                use a = stats [| 0.0; 0.0 |] [| 2.0; 1.0; 1.0; 2.0 |]
+                use b = stats [| 0.0; 0.0 |] [| 1.0; 0.0; 0.0; 1.0 |]
+                Expect.floatClose Accuracy.veryHigh (Metrics.FrechetDistance(a, b)) (4.0 - 2.0 * sqrt 3.0) "FD"
+            }
+
+            test "features compared with themselves are at distance zero, even with a singular covariance" {
+                torch.manual_seed 1L |> ignore
+                use f = torch.randn (20L, 50L) // 20 samples in 50 dimensions: rank-deficient covariance
+                use s = FeatureStats.Of f
+                // Relative to the total variance (about 100 here), float64 eigenvalue rounding leaves ~1e-8.
+                let total = s.Sigma.trace().item<float> () * 2.0
+                Expect.isLessThan (abs (Metrics.FrechetDistance(s, s)) / total) 1e-7 "FD(x, x) relative to the variance"
+            }
+
+            test "the Inception Score is 1 for uniform predictions and the class count for confident, balanced ones" {
+                use uniform = torch.full ([| 100L; 10L |], scalar 0.1, dtype = torch.float64)
+                let m, s = Metrics.InceptionScore(uniform, 10).ToTuple()
+                Expect.floatClose Accuracy.high m 1.0 "uniform"
+                Expect.floatClose Accuracy.high s 0.0 "no spread"
+                use confident = torch.eye(10L, dtype = torch.float64).repeat (10L, 1L)
+                let m2, _ = Metrics.InceptionScore(confident, 10).ToTuple()
+                Expect.floatClose Accuracy.medium m2 10.0 "one-hot over 10 classes"
+            }
+
+            test "precision and recall are 1 for the same set and 0 for sets far apart" {
+                torch.manual_seed 2L |> ignore
+                use real = torch.randn (40L, 5L)
+                let p, r = Metrics.PrecisionRecall(real, real, 3).ToTuple()
+                Expect.equal (p, r) (1.0, 1.0) "same set"
+                use far = real + 100.0
+                let p2, r2 = Metrics.PrecisionRecall(real, far, 3).ToTuple()
+                Expect.equal (p2, r2) (0.0, 0.0) "far apart"
+            }
+
+            test "statistics round-trip through the .npz format" {
+                withTempDir (fun dir ->
+                    use s = stats [| 1.5; -2.0; 3.0 |] [| 1.0; 0.1; 0.0; 0.1; 2.0; 0.3; 0.0; 0.3; 3.0 |]
+                    let path = Path.Combine(dir, "ref.npz")
+                    Metrics.WriteNpz(s, path)
+                    use back = Metrics.ReadNpz path
+                    Expect.equal (maxAbsDiff back.Mu s.Mu) 0.0 "mu"
+                    Expect.equal (maxAbsDiff back.Sigma s.Sigma) 0.0 "sigma"
+                    File.WriteAllText(Path.Combine(dir, "bad.npz"), "not a zip")
+
+                    let e =
+                        catchT<InvalidDataException> (fun () ->
+                            Metrics.ReadNpz(Path.Combine(dir, "bad.npz")) |> ignore)
+
+                    Expect.stringContains e.Message "bad.npz" "names the file")
+            }
+        ]
