@@ -65,6 +65,27 @@ let tests =
                 Expect.equal (p2, r2) (0.0, 0.0) "far apart"
             }
 
+            test "the shipped Fashion-MNIST classifier scores at least 90% on the test set and its floor FD is small" {
+                let dir = Path.Combine(repoRoot, "models", "fashion-classifier")
+                use clf = new FashionClassifier(10L)
+
+                HiMar.Runtime.Checkpoints.ModelFiles.Load(clf, Path.Combine(dir, "weights.safetensors"))
+                |> ignore
+
+                clf.eval ()
+                let test = HiMar.Runtime.Data.IdxDataset.FashionMnist(train = false)
+                let acc = ClassifierRuns.Accuracy(clf, test)
+                Expect.isGreaterThanOrEqual acc 0.90 "test accuracy"
+                use all = ClassifierRuns.All test
+                let struct (features, _) = ClassifierRuns.Apply(clf, all)
+                use features = features
+                Expect.equal (shapeOf features) [ 10000L; 128L ] "128-d features"
+                use sTest = FeatureStats.Of features
+                use sTrain = Metrics.ReadNpz(Path.Combine(dir, "train-stats.npz"))
+                let fd = Metrics.FrechetDistance(sTest, sTrain)
+                Expect.isTrue (fd > 0.05 && fd < 0.3) (sprintf "FD-FMNIST(test, train) = %g, the floor" fd)
+            }
+
             test "statistics round-trip through the .npz format" {
                 withTempDir (fun dir ->
                     use s = stats [| 1.5; -2.0; 3.0 |] [| 1.0; 0.1; 0.0; 0.1; 2.0; 0.3; 0.0; 0.3; 3.0 |]
