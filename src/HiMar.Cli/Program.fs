@@ -103,6 +103,39 @@ type SampleArgs =
             | Clip -> "clamp predicted x0 to [-1, 1] (on by default for pixel-space models; else from sampling.json)."
             | Weights _ -> "ema (default) or model, for training checkpoint folders and .pth files."
 
+/// Arguments of `himar eval`.
+type EvalArgs =
+    | Preset of name: string
+    | [<AltCommandLine("-c")>] Checkpoint of path: string
+    | Weights of which: string
+    | [<AltCommandLine("-n")>] N of count: int
+    | Cfg of scale: float
+    | Re_Cfg of scale: float
+    | Temperature of t: float
+    | Num_Iter of steps: int
+    | Mlp_Steps of respacing: string
+    | Dit_Steps of respacing: string
+    | Seed of seed: int64
+    | Batch of size: int
+    | [<AltCommandLine("-o")>] Out of dir: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Preset _ -> "the shipped model to evaluate (fashion)."
+            | Checkpoint _ -> "a Fashion-MNIST model folder or training checkpoint instead."
+            | Weights _ -> "ema (default) or model."
+            | N _ -> "class-balanced samples (default 1000); images already in the output folder are reused."
+            | Cfg _ -> "phase-2 guidance (default from the model's sampling.json, else 1)."
+            | Re_Cfg _ -> "phase-1 guidance (default from sampling.json, else 1)."
+            | Temperature _ -> "sampling temperature (default from sampling.json, else 1)."
+            | Num_Iter _ -> "phase-2 steps (default 4)."
+            | Mlp_Steps _ -> "MLP-head respacing (default the model's)."
+            | Dit_Steps _ -> "Transformer-head respacing (default the model's)."
+            | Seed _ -> "run seed (default 0)."
+            | Batch _ -> "images per sampler batch (default 50)."
+            | Out _ -> "output folder (default eval/<model>): images/ and eval.json."
+
 /// Arguments of `himar cache`.
 type CacheArgs =
     | [<ExactlyOnce>] Data of folder: string
@@ -238,6 +271,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Cache of ParseResults<CacheArgs>
+    | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -250,6 +284,7 @@ type HimarArgs =
             | Bench _ -> "benchmarks, reported as JSON."
             | Train _ -> "train a model (default: the fashion preset on Fashion-MNIST), resumably."
             | Cache _ -> "encode an image folder with the VAE into a latent cache for training."
+            | Eval _ -> "FD-FMNIST and class accuracy of a Fashion-MNIST model's samples, with its settings, as JSON."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -773,6 +808,111 @@ let private benchTrain (args: ParseResults<BenchTrainArgs>) =
 
     printReport report (args.TryGetResult BenchTrainArgs.Out)
 
+let private eval (args: ParseResults<EvalArgs>) =
+    TorchNative.EnsureLoaded()
+    let models = IO.Path.Combine(AppContext.BaseDirectory, "models")
+
+    let name, ckpt =
+        match args.TryGetResult EvalArgs.Checkpoint, args.TryGetResult EvalArgs.Preset with
+        | Some c, _ ->
+            (match IO.Path.GetFileName(IO.Path.TrimEndingDirectorySeparator c) with
+             | null -> "model"
+             | n -> n),
+            c
+        | None, p ->
+            let p = defaultArg p "fashion"
+            p, IO.Path.Combine(models, p.ToLowerInvariant())
+
+    let useEma =
+        args.GetResult(EvalArgs.Weights, defaultValue = "ema").ToLowerInvariant()
+        <> "model"
+
+    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
+
+    if
+        model.Config.ImgSize <> 32
+        || model.Config.VaeStride <> 4
+        || model.Config.ClassNum <> 10
+    then
+        raise (
+            CliError
+                "himar eval measures Fashion-MNIST models (pixel patches, 10 classes); the ImageNet metrics need the Inception weights"
+        )
+
+    use classifier = new HiMar.Model.FashionClassifier(10L)
+    let clfDir = IO.Path.Combine(models, "fashion-classifier")
+
+    HiMar.Runtime.Checkpoints.ModelFiles.Load(classifier, IO.Path.Combine(clfDir, "weights.safetensors"))
+    |> ignore
+
+    classifier.eval ()
+
+    let defaults =
+        let path = IO.Path.Combine(ckpt, "sampling.json")
+
+        if IO.File.Exists path then
+            Text.Json.Nodes.JsonNode.Parse(IO.File.ReadAllText path)
+            |> nonNull
+            |> _.AsObject()
+        else
+            Text.Json.Nodes.JsonObject()
+
+    let dflt (key: string) (fallback: float) =
+        match defaults.[key] with
+        | null -> fallback
+        | v when v.GetValueKind() = Text.Json.JsonValueKind.True -> 1.0
+        | v when v.GetValueKind() = Text.Json.JsonValueKind.False -> 0.0
+        | v -> v.GetValue<float>()
+
+    let options =
+        HiMar.Runtime.Sampling.SamplerOptions(
+            Cfg = args.GetResult(EvalArgs.Cfg, defaultValue = dflt "cfg" 1.0),
+            ReCfg = args.GetResult(EvalArgs.Re_Cfg, defaultValue = dflt "re_cfg" 1.0),
+            Temperature = args.GetResult(EvalArgs.Temperature, defaultValue = dflt "temperature" 1.0),
+            Phase2Steps = args.GetResult(EvalArgs.Num_Iter, defaultValue = int (dflt "num_iter" 4.0)),
+            MlpHeadSteps = (args.TryGetResult EvalArgs.Mlp_Steps |> Option.toObj),
+            DitHeadSteps = (args.TryGetResult EvalArgs.Dit_Steps |> Option.toObj),
+            ClipDenoised = true
+        )
+
+    let count = args.GetResult(EvalArgs.N, defaultValue = 1000)
+    let out = args.GetResult(EvalArgs.Out, defaultValue = IO.Path.Combine("eval", name))
+
+    let result =
+        (progressBar ())
+            .Start(fun ctx ->
+                let task = ctx.AddTask(sprintf "sampling %d images" count, maxValue = float count)
+
+                HiMar.Runtime.Evaluation.EvalJob.Run(
+                    model,
+                    ckpt,
+                    useEma,
+                    classifier,
+                    IO.Path.Combine(clfDir, "train-stats.npz"),
+                    count,
+                    options,
+                    args.GetResult(EvalArgs.Seed, defaultValue = 0L),
+                    out,
+                    args.GetResult(EvalArgs.Batch, defaultValue = 50),
+                    fun d _ -> task.Value <- float d
+                ))
+
+    let metrics = nonNull result.Report.["metrics"]
+
+    let table =
+        Table().AddColumn("metric").AddColumn(TableColumn("value").RightAligned())
+
+    table.AddRow("FD-FMNIST", sprintf "%.3f" ((nonNull metrics.["fd_fmnist"]).GetValue<float>()))
+    |> ignore
+
+    table.AddRow("class accuracy", sprintf "%.3f" ((nonNull metrics.["class_accuracy"]).GetValue<float>()))
+    |> ignore
+
+    table.AddRow("images", sprintf "%d (%d reused)" count result.Reused) |> ignore
+    AnsiConsole.Write table
+    printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -789,6 +929,7 @@ let main argv =
         | Sample a -> sample a
         | Train a -> train a
         | Cache a -> cache a
+        | Eval a -> eval a
         | Bench b ->
             match b.GetSubCommand() with
             | BenchArgs.Sample a -> benchSample a

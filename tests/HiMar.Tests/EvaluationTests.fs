@@ -86,6 +86,65 @@ let tests =
                 Expect.isTrue (fd > 0.05 && fd < 0.3) (sprintf "FD-FMNIST(test, train) = %g, the floor" fd)
             }
 
+            test
+                "an evaluation writes its metrics with every setting, and a longer rerun reuses the images already written" {
+                withTempDir (fun dir ->
+                    let models = Path.Combine(repoRoot, "models")
+
+                    use m =
+                        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(Path.Combine(models, "fashion"))
+
+                    use clf = new FashionClassifier(10L)
+
+                    HiMar.Runtime.Checkpoints.ModelFiles.Load(
+                        clf,
+                        Path.Combine(models, "fashion-classifier", "weights.safetensors")
+                    )
+                    |> ignore
+
+                    clf.eval ()
+                    let stats = Path.Combine(models, "fashion-classifier", "train-stats.npz")
+
+                    let options =
+                        HiMar.Runtime.Sampling.SamplerOptions(
+                            Cfg = 3.0,
+                            ReCfg = 3.0,
+                            MlpHeadSteps = "5",
+                            DitHeadSteps = "5",
+                            ClipDenoised = true
+                        )
+
+                    let first =
+                        EvalJob.Run(m, Path.Combine(models, "fashion"), true, clf, stats, 10, options, 0L, dir)
+
+                    Expect.equal first.Reused 0 "nothing to reuse"
+
+                    let second =
+                        EvalJob.Run(m, Path.Combine(models, "fashion"), true, clf, stats, 14, options, 0L, dir)
+
+                    Expect.equal second.Reused 10 "the first ten images are reused"
+                    Expect.equal (Directory.GetFiles(Path.Combine(dir, "images")).Length) 14 "images"
+                    let json = File.ReadAllText(Path.Combine(dir, "eval.json"))
+
+                    for key in
+                        [
+                            "fd_fmnist"
+                            "class_accuracy"
+                            "checkpoint_hash"
+                            "cfg"
+                            "re_cfg"
+                            "temperature"
+                            "mlp_head_steps"
+                            "seed"
+                        ] do
+                        Expect.stringContains json (sprintf "\"%s\"" key) key
+
+                    let acc =
+                        (nonNull (nonNull second.Report.["metrics"]).["class_accuracy"]).GetValue<float>()
+
+                    Expect.isTrue (acc >= 0.0 && acc <= 1.0) "an accuracy")
+            }
+
             test "statistics round-trip through the .npz format" {
                 withTempDir (fun dir ->
                     use s = stats [| 1.5; -2.0; 3.0 |] [| 1.0; 0.1; 0.0; 0.1; 2.0; 0.3; 0.0; 0.3; 3.0 |]

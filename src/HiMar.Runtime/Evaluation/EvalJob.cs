@@ -1,0 +1,112 @@
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using HiMar.Model;
+using HiMar.Runtime.Checkpoints;
+using HiMar.Runtime.Data;
+using HiMar.Runtime.Sampling;
+using SixLabors.ImageSharp;
+using SixLabors.ImageSharp.PixelFormats;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Evaluation;
+
+/// <summary>What `himar eval` measured, with every setting that produced the numbers.</summary>
+/// <param name="Report">The JSON written to eval.json.</param>
+/// <param name="Reused">Images found on disk from an earlier run and not sampled again.</param>
+public sealed record EvalResult(JsonObject Report, int Reused);
+
+/// <summary>
+/// Evaluates a Fashion-MNIST model: N class-balanced samples (seeded; images already in the output folder are
+/// reused, so an interrupted evaluation resumes), then FD-FMNIST against the training set's statistics and the
+/// classifier's accuracy on the intended classes.
+/// </summary>
+public static class EvalJob
+{
+    /// <summary>A short content hash of a file or of every file of a folder (weights identify the checkpoint).</summary>
+    public static string Hash(string path)
+    {
+        using var sha = SHA256.Create();
+        var files = Directory.Exists(path) ? Directory.GetFiles(path, "*.safetensors").OrderBy(f => f, StringComparer.Ordinal).ToArray() : [path];
+        foreach (var f in files)
+        {
+            var bytes = File.ReadAllBytes(f);
+            sha.TransformBlock(bytes, 0, bytes.Length, null, 0);
+        }
+        sha.TransformFinalBlock([], 0, 0);
+        return Convert.ToHexString(sha.Hash!).ToLowerInvariant()[..16];
+    }
+
+    static Tensor ReadGrey(string path)
+    {
+        using var img = Image.Load<L8>(path);
+        var data = new byte[img.Width * img.Height];
+        img.CopyPixelDataTo(data);
+        using var t = torch.tensor(data, [1, 1, img.Height, img.Width]);
+        return t.to(ScalarType.Float32) / 127.5 - 1.0;
+    }
+
+    /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json).</summary>
+    public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
+        long seed, string outDir, int batch = 50, Action<int, int>? progress = null)
+    {
+        var classes = model.Config.ClassNum;
+        var labels = Enumerable.Range(0, count).Select(i => (long)(i % classes)).ToArray();
+        var imagesDir = Path.Combine(outDir, "images");
+        Directory.CreateDirectory(imagesDir);
+        string PathOf(int i) => Path.Combine(imagesDir, $"{i:D5}-class{labels[i]}.png");
+        var tokenizer = PixelPatchTokenizer.Fashion;
+        var missing = Enumerable.Range(0, count).Where(i => !File.Exists(PathOf(i))).ToList();
+        var reused = count - missing.Count;
+        var done = reused;
+        // Sample the missing images in runs of consecutive indices, so image i's noise is the same as in a full run.
+        foreach (var run in missing.Select((i, k) => (i, k)).GroupBy(x => x.i - x.k).Select(g => g.Select(x => x.i).ToList()))
+            for (var start = 0; start < run.Count; start += batch)
+            {
+                var idx = run.Skip(start).Take(batch).ToList();
+                using var scope = torch.NewDisposeScope();
+                using var noise = new SeededNoise(seed, idx[0], idx.Count);
+                using var r = HiMarSampler.Sample(model, torch.tensor(idx.Select(i => labels[i]).ToArray()), noise, options);
+                var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.BigTokens));
+                for (var k = 0; k < idx.Count; k++)
+                {
+                    Imaging.Images.SavePng(pictures[k], PathOf(idx[k]));
+                    pictures[k].Dispose();
+                }
+                done += idx.Count;
+                progress?.Invoke(done, count);
+            }
+        using var evalScope = torch.NewDisposeScope();
+        var images = torch.cat(Enumerable.Range(0, count).Select(i => ReadGrey(PathOf(i))).ToArray());
+        var (features, probs) = ClassifierRuns.Apply(classifier, images);
+        using var gen = FeatureStats.Of(features);
+        using var train = Metrics.ReadNpz(statsPath);
+        var fd = Metrics.FrechetDistance(gen, train);
+        var acc = probs.argmax(1).eq(torch.tensor(labels)).to(ScalarType.Float64).mean().item<double>();
+        var c = model.Config;
+        var report = new JsonObject
+        {
+            ["metrics"] = new JsonObject { ["fd_fmnist"] = fd, ["class_accuracy"] = acc },
+            ["images"] = count,
+            ["checkpoint"] = checkpoint,
+            ["checkpoint_hash"] = Hash(checkpoint),
+            ["weights"] = ema ? "ema" : "model",
+            ["seed"] = seed,
+            ["cfg"] = options.Cfg,
+            ["re_cfg"] = options.ReCfg,
+            ["cfg_schedule"] = options.Schedule.ToString().ToLowerInvariant(),
+            ["re_cfg_schedule"] = (options.ReCfgSchedule ?? options.Schedule).ToString().ToLowerInvariant(),
+            ["temperature"] = options.Temperature,
+            ["phase1_steps"] = options.Phase1Steps ?? c.Phase1Steps,
+            ["num_iter"] = options.Phase2Steps,
+            ["mlp_head_steps"] = options.MlpHeadSteps ?? c.NumSamplingSteps,
+            ["dit_head_steps"] = options.DitHeadSteps ?? c.DitSamplingSteps,
+            ["clip_denoised"] = options.ClipDenoised,
+            ["feature_network"] = "FashionClassifier (models/fashion-classifier)",
+            ["reference_statistics"] = statsPath,
+        };
+        AtomicFile.WriteText(Path.Combine(outDir, "eval.json"), report.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        return new EvalResult(report, reused);
+    }
+}
