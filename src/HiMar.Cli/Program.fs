@@ -422,6 +422,15 @@ let private device (name: string) =
     | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
     | other -> raise (CliError(sprintf "unknown device '%s' (cpu, cuda, cuda:N)" other))
 
+/// A setting from the model folder's sampling.json, or the fallback.
+let private modelDefault (modelDir: string) =
+    let defaults = HiMar.Runtime.Sampling.SamplerSettings.Defaults modelDir
+
+    fun (key: string) (fallback: float) ->
+        match defaults.TryGetValue key with
+        | true, v -> v
+        | _ -> fallback
+
 /// A progress display with a bar, percentage, elapsed and remaining time.
 let private progressBar () =
     AnsiConsole
@@ -491,22 +500,7 @@ let private sample (args: ParseResults<SampleArgs>) =
         | None -> raise (CliError "himar sample needs --vae to decode this model's latents")
 
     // A model folder may carry its recommended sampling settings (sampling.json: cfg, re_cfg, num_iter, ...).
-    let defaults =
-        let path = IO.Path.Combine(ckpt, "sampling.json")
-
-        if IO.File.Exists path then
-            Text.Json.Nodes.JsonNode.Parse(IO.File.ReadAllText path)
-            |> nonNull
-            |> _.AsObject()
-        else
-            Text.Json.Nodes.JsonObject()
-
-    let dflt (key: string) (fallback: float) =
-        match defaults.[key] with
-        | null -> fallback
-        | v when v.GetValueKind() = Text.Json.JsonValueKind.True -> 1.0
-        | v when v.GetValueKind() = Text.Json.JsonValueKind.False -> 0.0
-        | v -> v.GetValue<float>()
+    let dflt = modelDefault ckpt
 
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
 
@@ -847,22 +841,7 @@ let private eval (args: ParseResults<EvalArgs>) =
 
     classifier.eval ()
 
-    let defaults =
-        let path = IO.Path.Combine(ckpt, "sampling.json")
-
-        if IO.File.Exists path then
-            Text.Json.Nodes.JsonNode.Parse(IO.File.ReadAllText path)
-            |> nonNull
-            |> _.AsObject()
-        else
-            Text.Json.Nodes.JsonObject()
-
-    let dflt (key: string) (fallback: float) =
-        match defaults.[key] with
-        | null -> fallback
-        | v when v.GetValueKind() = Text.Json.JsonValueKind.True -> 1.0
-        | v when v.GetValueKind() = Text.Json.JsonValueKind.False -> 0.0
-        | v -> v.GetValue<float>()
+    let dflt = modelDefault ckpt
 
     let options =
         HiMar.Runtime.Sampling.SamplerOptions(

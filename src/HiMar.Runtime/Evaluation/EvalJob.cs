@@ -84,7 +84,6 @@ public static class EvalJob
         using var train = Metrics.ReadNpz(statsPath);
         var fd = Metrics.FrechetDistance(gen, train);
         var acc = probs.argmax(1).eq(torch.tensor(labels)).to(ScalarType.Float64).mean().item<double>();
-        var c = model.Config;
         var report = new JsonObject
         {
             ["metrics"] = new JsonObject { ["fd_fmnist"] = fd, ["class_accuracy"] = acc },
@@ -93,16 +92,7 @@ public static class EvalJob
             ["checkpoint_hash"] = Hash(checkpoint),
             ["weights"] = ema ? "ema" : "model",
             ["seed"] = seed,
-            ["cfg"] = options.Cfg,
-            ["re_cfg"] = options.ReCfg,
-            ["cfg_schedule"] = options.Schedule.ToString().ToLowerInvariant(),
-            ["re_cfg_schedule"] = (options.ReCfgSchedule ?? options.Schedule).ToString().ToLowerInvariant(),
-            ["temperature"] = options.Temperature,
-            ["phase1_steps"] = options.Phase1Steps ?? c.Phase1Steps,
-            ["num_iter"] = options.Phase2Steps,
-            ["mlp_head_steps"] = options.MlpHeadSteps ?? c.NumSamplingSteps,
-            ["dit_head_steps"] = options.DitHeadSteps ?? c.DitSamplingSteps,
-            ["clip_denoised"] = options.ClipDenoised,
+            ["settings"] = SamplerSettings.Describe(options, model.Config),
             ["feature_network"] = "FashionClassifier (models/fashion-classifier)",
             ["reference_statistics"] = statsPath,
         };

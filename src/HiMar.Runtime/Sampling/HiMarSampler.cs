@@ -55,6 +55,48 @@ public sealed record SamplerOptions
     public bool KeepIntermediates { get; init; }
 }
 
+/// <summary>Reports and defaults of sampler settings.</summary>
+public static class SamplerSettings
+{
+    /// <summary>Every setting of a run as JSON (the model's defaults filled in), for benchmark and evaluation reports.</summary>
+    public static System.Text.Json.Nodes.JsonObject Describe(SamplerOptions o, HiMarConfig c) => new()
+    {
+        ["cfg"] = o.Cfg,
+        ["re_cfg"] = o.ReCfg,
+        ["cfg_schedule"] = o.Schedule.ToString().ToLowerInvariant(),
+        ["re_cfg_schedule"] = (o.ReCfgSchedule ?? o.Schedule).ToString().ToLowerInvariant(),
+        ["temperature"] = o.Temperature,
+        ["phase1_steps"] = o.Phase1Steps ?? c.Phase1Steps,
+        ["num_iter"] = o.Phase2Steps,
+        ["mlp_head_steps"] = o.MlpHeadSteps ?? c.NumSamplingSteps,
+        ["dit_head_steps"] = o.DitHeadSteps ?? c.DitSamplingSteps,
+        ["clip_denoised"] = o.ClipDenoised,
+    };
+
+    /// <summary>
+    /// A model folder's recommended settings (its sampling.json: cfg, re_cfg, temperature, num_iter, clip_denoised),
+    /// as numbers by name (true/false as 1/0); empty when the folder has none.
+    /// </summary>
+    public static IReadOnlyDictionary<string, double> Defaults(string modelDir)
+    {
+        var path = Path.Combine(modelDir, "sampling.json");
+        var result = new Dictionary<string, double>();
+        if (!File.Exists(path))
+            return result;
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))?.AsObject()
+            ?? throw new InvalidDataException($"{path}: empty.");
+        foreach (var (key, value) in json)
+            result[key] = value?.GetValueKind() switch
+            {
+                System.Text.Json.JsonValueKind.True => 1,
+                System.Text.Json.JsonValueKind.False => 0,
+                System.Text.Json.JsonValueKind.Number => value.GetValue<double>(),
+                _ => throw new InvalidDataException($"{path}: '{key}' is not a number or a boolean."),
+            };
+        return result;
+    }
+}
+
 /// <summary>Where the sampler is, for progress displays.</summary>
 /// <param name="Phase">1 (pivots) or 2 (dense tokens).</param>
 /// <param name="Step">The generation step within the phase (0-based).</param>

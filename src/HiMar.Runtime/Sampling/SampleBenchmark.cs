@@ -40,7 +40,6 @@ public static class SampleBenchmark
         var times = Enumerable.Range(0, Math.Max(1, repeat)).Select(Once).OrderBy(t => t).ToArray();
         var median = times[times.Length / 2];
         var flops = SamplerFlops.Count(model.Config, options, images);
-        var c = model.Config;
         return new JsonObject
         {
             ["benchmark"] = "sample",
@@ -54,18 +53,7 @@ public static class SampleBenchmark
             ["runs"] = times.Length,
             ["gflop_per_image"] = flops / images / 1e9,
             ["gflops"] = flops / median / 1e9,
-            ["settings"] = new JsonObject
-            {
-                ["cfg"] = options.Cfg,
-                ["re_cfg"] = options.ReCfg,
-                ["cfg_schedule"] = options.Schedule.ToString().ToLowerInvariant(),
-                ["re_cfg_schedule"] = (options.ReCfgSchedule ?? options.Schedule).ToString().ToLowerInvariant(),
-                ["temperature"] = options.Temperature,
-                ["phase1_steps"] = options.Phase1Steps ?? c.Phase1Steps,
-                ["num_iter"] = options.Phase2Steps,
-                ["mlp_head_steps"] = options.MlpHeadSteps ?? c.NumSamplingSteps,
-                ["dit_head_steps"] = options.DitHeadSteps ?? c.DitSamplingSteps,
-            },
+            ["settings"] = SamplerSettings.Describe(options, model.Config),
             ["device"] = model.FakeLatent.device.ToString(),
             ["threads"] = torch.get_num_threads(),
         };
