@@ -136,6 +136,48 @@ type EvalArgs =
             | Batch _ -> "images per sampler batch (default 50)."
             | Out _ -> "output folder (default eval/<model>): images/ and eval.json."
 
+/// Arguments of `himar ablation`.
+type AblationArgs =
+    | Config of nameOrFile: string
+    | Data of dir: string
+    | [<AltCommandLine("-o")>] Out of dir: string
+    | Steps of count: int
+    | Batch of size: int
+    | Blr of rate: float
+    | Warmup of steps: int
+    | Ema of rate: float
+    | Seeds of list: string
+    | [<AltCommandLine("-n")>] N of count: int
+    | Phase1_Sweep of list: string
+    | Phase2_Sweep of list: string
+    | Only of keys: string
+    | Cfg of scale: float
+    | Re_Cfg of scale: float
+    | Temperature of t: float
+    | Num_Iter of steps: int
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Config _ ->
+                "the full Hi-MAR model the variants are cut from: a preset or config JSON (default fashion-small)."
+            | Data _ -> "the Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)."
+            | Out _ -> "the run folder (default runs/ablation); an interrupted run resumes from it."
+            | Steps _ -> "optimiser steps of every training run (default 500)."
+            | Batch _ -> "images per step of every training run (default 64)."
+            | Blr _ -> "base learning rate, lr = blr x batch / 256 (default 4e-3)."
+            | Warmup _ -> "linear warm-up steps (default 50)."
+            | Ema _ -> "EMA rate (default 0.99: about the last 100 steps)."
+            | Seeds _ -> "training seeds, comma-separated (default 1,2,3)."
+            | N _ -> "class-balanced samples per evaluation (default 300)."
+            | Phase1_Sweep _ -> "phase-1 step counts of the first sweep (default 1,2,4,8,16; empty for none)."
+            | Phase2_Sweep _ -> "phase-2 step counts of the second sweep (default 1,2,4,8; empty for none)."
+            | Only _ -> "only these variants (mar, low-res, cond-tokens, transformer-head, hi-mar), comma-separated."
+            | Cfg _ -> "phase-2 guidance (default 3, as the shipped fashion model)."
+            | Re_Cfg _ -> "phase-1 guidance (default 3)."
+            | Temperature _ -> "sampling temperature (default 0.9)."
+            | Num_Iter _ -> "phase-2 steps outside the sweep (default 4)."
+
 /// Arguments of `himar cache`.
 type CacheArgs =
     | [<ExactlyOnce>] Data of folder: string
@@ -272,6 +314,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Cache of ParseResults<CacheArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -285,6 +328,8 @@ type HimarArgs =
             | Train _ -> "train a model (default: the fashion preset on Fashion-MNIST), resumably."
             | Cache _ -> "encode an image folder with the VAE into a latent cache for training."
             | Eval _ -> "FD-FMNIST and class accuracy of a Fashion-MNIST model's samples, with its settings, as JSON."
+            | Ablation _ ->
+                "the paper's Table 5 and step sweeps on Fashion-MNIST: train, evaluate, tabulate and plot (resumable)."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -892,6 +937,80 @@ let private eval (args: ParseResults<EvalArgs>) =
     printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
     0
 
+/// Comma-separated integers ("1,2,4"); empty for none.
+let private intList (what: string) (text: string) =
+    text.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+    |> Array.map (fun t ->
+        match Int64.TryParse t with
+        | true, v when v > 0L -> v
+        | _ -> raise (CliError(sprintf "%s: '%s' is not a positive whole number" what t)))
+    |> Array.toList
+
+let private ablation (args: ParseResults<AblationArgs>) =
+    TorchNative.EnsureLoaded()
+    let models = IO.Path.Combine(AppContext.BaseDirectory, "models")
+
+    let config =
+        HiMar.Runtime.Checkpoints.ModelConfigs.Resolve(
+            args.GetResult(AblationArgs.Config, defaultValue = "fashion-small")
+        )
+
+    if config.ImgSize <> 32 || config.VaeStride <> 4 || config.ClassNum <> 10 then
+        raise (CliError "the ablation trains on Fashion-MNIST pixel patches: img_size 32, vae_stride 4, 10 classes")
+
+    let ints name dflt (case: Quotations.Expr<string -> AblationArgs>) =
+        args.TryGetResult case |> Option.map (intList name) |> Option.defaultValue dflt
+
+    let plan =
+        HiMar.Runtime.Evaluation.AblationPlan(
+            Base = config,
+            OutDir = args.GetResult(AblationArgs.Out, defaultValue = IO.Path.Combine("runs", "ablation")),
+            DataDir = args.GetResult(AblationArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir),
+            ClassifierDir = IO.Path.Combine(models, "fashion-classifier"),
+            Steps = args.GetResult(AblationArgs.Steps, defaultValue = 500),
+            Batch = args.GetResult(AblationArgs.Batch, defaultValue = 64),
+            BaseLr = args.GetResult(AblationArgs.Blr, defaultValue = 4e-3),
+            Warmup = args.GetResult(AblationArgs.Warmup, defaultValue = 50),
+            Ema = args.GetResult(AblationArgs.Ema, defaultValue = 0.99),
+            Seeds = ints "--seeds" [ 1L; 2L; 3L ] <@ AblationArgs.Seeds @>,
+            Samples = args.GetResult(AblationArgs.N, defaultValue = 300),
+            Phase1Sweep =
+                (ints "--phase1-sweep" [ 1L; 2L; 4L; 8L; 16L ] <@ AblationArgs.Phase1_Sweep @>
+                 |> List.map int),
+            Phase2Sweep =
+                (ints "--phase2-sweep" [ 1L; 2L; 4L; 8L ] <@ AblationArgs.Phase2_Sweep @>
+                 |> List.map int),
+            Only =
+                (args.TryGetResult AblationArgs.Only
+                 |> Option.map (fun t ->
+                     t.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries))
+                 |> Option.toObj),
+            Sampling =
+                HiMar.Runtime.Sampling.SamplerOptions(
+                    Cfg = args.GetResult(AblationArgs.Cfg, defaultValue = 3.0),
+                    ReCfg = args.GetResult(AblationArgs.Re_Cfg, defaultValue = 3.0),
+                    Temperature = args.GetResult(AblationArgs.Temperature, defaultValue = 0.9),
+                    Phase2Steps = args.GetResult(AblationArgs.Num_Iter, defaultValue = 4),
+                    ClipDenoised = true
+                )
+        )
+
+    let report =
+        (progressBar ())
+            .Start(fun ctx ->
+                let task = ctx.AddTask("ablation", maxValue = 1.0)
+
+                HiMar.Runtime.Evaluation.Ablation.Run(
+                    plan,
+                    fun p ->
+                        task.Value <- p.Done
+                        task.Description <- Markup.Escape p.Stage
+                ))
+
+    printfn "%s" (HiMar.Runtime.Evaluation.Ablation.Markdown report)
+    printfn "wrote %s (results.json, results.md, ablation.png, sweep-*.png)" plan.OutDir
+    0
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -909,6 +1028,7 @@ let main argv =
         | Train a -> train a
         | Cache a -> cache a
         | Eval a -> eval a
+        | Ablation a -> ablation a
         | Bench b ->
             match b.GetSubCommand() with
             | BenchArgs.Sample a -> benchSample a

@@ -99,6 +99,25 @@ type HiMarConfig =
     /// Phase-1 sampling steps by default: 4 * cond_scale.
     member c.Phase1Steps = 4 * c.CondScale
 
+/// The JSON names of the ablation switches (`pivots`, `phase2_head`; `scale_aware` is a boolean), which our
+/// config files add to the reference's arguments when a switch differs from Hi-MAR.
+module AblationNames =
+    [<CompiledName("Pivots")>]
+    let pivots =
+        [
+            "none", PivotSource.NoPivots
+            "low_res", PivotSource.LowResTokens
+            "cond_tokens", PivotSource.ConditionalTokens
+        ]
+
+    [<CompiledName("Phase2Heads")>]
+    let phase2Heads = [ "mlp", Phase2Head.Mlp; "transformer", Phase2Head.Transformer ]
+
+    /// The JSON name of a switch value.
+    [<CompiledName("NameOf")>]
+    let nameOf (table: (string * 'T) list) (value: 'T) =
+        table |> List.find (fun (_, v) -> v = value) |> fst
+
 /// Named configurations equal to the reference launch settings.
 module HiMarConfig =
     /// Hi-MAR-B: 12 + 12 blocks of width 768 (12 heads), MLP head 6 x 1024, Transformer head 6 x 512 (8 heads).
@@ -217,7 +236,23 @@ module HiMarConfig =
             StepWarmup = 2
         }
 
-    /// The presets by name (`hi-mar-b`, `hi-mar-l`, `hi-mar-h`, `fashion`).
+    /// The ablation's model (Table 5 at small scale): the fashion preset at width 64, 2 + 2 blocks, MLP head
+    /// 2 x 128, Transformer head 2 x 64, so that 15 training runs and their evaluations fit in about an hour on
+    /// 2 CPU cores. 741,744 parameters.
+    [<CompiledName("FashionSmall")>]
+    let fashionSmall =
+        { fashion with
+            EncoderEmbedDim = 64
+            EncoderDepth = 2
+            DecoderEmbedDim = 64
+            DecoderDepth = 2
+            DiffLossD = 2
+            DiffLossW = 128
+            GdmW = 64
+            GdmD = 2
+        }
+
+    /// The presets by name (`hi-mar-b`, `hi-mar-l`, `hi-mar-h`, `fashion`, `fashion-small`).
     [<CompiledName("Presets")>]
     let presets =
         [
@@ -225,6 +260,7 @@ module HiMarConfig =
             "hi-mar-l", hiMarL
             "hi-mar-h", hiMarH
             "fashion", fashion
+            "fashion-small", fashionSmall
         ]
 
     /// A preset by name (case-insensitive; `b`, `himar_base` and `hi-mar-b` all work), or None.
@@ -248,7 +284,17 @@ module HiMarConfig =
         | "huge" -> Some hiMarH
         | "fashion"
         | "fashion-mnist" -> Some fashion
+        | "fashion-small" -> Some fashionSmall
         | _ -> None
+
+    /// The configuration with the ablation switches of Table 5 set.
+    [<CompiledName("WithAblation")>]
+    let withAblation (pivots: PivotSource) (phase2: Phase2Head) (scaleAware: bool) (c: HiMarConfig) =
+        { c with
+            Pivots = pivots
+            Phase2 = phase2
+            ScaleAware = scaleAware
+        }
 
     /// Checks the settings the architecture depends on; returns every problem found.
     [<CompiledName("Validate")>]
@@ -312,6 +358,19 @@ module HiMarConfig =
             |> Option.map (fun v -> System.Convert.ToBoolean v)
             |> Option.defaultValue dflt
 
+        let choice name (table: (string * 'T) list) (dflt: 'T) =
+            match get name with
+            | None -> dflt
+            | Some v ->
+                let key = (string v).Trim().ToLowerInvariant().Replace("-", "_")
+
+                match List.tryFind (fun (k, _) -> k = key) table with
+                | Some(_, x) -> x
+                | None ->
+                    invalidArg
+                        name
+                        (sprintf "%s must be one of %s, not '%O'" name (table |> List.map fst |> String.concat ", ") v)
+
         let b = baseConfig
         let encDim = int' "encoder_embed_dim" b.EncoderEmbedDim
         let encDepth = int' "encoder_depth" b.EncoderDepth
@@ -349,4 +408,7 @@ module HiMarConfig =
             Cos = bool' "cos" b.Cos
             StepWarmup = int' "step_warmup" b.StepWarmup
             StepStage2Rate = float' "step_stage2_rate" b.StepStage2Rate
+            Pivots = choice "pivots" AblationNames.pivots b.Pivots
+            Phase2 = choice "phase2_head" AblationNames.phase2Heads b.Phase2
+            ScaleAware = bool' "scale_aware" b.ScaleAware
         }

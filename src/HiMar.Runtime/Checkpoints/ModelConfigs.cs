@@ -38,7 +38,15 @@ public static class ModelConfigs
                 args[key] = v.GetValue<string>();
         var baseName = (argsNode["model"] ?? root["model"])?.GetValue<string>();
         var baseConfig = baseName == null ? null : HiMarConfigModule.TryPreset(baseName);
-        var config = HiMarConfigModule.FromReferenceArgs(baseConfig?.Value ?? HiMarConfigModule.Base, args);
+        HiMarConfig config;
+        try
+        {
+            config = HiMarConfigModule.FromReferenceArgs(baseConfig?.Value ?? HiMarConfigModule.Base, args);
+        }
+        catch (ArgumentException e)
+        {
+            throw new CheckpointFormatException($"{nameOrFile}: {e.Message}", e);
+        }
         var problems = HiMarConfigModule.Validate(config);
         if (!problems.IsEmpty)
             throw new CheckpointFormatException($"{nameOrFile}: {string.Join("; ", problems)}.");

@@ -118,7 +118,20 @@ public static class ReferenceImport
     }
 
     /// <summary>The reference-argument JSON of a configuration (the format `--config` and import folders use).</summary>
-    public static JsonObject ToJson(HiMarConfig c) => new()
+    public static JsonObject ToJson(HiMarConfig c)
+    {
+        var json = ReferenceJson(c);
+        // Our ablation switches, written only where a model differs from Hi-MAR (reference files stay as they are).
+        if (c.Pivots != PivotSource.ConditionalTokens)
+            json["pivots"] = AblationNames.NameOf(AblationNames.Pivots, c.Pivots);
+        if (c.Phase2 != Phase2Head.Transformer)
+            json["phase2_head"] = AblationNames.NameOf(AblationNames.Phase2Heads, c.Phase2);
+        if (!c.ScaleAware)
+            json["scale_aware"] = false;
+        return json;
+    }
+
+    static JsonObject ReferenceJson(HiMarConfig c) => new()
     {
         ["img_size"] = c.ImgSize,
         ["vae_stride"] = c.VaeStride,

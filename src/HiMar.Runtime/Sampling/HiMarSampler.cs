@@ -130,15 +130,15 @@ public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnl
 /// generates the dense tokens conditioned on those states, the Transformer head regenerating the whole grid at
 /// each step with the known tokens re-noised from the loop's start noise. Each step runs in its own dispose
 /// scope; the model is used in evaluation mode without gradients.
+/// The ablation variants of Table 5 sample with the same loops: without pivots phase 1 is skipped (plain MAR
+/// when the MLP head also serves phase 2); low-res pivots enter phase 2 as the sampled pivot latents; an MLP
+/// phase-2 head draws only the tokens chosen at each step, row by row, as MAR does.
 /// </summary>
 public static class HiMarSampler
 {
     /// <summary>Generates tokens for <paramref name="labels"/> (B,) (the null class `ClassNum` for unconditional rows).</summary>
     public static SampleResult Sample(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null)
     {
-        var cfg = model.Config;
-        if (cfg.Pivots != PivotSource.ConditionalTokens || cfg.Phase2 != Phase2Head.Transformer)
-            throw new NotSupportedException("the two-phase sampler needs Hi-MAR's conditional-token pivots and Transformer head");
         var wasTraining = model.training;
         model.eval();
         try
@@ -183,8 +183,9 @@ public static class HiMarSampler
         var steps2 = o.Phase2Steps;
         if (steps1 < 1 || steps2 < 1)
             throw new ArgumentException("each phase needs at least one step");
-        var mlpDiffusion = Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg);
-        var ditDiffusion = Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg);
+        var ditHead = cfg.Phase2 == Phase2Head.Transformer;
+        var mlpDiffusion = s > 0 || !ditHead ? Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg) : null;
+        var ditDiffusion = ditHead ? Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg) : null;
         var intermediates = new List<(int, int, Tensor, Tensor)>();
 
         labels = labels.to(dev);
@@ -196,9 +197,9 @@ public static class HiMarSampler
         var condTok = torch.zeros(b, s, cd, dtype: dtype, device: dev);
         var smallZ = torch.zeros(b, s, d, dtype: dtype, device: dev);
 
-        // Phase 1: the pivots.
+        // Phase 1: the pivots (none for plain MAR).
         var guided1 = o.ReCfg != 1.0;
-        for (var step = 0; step < steps1; step++)
+        for (var step = 0; s > 0 && step < steps1; step++)
         {
             using var scope = torch.NewDisposeScope();
             var tok = guided1 ? Repeat2(tokens) : tokens;
@@ -220,7 +221,7 @@ public static class HiMarSampler
             var toPredAll = guided1 ? Repeat2(toPred) : toPred;
             var zSel = z.narrow(1, 0, s).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
             var scale = GuidanceAt(o.ReCfgSchedule ?? o.Schedule, o.ReCfg, (int)s, len);
-            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion, zSel, guided1, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, step, steps1, dev);
+            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guided1, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, 1, step, steps1, dev);
             var sampledCond = guided1 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
             var newCond = condTok.masked_scatter(toPred.unsqueeze(-1), sampledCond);
             Replace(ref smallZ, newSmallZ);
@@ -230,9 +231,10 @@ public static class HiMarSampler
                 intermediates.Add((1, step, ToGrid(condTok, side).MoveToOuterDisposeScope(), ToGrid(tokens, g).MoveToOuterDisposeScope()));
         }
 
-        var smallTokens = ToGrid(condTok, side);
+        var smallTokens = s > 0 ? ToGrid(condTok, side) : torch.zeros(b, c, 0, 0, dtype: dtype, device: dev);
 
-        // Phase 2: the dense tokens, conditioned on the pivots' decoder states (both halves use the conditional ones).
+        // Phase 2: the dense tokens, conditioned on the pivots' decoder states (both halves use the conditional ones),
+        // or on the sampled pivot latents (low-res pivots), or on nothing (plain MAR).
         mask.narrow(1, 0, s).fill_(0.0);
         var guided2 = o.Cfg != 1.0;
         var smallZ2 = guided2 ? Repeat2(smallZ) : smallZ;
@@ -249,14 +251,30 @@ public static class HiMarSampler
             var len = Masking.NextMaskLength((int)n, step, steps2, remaining);
             var maskNext = Masking.MaskByOrder((long)len, orders.narrow(1, s, n), l, dtype);
             var unknown = m.narrow(1, s, n).to(ScalarType.Bool); // (B', N): unknown before this step
-            var thisMask = unknown.reshape(bb, g, g);
-            var thisTok = tok.reshape(bb, g, g, c).permute(0, 3, 1, 2); // (B', C, g, g)
-            var zImg = z.narrow(1, s, n).reshape(bb, g, g, d).permute(0, 3, 1, 2); // (B', D, g, g)
             var scale = GuidanceAt(o.Schedule, o.Cfg, (int)n, len);
-            var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion, zImg, guided2, scale, o.Temperature, o.ClipDenoised, thisMask, thisTok, noise, progress, step, steps2, dev);
-            var flat = outImg.narrow(0, 0, b).permute(0, 2, 3, 1).reshape(b, n, c); // (B, N, C)
-            // Every position unknown before the step takes its new value.
-            var newTokens = torch.where(unknown.narrow(0, 0, b).unsqueeze(-1), flat, tokens);
+            Tensor newTokens;
+            if (ditHead)
+            {
+                var thisMask = unknown.reshape(bb, g, g);
+                var thisTok = tok.reshape(bb, g, g, c).permute(0, 3, 1, 2); // (B', C, g, g)
+                var zImg = z.narrow(1, s, n).reshape(bb, g, g, d).permute(0, 3, 1, 2); // (B', D, g, g)
+                var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion!, zImg, guided2, scale, o.Temperature, o.ClipDenoised, thisMask, thisTok, noise, progress, step, steps2, dev);
+                var flat = outImg.narrow(0, 0, b).permute(0, 2, 3, 1).reshape(b, n, c); // (B, N, C)
+                // Every position unknown before the step takes its new value.
+                newTokens = torch.where(unknown.narrow(0, 0, b).unsqueeze(-1), flat, tokens);
+            }
+            else
+            {
+                // MAR: the MLP head draws the tokens leaving the mask now (every remaining one at the last step).
+                var unknownB = unknown.narrow(0, 0, b);
+                var toPred = step == steps2 - 1 ? unknownB : unknownB.logical_xor(maskNext.narrow(1, s, n).to(ScalarType.Bool)); // (B, N)
+                var k = toPred[0].sum().item<long>();
+                var toPredAll = guided2 ? Repeat2(toPred) : toPred;
+                var zSel = z.narrow(1, s, n).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
+                var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guided2, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, 2, step, steps2, dev);
+                var sampledCond = guided2 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
+                newTokens = tokens.masked_scatter(toPred.unsqueeze(-1), sampledCond);
+            }
             Replace(ref tokens, newTokens);
             Replace(ref mask, maskNext);
             if (o.KeepIntermediates)
@@ -279,10 +297,11 @@ public static class HiMarSampler
     static Tensor ToGrid(Tensor t, long side) => t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2).contiguous();
 
     /// <summary>One MLP-head loop (reference `DiffLoss.sample` + `p_sample_loop`) over the selected rows.</summary>
-    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int phase, int step, int steps, Device dev)
     {
         var rows = z.shape[0];
-        var start = noise.Draw(NoiseRole.Phase1Init, 1, perImage, [c], dev).to(z.dtype);
+        var (initRole, stepRole) = phase == 1 ? (NoiseRole.Phase1Init, NoiseRole.Phase1Step) : (NoiseRole.Phase2Init, NoiseRole.Phase2Step);
+        var start = noise.Draw(initRole, 1, perImage, [c], dev).to(z.dtype);
         var x = guided ? Repeat2(start) : start;
         var total = diffusion.NumTimesteps;
         for (var i = total - 1; i >= 0; i--)
@@ -292,11 +311,11 @@ public static class HiMarSampler
             var tm = diffusion.MapTimesteps(t);
             var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
             var ps = diffusion.PMeanVariance(output, x, t, clip);
-            var eps = noise.Draw(NoiseRole.Phase1Step, guided ? 2 : 1, perImage, [c], dev).to(z.dtype);
+            var eps = noise.Draw(stepRole, guided ? 2 : 1, perImage, [c], dev).to(z.dtype);
             var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
             x.Dispose();
             x = next;
-            progress?.Invoke(new SamplerProgress(1, step, steps, total - i, total));
+            progress?.Invoke(new SamplerProgress(phase, step, steps, total - i, total));
         }
         return x;
     }

@@ -119,15 +119,16 @@ public static class SampleJob
 
     static IEnumerable<string> Explain(ITokenizer vae, SampleResult result, SampleRequest request, int start, int count, int side)
     {
-        // Decode the pivots once and the dense tokens after every phase-2 step.
-        var pivots = Images.FromTensor(vae.Decode(result.SmallTokens));
+        // Decode the pivots once (a plain MAR model has none) and the dense tokens after every phase-2 step.
+        var hasPivots = result.SmallTokens.numel() > 0;
+        var pivots = hasPivots ? Images.FromTensor(vae.Decode(result.SmallTokens)) : [];
         var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(vae.Decode(x.Dense))).ToList();
         try
         {
             for (var i = 0; i < count; i++)
             {
-                var tiles = new List<Image<Rgb24>> { pivots[i] };
-                var captions = new List<string> { "pivots" };
+                var tiles = hasPivots ? new List<Image<Rgb24>> { pivots[i] } : [];
+                var captions = hasPivots ? new List<string> { "pivots" } : [];
                 for (var s = 0; s < dense.Count; s++)
                 {
                     tiles.Add(dense[s][i]);
