@@ -113,6 +113,7 @@ type EvalArgs =
     | Re_Cfg of scale: float
     | Temperature of t: float
     | Num_Iter of steps: int
+    | Phase1_Steps of steps: int
     | Mlp_Steps of respacing: string
     | Dit_Steps of respacing: string
     | Seed of seed: int64
@@ -130,6 +131,7 @@ type EvalArgs =
             | Re_Cfg _ -> "phase-1 guidance (default from sampling.json, else 1)."
             | Temperature _ -> "sampling temperature (default from sampling.json, else 1)."
             | Num_Iter _ -> "phase-2 steps (default 4)."
+            | Phase1_Steps _ -> "phase-1 steps (default 4 x cond_scale)."
             | Mlp_Steps _ -> "MLP-head respacing (default the model's)."
             | Dit_Steps _ -> "Transformer-head respacing (default the model's)."
             | Seed _ -> "run seed (default 0)."
@@ -155,6 +157,8 @@ type AblationArgs =
     | Re_Cfg of scale: float
     | Temperature of t: float
     | Num_Iter of steps: int
+    | Mlp_Steps of respacing: string
+    | Dit_Steps of respacing: string
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -177,6 +181,8 @@ type AblationArgs =
             | Re_Cfg _ -> "phase-1 guidance (default 3)."
             | Temperature _ -> "sampling temperature (default 0.9)."
             | Num_Iter _ -> "phase-2 steps outside the sweep (default 4)."
+            | Mlp_Steps _ -> "MLP-head respacing of every evaluation (default 25)."
+            | Dit_Steps _ -> "Transformer-head respacing of every evaluation (default 25)."
 
 /// Arguments of `himar cache`.
 type CacheArgs =
@@ -894,6 +900,7 @@ let private eval (args: ParseResults<EvalArgs>) =
             ReCfg = args.GetResult(EvalArgs.Re_Cfg, defaultValue = dflt "re_cfg" 1.0),
             Temperature = args.GetResult(EvalArgs.Temperature, defaultValue = dflt "temperature" 1.0),
             Phase2Steps = args.GetResult(EvalArgs.Num_Iter, defaultValue = int (dflt "num_iter" 4.0)),
+            Phase1Steps = (args.TryGetResult EvalArgs.Phase1_Steps |> Option.toNullable),
             MlpHeadSteps = (args.TryGetResult EvalArgs.Mlp_Steps |> Option.toObj),
             DitHeadSteps = (args.TryGetResult EvalArgs.Dit_Steps |> Option.toObj),
             ClipDenoised = true
@@ -991,6 +998,8 @@ let private ablation (args: ParseResults<AblationArgs>) =
                     ReCfg = args.GetResult(AblationArgs.Re_Cfg, defaultValue = 3.0),
                     Temperature = args.GetResult(AblationArgs.Temperature, defaultValue = 0.9),
                     Phase2Steps = args.GetResult(AblationArgs.Num_Iter, defaultValue = 4),
+                    MlpHeadSteps = args.GetResult(AblationArgs.Mlp_Steps, defaultValue = "25"),
+                    DitHeadSteps = args.GetResult(AblationArgs.Dit_Steps, defaultValue = "25"),
                     ClipDenoised = true
                 )
         )

@@ -143,6 +143,45 @@ let tests =
                     |> ignore)
             }
 
+            test "an evaluation folder refuses images sampled with other settings" {
+                withTempDir (fun dir ->
+                    let models = Path.Combine(repoRoot, "models")
+                    use m = ReferenceImport.LoadModel(Path.Combine(models, "fashion"))
+                    use clf = new FashionClassifier(10L)
+
+                    ModelFiles.Load(clf, Path.Combine(models, "fashion-classifier", "weights.safetensors"))
+                    |> ignore
+
+                    clf.eval ()
+                    let stats = Path.Combine(models, "fashion-classifier", "train-stats.npz")
+
+                    let options =
+                        SamplerOptions(Cfg = 2.0, MlpHeadSteps = "3", DitHeadSteps = "3", ClipDenoised = true)
+
+                    let ckpt = Path.Combine(models, "fashion")
+                    EvalJob.Run(m, ckpt, true, clf, stats, 2, options, 0L, dir) |> ignore
+                    let again = EvalJob.Run(m, ckpt, true, clf, stats, 2, options, 0L, dir)
+                    Expect.equal again.Reused 2 "same settings: reused"
+
+                    let e =
+                        catchT<InvalidDataException> (fun () ->
+                            EvalJob.Run(
+                                m,
+                                ckpt,
+                                true,
+                                clf,
+                                stats,
+                                2,
+                                SamplerOptions(Cfg = 3.0, MlpHeadSteps = "3", DitHeadSteps = "3", ClipDenoised = true),
+                                0L,
+                                dir
+                            )
+                            |> ignore)
+
+                    Expect.stringContains e.Message dir "names the folder"
+                    Expect.stringContains e.Message "other settings" "says why")
+            }
+
             test "a small ablation runs end to end, tabulates, plots, and resumes without redoing work" {
                 withTempDir (fun dir ->
                     let plan =

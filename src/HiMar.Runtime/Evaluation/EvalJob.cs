@@ -54,6 +54,24 @@ public static class EvalJob
         var classes = model.Config.ClassNum;
         var labels = Enumerable.Range(0, count).Select(i => (long)(i % classes)).ToArray();
         var imagesDir = Path.Combine(outDir, "images");
+        Directory.CreateDirectory(outDir);
+        // Images on disk are only reused when they come from the same checkpoint, weights, seed and settings.
+        var identity = new JsonObject
+        {
+            ["checkpoint_hash"] = Hash(checkpoint),
+            ["weights"] = ema ? "ema" : "model",
+            ["seed"] = seed,
+            ["settings"] = SamplerSettings.Describe(options, model.Config),
+        }.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
+        var identityPath = Path.Combine(outDir, "sampling.json");
+        if (File.Exists(identityPath) && Directory.Exists(imagesDir) && Directory.EnumerateFiles(imagesDir, "*.png").Any())
+        {
+            var previous = File.ReadAllText(identityPath);
+            if (previous != identity)
+                throw new InvalidDataException(
+                    $"{outDir}: holds images sampled with other settings or weights (see its sampling.json); remove the folder or choose another output folder.");
+        }
+        AtomicFile.WriteText(identityPath, identity);
         Directory.CreateDirectory(imagesDir);
         string PathOf(int i) => Path.Combine(imagesDir, $"{i:D5}-class{labels[i]}.png");
         var tokenizer = PixelPatchTokenizer.Fashion;

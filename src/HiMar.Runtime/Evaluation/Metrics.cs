@@ -84,16 +84,30 @@ public static class Metrics
         using var scope = torch.NewDisposeScope();
         var r = real.to(ScalarType.Float64);
         var g = generated.to(ScalarType.Float64);
+        // Distances in blocks of rows, so 50,000 x 50,000 never exists at once (256 rows x 50k: 100 MB).
+        const long block = 256;
         Tensor Radii(Tensor x)
         {
-            var d = torch.cdist(x, x);
-            // The k-th neighbour other than the point itself: index k of the ascending distances.
-            return d.sort(1).Values.select(1, k);
+            var parts = new List<Tensor>();
+            for (long s = 0; s < x.shape[0]; s += block)
+            {
+                using var inner = torch.NewDisposeScope();
+                var d = torch.cdist(x.narrow(0, s, Math.Min(block, x.shape[0] - s)), x);
+                // The k-th neighbour other than the point itself: index k of the ascending distances.
+                parts.Add(d.topk(k + 1, 1, largest: false, sorted: true).values.select(1, k).MoveToOuterDisposeScope());
+            }
+            return torch.cat(parts);
         }
         double Coverage(Tensor manifold, Tensor radii, Tensor probe)
         {
-            var d = torch.cdist(probe, manifold);
-            return (d <= radii.unsqueeze(0)).any(1).to(ScalarType.Float64).mean().item<double>();
+            long covered = 0;
+            for (long s = 0; s < probe.shape[0]; s += block)
+            {
+                using var inner = torch.NewDisposeScope();
+                var d = torch.cdist(probe.narrow(0, s, Math.Min(block, probe.shape[0] - s)), manifold);
+                covered += (d <= radii.unsqueeze(0)).any(1).sum().item<long>();
+            }
+            return (double)covered / probe.shape[0];
         }
         return (Coverage(r, Radii(r), g), Coverage(g, Radii(g), r));
     }
