@@ -27,4 +27,7 @@ let main argv =
                 TrainingTests.cacheTests
                 EvaluationTests.tests
                 AblationTests.tests
+                TextTests.tokenizerTests
+                TextTests.modelTests
+                TextTests.encoderTests
             ])
