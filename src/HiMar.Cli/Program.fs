@@ -119,6 +119,11 @@ type EvalArgs =
     | Seed of seed: int64
     | Batch of size: int
     | [<AltCommandLine("-o")>] Out of dir: string
+    | Inception of file: string
+    | Images of dir: string
+    | Ref_Stats of npz: string
+    | Ref_Images of dir: string
+    | Device of name: string
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -136,7 +141,30 @@ type EvalArgs =
             | Dit_Steps _ -> "Transformer-head respacing (default the model's)."
             | Seed _ -> "run seed (default 0)."
             | Batch _ -> "images per sampler batch (default 50)."
-            | Out _ -> "output folder (default eval/<model>): images/ and eval.json."
+            | Out _ -> "output folder (default eval/<model>, or eval/<images folder>): eval.json (and images/)."
+            | Inception _ ->
+                "ImageNet metrics instead: FID/IS/PR of --images with these FID Inception weights (pt_inception-2015-12-05-6726825d.pth or safetensors)."
+            | Images _ -> "with --inception: the folder of generated images to score."
+            | Ref_Stats _ -> "with --inception: reference statistics (.npz with mu, sigma; see himar fid-stats)."
+            | Ref_Images _ -> "with --inception: a reference image folder instead (also gives precision/recall)."
+            | Device _ -> "with --inception: cpu (default), cuda or cuda:N."
+
+/// Arguments of `himar fid-stats`.
+type FidStatsArgs =
+    | [<ExactlyOnce>] Inception of file: string
+    | [<ExactlyOnce>] Images of dir: string
+    | [<AltCommandLine("-o"); ExactlyOnce>] Out of npz: string
+    | Batch of size: int
+    | Device of name: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Inception _ -> "the FID Inception weights (pt_inception-2015-12-05-6726825d.pth or safetensors)."
+            | Images _ -> "the reference image folder (any size, RGB; PNG, JPEG, ...)."
+            | Out _ -> "the statistics file to write (.npz with float64 mu and sigma)."
+            | Batch _ -> "images per Inception batch (default 50)."
+            | Device _ -> "cpu (default), cuda or cuda:N."
 
 /// Arguments of `himar ablation`.
 type AblationArgs =
@@ -320,6 +348,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Cache of ParseResults<CacheArgs>
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Fid_Stats of ParseResults<FidStatsArgs>
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
 
     interface IArgParserTemplate with
@@ -333,7 +362,10 @@ type HimarArgs =
             | Bench _ -> "benchmarks, reported as JSON."
             | Train _ -> "train a model (default: the fashion preset on Fashion-MNIST), resumably."
             | Cache _ -> "encode an image folder with the VAE into a latent cache for training."
-            | Eval _ -> "FD-FMNIST and class accuracy of a Fashion-MNIST model's samples, with its settings, as JSON."
+            | Eval _ ->
+                "FD-FMNIST and class accuracy of a Fashion-MNIST model's samples, or with --inception FID/IS/PR of an image folder; as JSON."
+            | Fid_Stats _ ->
+                "reference statistics (mu, sigma of the FID Inception features) of an image folder, as .npz."
             | Ablation _ ->
                 "the paper's Table 5 and step sweeps on Fashion-MNIST: train, evaluate, tabulate and plot (resumable)."
 
@@ -853,7 +885,7 @@ let private benchTrain (args: ParseResults<BenchTrainArgs>) =
 
     printReport report (args.TryGetResult BenchTrainArgs.Out)
 
-let private eval (args: ParseResults<EvalArgs>) =
+let private evalSamples (args: ParseResults<EvalArgs>) =
     TorchNative.EnsureLoaded()
     let models = IO.Path.Combine(AppContext.BaseDirectory, "models")
 
@@ -881,7 +913,7 @@ let private eval (args: ParseResults<EvalArgs>) =
     then
         raise (
             CliError
-                "himar eval measures Fashion-MNIST models (pixel patches, 10 classes); the ImageNet metrics need the Inception weights"
+                "himar eval samples Fashion-MNIST models (pixel patches, 10 classes); for ImageNet, score a folder of samples with --inception FILE --images DIR"
         )
 
     use classifier = new HiMar.Model.FashionClassifier(10L)
@@ -1020,6 +1052,123 @@ let private ablation (args: ParseResults<AblationArgs>) =
     printfn "wrote %s (results.json, results.md, ablation.png, sweep-*.png)" plan.OutDir
     0
 
+
+/// The FID Inception network, loaded and moved to the device.
+let private inception (weights: string) (deviceName: string option) =
+    TorchNative.EnsureLoaded()
+    let model = HiMar.Runtime.Evaluation.InceptionWeights.Load weights
+
+    match deviceName with
+    | Some d -> model.``to`` (device d) |> ignore
+    | None -> ()
+
+    model
+
+/// `himar fid-stats`: reference statistics of an image folder.
+let private fidStats (args: ParseResults<FidStatsArgs>) =
+    let images = args.GetResult FidStatsArgs.Images
+    let count = HiMar.Runtime.Evaluation.InceptionFeatures.ListImages(images).Count
+
+    use model =
+        inception (args.GetResult FidStatsArgs.Inception) (args.TryGetResult FidStatsArgs.Device)
+
+    let out = args.GetResult FidStatsArgs.Out
+
+    use stats =
+        (progressBar ())
+            .Start(fun ctx ->
+                let task =
+                    ctx.AddTask(sprintf "Inception features of %d images" count, maxValue = float count)
+
+                HiMar.Runtime.Evaluation.ImageNetEval.WriteStats(
+                    model,
+                    images,
+                    out,
+                    args.GetResult(FidStatsArgs.Batch, defaultValue = 50),
+                    fun d _ -> task.Value <- float d
+                ))
+
+    printfn "wrote %s: mu and sigma of %d images, %d-d features" out count stats.Mu.shape.[0]
+    0
+
+/// `himar eval --inception`: FID, Inception Score and precision/recall of a folder of generated images.
+let private evalImages (args: ParseResults<EvalArgs>) (weights: string) =
+    let images =
+        match args.TryGetResult EvalArgs.Images with
+        | Some d -> d
+        | None -> raise (CliError "eval --inception needs --images DIR, the folder of generated images to score")
+
+    let refStats, refImages =
+        match args.TryGetResult EvalArgs.Ref_Stats, args.TryGetResult EvalArgs.Ref_Images with
+        | Some s, None -> s, null
+        | None, Some d -> null, d
+        | _ -> raise (CliError "eval --inception needs exactly one of --ref-stats FILE.npz and --ref-images DIR")
+
+    let name =
+        match IO.Path.GetFileName(IO.Path.TrimEndingDirectorySeparator images) with
+        | null
+        | "" -> "images"
+        | n -> n
+
+    let out = args.GetResult(EvalArgs.Out, defaultValue = IO.Path.Combine("eval", name))
+    use model = inception weights (args.TryGetResult EvalArgs.Device)
+
+    let result =
+        (progressBar ())
+            .Start(fun ctx ->
+                let tasks = Collections.Generic.Dictionary<string, ProgressTask>()
+
+                HiMar.Runtime.Evaluation.ImageNetEval.Run(
+                    model,
+                    weights,
+                    images,
+                    refStats,
+                    refImages,
+                    out,
+                    args.GetResult(EvalArgs.Batch, defaultValue = 50),
+                    fun what d total ->
+                        match tasks.TryGetValue what with
+                        | true, t -> t.Value <- float d
+                        | _ ->
+                            tasks.[what] <-
+                                ctx.AddTask(
+                                    sprintf "Inception features of %s" what,
+                                    maxValue = float total,
+                                    Value = float d
+                                )
+                ))
+
+    let metrics = nonNull result.Report.["metrics"]
+
+    let value (key: string) =
+        match metrics.[key] with
+        | null -> "-"
+        | v -> sprintf "%.4f" (v.GetValue<float>())
+
+    let table =
+        Table().AddColumn("metric").AddColumn(TableColumn("value").RightAligned())
+
+    table.AddRow("FID", value "fid") |> ignore
+
+    table.AddRow("Inception Score", sprintf "%s ± %s" (value "inception_score") (value "inception_score_std"))
+    |> ignore
+
+    table.AddRow("precision", value "precision") |> ignore
+    table.AddRow("recall", value "recall") |> ignore
+
+    table.AddRow("images", string ((nonNull result.Report.["images"]).GetValue<int>()))
+    |> ignore
+
+    AnsiConsole.Write table
+    printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
+    0
+
+/// `himar eval`: with --inception the ImageNet metrics of an image folder, else a Fashion-MNIST model's samples.
+let private eval (args: ParseResults<EvalArgs>) =
+    match args.TryGetResult EvalArgs.Inception with
+    | Some weights -> evalImages args weights
+    | None -> evalSamples args
+
 /// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
 [<EntryPoint>]
 let main argv =
@@ -1037,6 +1186,7 @@ let main argv =
         | Train a -> train a
         | Cache a -> cache a
         | Eval a -> eval a
+        | Fid_Stats a -> fidStats a
         | Ablation a -> ablation a
         | Bench b ->
             match b.GetSubCommand() with
@@ -1047,6 +1197,9 @@ let main argv =
         eprintfn "himar: %s" e.Message
         TorchLoadException.ExitCode
     | :? IO.FileNotFoundException as e ->
+        eprintfn "himar: %s" e.Message
+        2
+    | :? IO.DirectoryNotFoundException as e ->
         eprintfn "himar: %s" e.Message
         2
     | :? IO.InvalidDataException as e ->

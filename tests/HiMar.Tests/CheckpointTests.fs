@@ -356,14 +356,14 @@ let tests =
                 Expect.stringStarts message $"{path}: the checkpoint zip is truncated or corrupt (" message
             }
 
-            test "A text file is refused as not a zip archive" {
+            test "A text file is refused as neither format" {
                 use dir = new TempDir()
                 let path = Path.Combine(dir.Path, "notes.pth")
                 File.WriteAllText(path, "this is not a checkpoint\n")
 
                 Expect.equal
                     (refusal path)
-                    $"{path}: not a zip archive, so not a torch.save checkpoint (only the zip format of PyTorch 1.6 and later is read)."
+                    $"{path}: not a torch.save checkpoint (neither a zip archive nor the legacy pickle stream of PyTorch before 1.6)."
                     "message"
             }
 
@@ -512,6 +512,85 @@ let tests =
                 Expect.equal
                     message
                     $"{path}: has no state dict 'model_ema' (its top-level keys are 'model')."
+                    "message"
+            }
+
+            test "A legacy-format (PyTorch before 1.6) state dict reads with its float and int64 tensors" {
+                use dir = new TempDir()
+                let path = Path.Combine(dir.Path, "legacy.pth")
+                use w = torch.arange(6.0f, dtype = torch.float32).reshape (2L, 3L)
+                use n = torch.tensor 7L
+                LegacyPth.write path [ "layer.weight", w; "bn.num_batches_tracked", n ]
+                use ck = TorchCheckpoint.Read path
+                let sd = ck.StateDict "state_dict"
+                Expect.equal (List.ofSeq sd.Keys) [ "layer.weight"; "bn.num_batches_tracked" ] "keys in pickle order"
+                Expect.equal (shapeOf sd["layer.weight"]) [ 2L; 3L ] "shape"
+                Expect.equal (floats sd["layer.weight"]) [ 0.0f; 1.0f; 2.0f; 3.0f; 4.0f; 5.0f ] "values"
+                Expect.equal sd["bn.num_batches_tracked"].dtype torch.int64 "int64 counter"
+                Expect.equal (shapeOf sd["bn.num_batches_tracked"]) [] "a scalar"
+                Expect.equal (sd["bn.num_batches_tracked"].item<int64> ()) 7L "value"
+            }
+
+            test "Legacy views of a storage and transposed tensors read as torch.load gives them" {
+                use dir = new TempDir()
+                let path = Path.Combine(dir.Path, "views.pth")
+
+                let bytes =
+                    Array.concat
+                        [
+                            LegacyPth.header
+                            LegacyPth.stateDictPickle
+                                [
+                                    "view",
+                                    LegacyPth.tensorRef "FloatStorage" "1" 6L (Some("v", 2L, 3L)) 0L [ 3L ] [ 1L ]
+                                    "t", LegacyPth.tensorRef "FloatStorage" "1" 6L None 0L [ 3L; 2L ] [ 1L; 3L ]
+                                ]
+                            LegacyPth.storages
+                                [
+                                    "1",
+                                    6L,
+                                    [| 0.0f; 1.0f; 2.0f; 3.0f; 4.0f; 5.0f |] |> Array.collect BitConverter.GetBytes
+                                ]
+                        ]
+
+                File.WriteAllBytes(path, bytes)
+                use ck = TorchCheckpoint.Read path
+                let root = rootOf ck
+                Expect.equal (floats (get<torch.Tensor> "view" root["view"])) [ 2.0f; 3.0f; 4.0f ] "elements 2..4"
+                let t = get<torch.Tensor> "t" root["t"]
+                Expect.equal (shapeOf t) [ 3L; 2L ] "transposed shape"
+                Expect.equal (floats t) [ 0.0f; 3.0f; 1.0f; 4.0f; 2.0f; 5.0f ] "transposed values, made contiguous"
+            }
+
+            test "A legacy storage whose element count differs from the pickle's, or that is cut short, is refused" {
+                use dir = new TempDir()
+                let path = Path.Combine(dir.Path, "bad.pth")
+                use w = torch.ones (6L)
+                LegacyPth.write path [ "w", w ]
+                let good = File.ReadAllBytes path
+                // The storage's int64 count sits right before its 24 data bytes.
+                let miscounted = Array.copy good
+                miscounted[good.Length - 32] <- 5uy
+                File.WriteAllBytes(path, miscounted)
+
+                Expect.equal (refusal path) $"{path}: storage '1000' holds 5 elements, but the pickle says 6." "count"
+
+                File.WriteAllBytes(path, good[.. good.Length - 5])
+
+                Expect.equal
+                    (refusal path)
+                    $"{path}: truncated: storage '1000' needs 24 bytes at byte {good.Length - 24} of {good.Length - 4}."
+                    "truncated"
+            }
+
+            test "A legacy stream with another magic number is refused" {
+                use dir = new TempDir()
+                let path = Path.Combine(dir.Path, "magic.pth")
+                File.WriteAllBytes(path, Array.concat [ Pickle.proto2; Pickle.int 42; Pickle.stop ])
+
+                Expect.equal
+                    (refusal path)
+                    $"{path}: not a torch.save checkpoint (the legacy stream starts with a different magic number)."
                     "message"
             }
         ]

@@ -30,4 +30,5 @@ let main argv =
                 TextTests.tokenizerTests
                 TextTests.modelTests
                 TextTests.encoderTests
+                InceptionTests.tests
             ])

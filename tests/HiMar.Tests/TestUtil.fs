@@ -48,3 +48,154 @@ let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
 
 /// The shape of a tensor as a list.
 let shapeOf (t: torch.Tensor) = List.ofArray t.shape
+
+/// Hand-written legacy `torch.save` streams (PyTorch 0.4 to 1.5, the format of pytorch-fid's Inception weights):
+/// pickled magic number, protocol version and system facts, the pickled object with persistent ids, the pickled
+/// storage keys, then per storage an int64 element count and the raw little-endian data. No Python runs here.
+module LegacyPth =
+    let private str (s: string) =
+        let b = Text.Encoding.UTF8.GetBytes s
+        Array.concat [ [| byte 'X' |]; BitConverter.GetBytes(int32 b.Length); b ]
+
+    let private int (n: int64) =
+        Array.append [| byte 'J' |] (BitConverter.GetBytes(int32 n))
+
+    let private glob (m: string) (n: string) =
+        Array.append [| byte 'c' |] (Text.Encoding.ASCII.GetBytes $"{m}\n{n}\n")
+
+    let private tupleOf (items: byte array list) =
+        Array.concat [ [| byte '(' |]; Array.concat items; [| byte 't' |] ]
+
+    let private pickle (body: byte array) =
+        Array.concat [ [| 0x80uy; 2uy |]; body; [| byte '.' |] ]
+
+    let private orderedDict =
+        Array.concat [ glob "collections" "OrderedDict"; [| byte ')'; byte 'R' |] ]
+
+    /// The three header pickles: magic number 0x1950a86a20f9469cfc6c, protocol 1001, system facts.
+    let header =
+        let magic =
+            Numerics.BigInteger.Parse("1950a86a20f9469cfc6c", Globalization.NumberStyles.HexNumber)
+
+        let m = magic.ToByteArray()
+
+        Array.concat
+            [
+                pickle (Array.concat [ [| 0x8auy; byte m.Length |]; m ])
+                pickle [| byte 'M'; 0xe9uy; 0x03uy |]
+                pickle (
+                    Array.concat
+                        [
+                            [| byte '}'; byte '(' |]
+                            str "protocol_version"
+                            int 1001L
+                            str "little_endian"
+                            [| 0x88uy |]
+                            str "type_sizes"
+                            [| byte '}'; byte '(' |]
+                            str "short"
+                            int 2L
+                            str "int"
+                            int 4L
+                            str "long"
+                            int 4L
+                            [| byte 'u'; byte 'u' |]
+                        ]
+                )
+            ]
+
+    /// `_rebuild_tensor_v2(pid, offset, size, stride, False, OrderedDict())` with the legacy persistent id
+    /// ('storage', torch.<storageClass>, key, 'cpu', numel, view), view None or (view key, offset, numel).
+    let tensorRef
+        (storageClass: string)
+        (key: string)
+        (numel: int64)
+        (view: (string * int64 * int64) option)
+        (offset: int64)
+        (size: int64 list)
+        (stride: int64 list)
+        =
+        let viewPart =
+            match view with
+            | None -> [| byte 'N' |]
+            | Some(k, o, n) -> tupleOf [ str k; int o; int n ]
+
+        Array.concat
+            [
+                glob "torch._utils" "_rebuild_tensor_v2"
+                tupleOf
+                    [
+                        tupleOf
+                            [
+                                str "storage"
+                                glob "torch" storageClass
+                                str key
+                                str "cpu"
+                                int numel
+                                viewPart
+                            ]
+                        [| byte 'Q' |]
+                        int offset
+                        tupleOf (size |> List.map int)
+                        tupleOf (stride |> List.map int)
+                        [| 0x89uy |]
+                        orderedDict
+                    ]
+                [| byte 'R' |]
+            ]
+
+    /// The object pickle of an OrderedDict of named (already pickled) values.
+    let stateDictPickle (items: (string * byte array) list) =
+        pickle (
+            Array.concat
+                [
+                    orderedDict
+                    [| byte '(' |]
+                    items |> List.map (fun (k, v) -> Array.append (str k) v) |> Array.concat
+                    [| byte 'u' |]
+                ]
+        )
+
+    /// The storage-keys pickle and each storage as its element count and raw bytes.
+    let storages (items: (string * int64 * byte array) list) =
+        Array.concat
+            [
+                pickle (
+                    Array.concat
+                        [
+                            [| byte ']'; byte '(' |]
+                            items |> List.map (fun (k, _, _) -> str k) |> Array.concat
+                            [| byte 'e' |]
+                        ]
+                )
+                for _, numel, bytes in items do
+                    BitConverter.GetBytes numel
+                    bytes
+            ]
+
+    /// A whole legacy file of a state dict: one storage per tensor (float32 or int64, any shape), in order.
+    let write (path: string) (tensors: (string * torch.Tensor) list) =
+        let entries =
+            tensors
+            |> List.mapi (fun i (name, t) ->
+                use c = t.detach().cpu().contiguous ()
+
+                let storageClass =
+                    if c.dtype = torch.int64 then "LongStorage"
+                    elif c.dtype = torch.float32 then "FloatStorage"
+                    else failwithf "%s: %O is not written" name c.dtype
+
+                let key = string (1000 + i)
+                let shape = List.ofArray c.shape
+                let strides = List.ofArray (c.stride ())
+
+                name,
+                tensorRef storageClass key (c.numel ()) None 0L shape strides,
+                (key, c.numel (), c.bytes.ToArray()))
+
+        use f = File.Create path
+        f.Write(header, 0, header.Length)
+        let obj = stateDictPickle (entries |> List.map (fun (n, r, _) -> n, r))
+        f.Write(obj, 0, obj.Length)
+        let data = storages (entries |> List.map (fun (_, _, s) -> s))
+        f.Write(data, 0, data.Length)

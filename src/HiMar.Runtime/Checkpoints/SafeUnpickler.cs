@@ -38,7 +38,8 @@ internal sealed class SafeUnpickler(
     byte[] data,
     string what,
     Func<object?[], object> persistentLoad,
-    Func<object?[], object> rebuildTensor)
+    Func<object?[], object> rebuildTensor,
+    int start = 0)
 {
     static readonly Dictionary<string, StorageType> StorageTypes = new[]
     {
@@ -69,7 +70,10 @@ internal sealed class SafeUnpickler(
     readonly List<object?> stack = [];
     readonly Stack<int> marks = new();
     readonly Dictionary<long, object?> memo = [];
-    int pos;
+    int pos = start;
+
+    /// <summary>The byte after the last one read: after <see cref="Load"/>, where the next pickle of a stream starts.</summary>
+    public int Position => pos;
 
     /// <summary>Runs the pickle program to its STOP opcode and returns the value it built.</summary>
     public object? Load()

@@ -7,7 +7,10 @@ namespace HiMar.Runtime.Checkpoints;
 /// <summary>
 /// A PyTorch <c>torch.save</c> checkpoint (<c>.pth</c>, <c>.ckpt</c>) read without Python: the zip format PyTorch
 /// writes since 1.6, holding <c>&lt;prefix&gt;/data.pkl</c> (the pickled object), <c>&lt;prefix&gt;/data/&lt;key&gt;</c>
-/// (raw little-endian storages) and <c>&lt;prefix&gt;/version</c>. The pickle runs through <see cref="SafeUnpickler"/>,
+/// (raw little-endian storages) and <c>&lt;prefix&gt;/version</c>; and the legacy stream of PyTorch 0.4 to 1.5
+/// (published weights of that era, such as pytorch-fid's Inception file): four pickles (the magic number, the
+/// protocol version 1001, a dict of system facts, the object) and a pickled list of storage keys, then each
+/// storage as an int64 element count and its raw little-endian data. The pickles run through <see cref="SafeUnpickler"/>,
 /// which accepts only tensors, dicts, lists, tuples, scalars and <c>argparse.Namespace</c> (reference
 /// <c>util/misc.save_model</c> writes <c>{model, model_ema, optimizer, epoch, scaler, args}</c>).
 /// The checkpoint owns its tensors (CPU, contiguous, no grad) and disposes them with itself; views of one storage
@@ -35,8 +38,8 @@ public sealed class TorchCheckpoint : IDisposable
     /// </summary>
     public object? Root { get; }
 
-    /// <summary>Reads a <c>torch.save</c> zip checkpoint; any problem is a <see cref="CheckpointFormatException"/>
-    /// naming the file.</summary>
+    /// <summary>Reads a <c>torch.save</c> checkpoint, zip or legacy; any problem is a
+    /// <see cref="CheckpointFormatException"/> naming the file.</summary>
     public static TorchCheckpoint Read(string path)
     {
         FileStream stream;
@@ -50,7 +53,12 @@ public sealed class TorchCheckpoint : IDisposable
         }
         using (stream)
         {
-            var zip = OpenZip(stream, path);
+            Span<byte> magic = stackalloc byte[4];
+            var n = stream.Read(magic);
+            stream.Position = 0;
+            if (n >= 2 && magic[0] == 0x80 && !magic[..Math.Min(n, 4)].SequenceEqual("PK\u0003\u0004"u8))
+                return new LegacyReader(ReadAll(stream, path), path).Run();
+            var zip = OpenZip(stream, path, n == 4 && magic.SequenceEqual("PK\u0003\u0004"u8));
             using (zip)
             {
                 var reader = new Reader(zip, path);
@@ -59,11 +67,24 @@ public sealed class TorchCheckpoint : IDisposable
         }
     }
 
-    static ZipArchive OpenZip(FileStream stream, string path)
+    static byte[] ReadAll(FileStream stream, string path)
     {
-        Span<byte> magic = stackalloc byte[4];
-        var isZip = stream.Read(magic) == 4 && magic.SequenceEqual("PK\u0003\u0004"u8);
-        stream.Position = 0;
+        if (stream.Length > Array.MaxLength)
+            throw new CheckpointFormatException($"{path}: {stream.Length} bytes is too large for a legacy-format checkpoint.");
+        var bytes = new byte[stream.Length];
+        try
+        {
+            stream.ReadExactly(bytes);
+        }
+        catch (IOException e)
+        {
+            throw new CheckpointFormatException($"{path}: cannot be read ({e.Message}).", e);
+        }
+        return bytes;
+    }
+
+    static ZipArchive OpenZip(FileStream stream, string path, bool isZip)
+    {
         try
         {
             return new ZipArchive(stream, ZipArchiveMode.Read, leaveOpen: true);
@@ -72,7 +93,7 @@ public sealed class TorchCheckpoint : IDisposable
         {
             throw new CheckpointFormatException(isZip
                 ? $"{path}: the checkpoint zip is truncated or corrupt ({e.Message})."
-                : $"{path}: not a zip archive, so not a torch.save checkpoint (only the zip format of PyTorch 1.6 and later is read).", e);
+                : $"{path}: not a torch.save checkpoint (neither a zip archive nor the legacy pickle stream of PyTorch before 1.6).", e);
         }
     }
 
@@ -223,42 +244,166 @@ public sealed class TorchCheckpoint : IDisposable
             return storage;
         }
 
-        /// <summary>_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]).</summary>
-        object RebuildTensor(object?[] args)
+        object RebuildTensor(object?[] args) => Rebuild(path, built, args);
+    }
+
+    /// <summary>_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]):
+    /// a contiguous copy of the strided view, added to <paramref name="built"/>.</summary>
+    static Tensor Rebuild(string path, List<Tensor> built, object?[] args)
+    {
+        if (args is not [Storage storage, long offset, object?[] size, object?[] stride, ..] || args.Length is < 5 or > 7)
+            throw new CheckpointFormatException($"{path}: _rebuild_tensor_v2 called with unexpected arguments.");
+        var shape = Longs(size, "size", storage.Key);
+        var strides = Longs(stride, "stride", storage.Key);
+        if (shape.Length != strides.Length)
+            throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} sizes but {strides.Length} strides.");
+        Tensor tensor;
+        if (shape.Contains(0))
+            tensor = torch.empty(shape, storage.Type.DType);
+        else
         {
-            if (args is not [Storage storage, long offset, object?[] size, object?[] stride, ..] || args.Length is < 5 or > 7)
-                throw new CheckpointFormatException($"{path}: _rebuild_tensor_v2 called with unexpected arguments.");
-            var shape = Longs(size, "size", storage.Key);
-            var strides = Longs(stride, "stride", storage.Key);
-            if (shape.Length != strides.Length)
-                throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} sizes but {strides.Length} strides.");
-            Tensor tensor;
-            if (shape.Contains(0))
-                tensor = torch.empty(shape, storage.Type.DType);
-            else
+            // The last element viewed: offset + sum((size_i - 1) * stride_i), which must lie inside the storage.
+            long last;
+            try
             {
-                // The last element viewed: offset + sum((size_i - 1) * stride_i), which must lie inside the storage.
-                long last;
-                try
-                {
-                    last = checked(offset + shape.Zip(strides, (n, s) => (n - 1) * s).Sum());
-                }
-                catch (OverflowException)
-                {
-                    last = long.MaxValue;
-                }
-                var numel = storage.Data.shape[0];
-                if (offset < 0 || last >= numel)
-                    throw new CheckpointFormatException(
-                        $"{path}: a tensor of shape [{string.Join(", ", shape)}] at offset {offset} reaches element {last} of storage '{storage.Key}', which holds {numel}.");
-                tensor = storage.Data.as_strided(shape, strides, offset).contiguous();
+                last = checked(offset + shape.Zip(strides, (n, s) => (n - 1) * s).Sum());
             }
-            built.Add(tensor);
-            return tensor;
+            catch (OverflowException)
+            {
+                last = long.MaxValue;
+            }
+            var numel = storage.Data.shape[0];
+            if (offset < 0 || last >= numel)
+                throw new CheckpointFormatException(
+                    $"{path}: a tensor of shape [{string.Join(", ", shape)}] at offset {offset} reaches element {last} of storage '{storage.Key}', which holds {numel}.");
+            tensor = storage.Data.as_strided(shape, strides, offset).contiguous();
         }
+        built.Add(tensor);
+        return tensor;
 
         long[] Longs(object?[] values, string what, string key) =>
             values.Select(v => v is long l && l >= 0 ? l
                 : throw new CheckpointFormatException($"{path}: a tensor of storage '{key}' has a {what} that is not a non-negative int.")).ToArray();
+    }
+
+    /// <summary>
+    /// One read of the legacy stream. The storages follow the object's pickle, whose length is known only once it
+    /// has been run, so the pickle runs twice: first to find where it ends and which storages (type, element count) it
+    /// refers to, then, with every storage's place in the file known, to build the object from storages read on
+    /// demand, as the zip reader does.
+    /// </summary>
+    sealed class LegacyReader(byte[] data, string path)
+    {
+        /// <summary>torch.save's legacy magic number, pickled first.</summary>
+        static readonly System.Numerics.BigInteger Magic = System.Numerics.BigInteger.Parse("1950a86a20f9469cfc6c", System.Globalization.NumberStyles.HexNumber);
+        const long ProtocolVersion = 1001;
+
+        readonly Dictionary<string, (StorageType Type, long Numel)> referenced = [];
+        readonly Dictionary<string, long> offsets = [];
+        readonly Dictionary<string, Storage> storages = [];
+        readonly List<Tensor> built = [];
+
+        public TorchCheckpoint Run()
+        {
+            var pos = 0;
+            object? Next(string what)
+            {
+                var unpickler = new SafeUnpickler(data, $"{path} ({what})", _ => throw Bad($"the {what} refers to a storage"),
+                    _ => throw Bad($"the {what} holds a tensor"), pos);
+                var value = unpickler.Load();
+                pos = unpickler.Position;
+                return value;
+            }
+            var magic = Next("magic number");
+            if (magic is not System.Numerics.BigInteger m || m != Magic)
+                throw Bad("not a torch.save checkpoint (the legacy stream starts with a different magic number)");
+            if (Next("protocol version") is not long protocol || protocol != ProtocolVersion)
+                throw Bad($"legacy protocol version other than {ProtocolVersion} is not read");
+            if (Next("system information") is not Dictionary<string, object?> sysInfo)
+                throw Bad("the system information is not a dict");
+            if (sysInfo.TryGetValue("little_endian", out var little) && little is false)
+                throw Bad("the storages are big-endian; only little-endian checkpoints are read");
+
+            // Pass 1: where the object's pickle ends, and the storages it refers to.
+            var objectStart = pos;
+            using (torch.NewDisposeScope())
+            {
+                var unpickler = new SafeUnpickler(data, $"{path} (object)", Refer, _ => torch.empty(0), objectStart);
+                unpickler.Load();
+                pos = unpickler.Position;
+            }
+            if (Next("storage keys") is not List<object?> keys || keys.Any(k => k is not string))
+                throw Bad("the storage keys are not a list of strings");
+            foreach (var key in keys.Cast<string>())
+            {
+                if (!referenced.TryGetValue(key, out var r))
+                    throw Bad($"storage '{key}' is listed but no tensor refers to it");
+                if (data.Length - pos < 8)
+                    throw Bad($"truncated: storage '{key}' starts at byte {pos} of {data.Length}");
+                var numel = BitConverter.ToInt64(data, pos);
+                if (numel != r.Numel)
+                    throw Bad($"storage '{key}' holds {numel} elements, but the pickle says {r.Numel}");
+                var length = numel * r.Type.ElementSize;
+                if (numel < 0 || length > data.Length - pos - 8)
+                    throw Bad($"truncated: storage '{key}' needs {length} bytes at byte {pos + 8} of {data.Length}");
+                if (length > int.MaxValue)
+                    throw Bad($"storage '{key}' is {length} bytes; storages over 2 GiB are not read");
+                offsets[key] = pos + 8;
+                pos += 8 + (int)length;
+            }
+            foreach (var key in referenced.Keys)
+                if (!offsets.ContainsKey(key))
+                    throw Bad($"storage '{key}' is referred to but missing from the storage list");
+
+            // Pass 2: the object, from the storages now located.
+            using var scope = torch.NewDisposeScope();
+            var root = new SafeUnpickler(data, $"{path} (object)", Load, args => Rebuild(path, built, args), objectStart).Load();
+            foreach (var t in built)
+                t.DetachFromDisposeScope();
+            return new TorchCheckpoint(path, root, built);
+        }
+
+        CheckpointFormatException Bad(string message) => new($"{path}: {message}.");
+
+        /// <summary>The legacy persistent id: ('storage', storage type, root key, location, root numel, view metadata),
+        /// where the view metadata is None or (view key, offset, view numel).</summary>
+        static (StorageType Type, string Key, long Numel, object? View)? Parse(object?[] pid) =>
+            pid is ["storage", StorageType type, string key, string, long numel, var view] ? (type, key, numel, view) : null;
+
+        object Refer(object?[] pid)
+        {
+            var (type, key, numel, _) = Parse(pid) ?? throw Bad(
+                $"unexpected persistent id ({string.Join(", ", pid.Select(p => p?.ToString() ?? "None"))}); expected ('storage', type, key, location, numel, view)");
+            if (numel < 0)
+                throw Bad($"storage '{key}' has a negative element count");
+            if (referenced.TryGetValue(key, out var known) && (known.Type != type || known.Numel != numel))
+                throw Bad($"storage '{key}' is referred to as both {known.Numel} {known.Type.Name} and {numel} {type.Name}");
+            referenced[key] = (type, numel);
+            return type;
+        }
+
+        object Load(object?[] pid)
+        {
+            var (type, key, numel, view) = Parse(pid)!.Value;
+            if (!storages.TryGetValue(key, out var root))
+            {
+                var tensor = torch.empty([numel], type.DType);
+                data.AsSpan(checked((int)offsets[key]), checked((int)(numel * type.ElementSize))).CopyTo(tensor.bytes);
+                root = new Storage(key, type, tensor);
+                storages[key] = root;
+            }
+            switch (view)
+            {
+                case null:
+                    return root;
+                case object?[] { Length: 3 } v when v[0] is string viewKey && v[1] is long offset && v[2] is long size:
+                    if (offset < 0 || size < 0 || offset + size > numel)
+                        throw Bad($"view '{viewKey}' of storage '{key}' ({size} elements at {offset}) lies outside its {numel} elements");
+                    // A copy: Rebuild's as_strided offsets count from the start of the view, not of its root.
+                    return new Storage(viewKey, type, root.Data.narrow(0, offset, size).clone());
+                default:
+                    throw Bad($"storage '{key}' has view metadata that is not (key, offset, size)");
+            }
+        }
     }
 }
