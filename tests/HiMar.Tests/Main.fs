@@ -26,4 +26,5 @@ let main argv =
                 TrainingTests.tests
                 TrainingTests.cacheTests
                 EvaluationTests.tests
+                DistributedTests.tests
             ])
