@@ -50,6 +50,7 @@ type private MirrorPair() =
         member _.Broadcast(_: Span<byte>, _: int) = ()
         member _.Broadcast(_: torch.Tensor, _: int) = ()
         member _.Barrier() = ()
+        member _.IdleBarrier() = ()
         member _.Dispose() = ()
 
 /// The losses of rows `window` of a batch, after seeding torch's generator with `seed`.

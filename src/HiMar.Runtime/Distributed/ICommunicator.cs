@@ -38,6 +38,10 @@ public interface ICommunicator : IDisposable
 
     /// <summary>Returns on each rank once every rank has called it.</summary>
     void Barrier();
+
+    /// <summary>A barrier for long waits: it sleeps instead of spinning, leaving the core to the ranks still working
+    /// (MPI's own barrier polls at full speed); ranks leave it a few milliseconds apart, so do not time from it.</summary>
+    void IdleBarrier();
 }
 
 /// <summary>Averages, typed broadcasts and whole-module broadcasts built on <see cref="ICommunicator"/>.</summary>
@@ -164,6 +168,11 @@ public sealed class SingleProcess : ICommunicator
 
     /// <inheritdoc/>
     public void Barrier()
+    {
+    }
+
+    /// <inheritdoc/>
+    public void IdleBarrier()
     {
     }
 

@@ -139,6 +139,9 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     /// <inheritdoc/>
     public void Barrier() => mpi.Barrier(mpi.CommWorld);
 
+    /// <inheritdoc/>
+    public void IdleBarrier() => mpi.SleepingBarrier(mpi.CommWorld, TimeSpan.FromMilliseconds(5));
+
     /// <summary>Ends every process of the job with <paramref name="code"/> (after a failure on this rank, so
     /// the others do not wait forever in a collective).</summary>
     public void Abort(int code) => mpi.Abort(mpi.CommWorld, code);

@@ -32,6 +32,8 @@ public sealed unsafe class MpiLibrary
     readonly delegate* unmanaged<IntPtr, IntPtr, int, IntPtr, IntPtr, IntPtr, int> allreduce;
     readonly delegate* unmanaged<IntPtr, int, IntPtr, int, IntPtr, int> bcast;
     readonly delegate* unmanaged<IntPtr, int> barrier;
+    readonly delegate* unmanaged<IntPtr, IntPtr*, int> ibarrier;
+    readonly delegate* unmanaged<IntPtr*, int*, IntPtr, int> test;
     readonly delegate* unmanaged<IntPtr, int, int> abort;
     readonly delegate* unmanaged<int, byte*, int*, int> errorString;
     readonly delegate* unmanaged<byte*, int*, int> libraryVersion;
@@ -50,6 +52,8 @@ public sealed unsafe class MpiLibrary
         allreduce = (delegate* unmanaged<IntPtr, IntPtr, int, IntPtr, IntPtr, IntPtr, int>)F("MPI_Allreduce");
         bcast = (delegate* unmanaged<IntPtr, int, IntPtr, int, IntPtr, int>)F("MPI_Bcast");
         barrier = (delegate* unmanaged<IntPtr, int>)F("MPI_Barrier");
+        ibarrier = (delegate* unmanaged<IntPtr, IntPtr*, int>)F("MPI_Ibarrier");
+        test = (delegate* unmanaged<IntPtr*, int*, IntPtr, int>)F("MPI_Test");
         abort = (delegate* unmanaged<IntPtr, int, int>)F("MPI_Abort");
         errorString = (delegate* unmanaged<int, byte*, int*, int>)F("MPI_Error_string");
         libraryVersion = (delegate* unmanaged<byte*, int*, int>)F("MPI_Get_library_version");
@@ -209,6 +213,23 @@ public sealed unsafe class MpiLibrary
 
     /// <summary><c>MPI_Barrier</c>.</summary>
     public void Barrier(IntPtr comm) => Check(barrier(comm), "MPI_Barrier");
+
+    /// <summary><c>MPI_Ibarrier</c>, then <c>MPI_Test</c> every <paramref name="poll"/> until every rank has
+    /// arrived: a barrier that sleeps instead of spinning (MPI requests are pointers in Open MPI;
+    /// <c>MPI_STATUS_IGNORE</c> is null).</summary>
+    public void SleepingBarrier(IntPtr comm, TimeSpan poll)
+    {
+        IntPtr request;
+        Check(ibarrier(comm, &request), "MPI_Ibarrier");
+        while (true)
+        {
+            int done;
+            Check(test(&request, &done, IntPtr.Zero), "MPI_Test");
+            if (done != 0)
+                return;
+            Thread.Sleep(poll);
+        }
+    }
 
     /// <summary><c>MPI_Abort</c>: ends every process of the job.</summary>
     public void Abort(IntPtr comm, int code) => abort(comm, code);

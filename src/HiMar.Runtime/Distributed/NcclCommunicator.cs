@@ -153,6 +153,14 @@ public sealed unsafe class NcclCommunicator : ICommunicator
         mpi.Barrier();
     }
 
+    /// <inheritdoc/>
+    public void IdleBarrier()
+    {
+        if (torch.cuda.is_available())
+            torch.cuda.synchronize();
+        mpi.IdleBarrier();
+    }
+
     /// <summary>Destroys the NCCL communicator (MPI stays up for <see cref="Communicators.Finish"/>).</summary>
     public void Dispose()
     {

@@ -80,7 +80,8 @@ public static class TrainBenchmark
             Span<double> alone = [0];
             if (comm.IsRoot())
                 alone[0] = Time(false).Step;
-            comm.Barrier();
+            // The other ranks sleep meanwhile: a spinning barrier would take a core from rank 0's baseline.
+            comm.IdleBarrier();
             comm.Broadcast(alone, 0);
             var t = Time(true);
             Span<double> slowest = [t.Step, t.AllReduce];
