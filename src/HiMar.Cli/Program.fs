@@ -716,7 +716,12 @@ let private train (args: ParseResults<TrainArgs>) =
     let root = comm.Rank = 0
 
     if root && comm.Size > 1 then
-        printfn "data-parallel training on %d ranks (%s), %d threads each" comm.Size comm.Backend threads
+        printfn
+            "data-parallel training on %d ranks (%s), %d libtorch thread%s per rank"
+            comm.Size
+            comm.Backend
+            threads
+            (if threads = 1 then "" else "s")
 
         if config.AttnDropout > 0.0 || config.ProjDropout > 0.0 then
             eprintfn

@@ -95,7 +95,8 @@ let private mpirun () =
     |> Option.defaultWith (fun () ->
         failtest "mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev; scripts/test does it)")
 
-/// Runs a command with one libtorch thread per process; fails the test with its output unless it exits 0.
+/// Runs a command with one libtorch thread per process; fails the test with its output unless it exits 0, and
+/// returns its standard output (launcher warnings on standard error stay out of the JSON reports).
 let private run (exe: string) (args: string list) =
     let psi = ProcessStartInfo(exe, args)
     psi.RedirectStandardOutput <- true
@@ -109,12 +110,10 @@ let private run (exe: string) (args: string list) =
         p.Kill true
         failtestf "%s %s did not finish in 5 minutes" exe (String.Join(" ", args))
 
-    let output = out.Result + err.Result
-
     if p.ExitCode <> 0 then
-        failtestf "%s %s exited %d:\n%s" exe (String.Join(" ", args)) p.ExitCode output
+        failtestf "%s %s exited %d:\n%s%s" exe (String.Join(" ", args)) p.ExitCode out.Result err.Result
 
-    output
+    out.Result
 
 /// `mpirun -np 2 dotnet himar.dll ARGS` (root allowed, 2 slots whatever the core count).
 let private mpiHimar (args: string list) =
@@ -203,6 +202,30 @@ let tests =
                     catchT<ArgumentException> (fun () -> draw { Offset = 0L; Count = 3L; Total = 6L } 7L |> ignore)
 
                 Expect.stringContains e.Message "7 rows are not whole blocks of this share's 3 rows" "message"
+            }
+
+            test "a VAE tokenizer draws its posterior noise for the global batch and keeps the window's rows" {
+                use fixture = HiMar.Runtime.Parity.ParityFixture.Open tinyFixture
+                use vae = HiMar.Runtime.Parity.VaeParityCases.Build fixture
+                let tok = HiMar.Runtime.Data.VaeTokenizer vae :> HiMar.Runtime.Data.ITokenizer
+                torch.manual_seed 6L |> ignore
+                use images = torch.rand(4L, 3L, 64L, 64L).mul(scalar 2.0).sub (scalar 1.0)
+                torch.manual_seed 7L |> ignore
+                let struct (wholeTokens, wholePivots) = tok.Encode images
+                use wholeTokens = wholeTokens
+                use wholePivots = wholePivots
+                torch.manual_seed 7L |> ignore
+                use last = images.narrow (0L, 2L, 2L)
+
+                let struct (tokens, pivots) =
+                    tok.Encode(last, { Offset = 2L; Count = 2L; Total = 4L })
+
+                use tokens = tokens
+                use pivots = pivots
+                use expectedTokens = wholeTokens.narrow (0L, 2L, 2L)
+                use expectedPivots = wholePivots.narrow (0L, 2L, 2L)
+                Expect.isLessThan (maxAbsDiff tokens expectedTokens) 1e-5 "dense latents"
+                Expect.isLessThan (maxAbsDiff pivots expectedPivots) 1e-5 "pivot latents"
             }
 
             test "two halves of a batch give losses and gradients whose means are the whole batch's" {
@@ -307,7 +330,8 @@ let tests =
 
             test "mpirun -np 2 himar bench allreduce sums float32 buffers over both ranks" {
                 let out = mpiHimar [ "bench"; "allreduce"; "--sizes"; "4K,1M"; "--repeat"; "2" ]
-                let report = JsonNode.Parse(out.Substring(out.IndexOf '{')) |> nonNull
+                // the JSON report, without the terminal codes mpirun may print before it
+                let report = JsonNode.Parse(out.[out.IndexOf '{' .. out.LastIndexOf '}']) |> nonNull
                 Expect.equal (report.["ranks"] |> nonNull |> _.GetValue<int>()) 2 "two ranks"
                 Expect.equal (report.["backend"] |> nonNull |> _.GetValue<string>()) "mpi" "MPI"
 
