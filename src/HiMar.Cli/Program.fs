@@ -266,9 +266,11 @@ type TrainArgs =
             | Vae _ -> "the VAE the cache was made with."
             | Out _ -> "the run folder (default runs/<preset>): checkpoints/, samples/, metrics.jsonl, loss.png."
             | Steps _ -> "optimiser steps in total (default 4000); a resumed run continues up to this."
-            | Batch _ -> "images per step (default 64)."
+            | Batch _ ->
+                "images per step and process (default 64); under mpirun -np N the global batch is N times this."
             | Accumulation _ -> "micro-batches per step (default 1)."
-            | Blr _ -> "base learning rate: lr = blr x batch / 256 (default 4e-3, i.e. 1e-3 at batch 64)."
+            | Blr _ ->
+                "base learning rate: lr = blr x global batch / 256 (default 4e-3, i.e. 1e-3 at a global batch of 64)."
             | Warmup _ -> "linear warm-up steps (default 200)."
             | Lr_Schedule _ -> "constant (default) or cosine."
             | Weight_Decay _ -> "AdamW weight decay (default 0.02)."
@@ -321,8 +323,25 @@ type BenchTrainArgs =
         member this.Usage =
             match this with
             | Model _ -> "hi-mar-b|l|h|fashion, a config JSON, or a parity fixture folder (its model_config)."
-            | Batch _ -> "images per step (default 8)."
+            | Batch _ -> "images per step and process (default 8)."
             | Steps _ -> "timed steps after one warm-up (default 3); the median is reported."
+            | Out _ -> "also write the JSON report to this file."
+
+/// Arguments of `himar bench allreduce`.
+type BenchAllReduceArgs =
+    | Sizes of bytes: string
+    | Repeat of runs: int
+    | Backend of backend: string
+    | Device of device: string
+    | [<AltCommandLine("-o")>] Out of file: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Sizes _ -> "buffer sizes, comma-separated, with K/M suffixes (default 4K,64K,1M,4M,25M,64M)."
+            | Repeat _ -> "timed all-reduces per size after three warm-up ones (default 20); the median is reported."
+            | Backend _ -> "auto (default: MPI under mpirun), mpi, or nccl (CUDA tensors; untested)."
+            | Device _ -> "where the buffers live: cpu (default) or cuda (for --backend nccl)."
             | Out _ -> "also write the JSON report to this file."
 
 /// Arguments of `himar bench`.
@@ -330,12 +349,15 @@ type BenchTrainArgs =
 type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Sample of ParseResults<BenchSampleArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<BenchTrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Allreduce of ParseResults<BenchAllReduceArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
             | Sample _ -> "time the two-phase sampler: seconds per image, settings and GFLOP/s, as JSON."
-            | Train _ -> "time training steps: seconds per step for a configuration and batch, as JSON."
+            | Train _ ->
+                "time training steps: seconds per step for a configuration and batch, as JSON; under mpirun also the data-parallel scaling efficiency."
+            | Allreduce _ -> "time float32 all-reduces of several sizes over the MPI ranks: seconds and GB/s, as JSON."
 
 /// The top-level command line.
 [<RequireSubcommand>]
@@ -730,7 +752,7 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
             name,
             options,
             args.GetResult(Images, defaultValue = 1),
-            args.GetResult(Repeat, defaultValue = 3)
+            args.GetResult(BenchSampleArgs.Repeat, defaultValue = 3)
         )
 
     printReport report (args.TryGetResult BenchSampleArgs.Out)
@@ -772,6 +794,23 @@ let private train (args: ParseResults<TrainArgs>) =
             LogEvery = args.GetResult(Log_Every, defaultValue = 10)
         )
 
+    let comm = HiMar.Runtime.Distributed.Communicators.Create "auto"
+    let threads = HiMar.Runtime.Distributed.Communicators.ShareCores()
+    let root = comm.Rank = 0
+
+    if root && comm.Size > 1 then
+        printfn
+            "data-parallel training on %d ranks (%s), %d libtorch thread%s per rank"
+            comm.Size
+            comm.Backend
+            threads
+            (if threads = 1 then "" else "s")
+
+        if config.AttnDropout > 0.0 || config.ProjDropout > 0.0 then
+            eprintfn
+                "himar: warning: dropout masks are drawn per rank from the shared generator (ranks share masks); %s"
+                "the N-rank run no longer equals one process of the global batch exactly"
+
     use trainer =
         match cache with
         | Some dir ->
@@ -790,7 +829,8 @@ let private train (args: ParseResults<TrainArgs>) =
                 latents,
                 HiMar.Runtime.Data.VaeTokenizer vae,
                 options,
-                args.Contains Resume
+                args.Contains Resume,
+                comm
             )
         | None ->
             let data =
@@ -803,31 +843,38 @@ let private train (args: ParseResults<TrainArgs>) =
                 data,
                 HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
                 options,
-                args.Contains Resume
+                args.Contains Resume,
+                comm
             )
 
-    if trainer.Step > 0 then
+    if root && trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
 
-    (progressBar ())
-        .Start(fun ctx ->
-            let task = ctx.AddTask("training", maxValue = float options.Steps)
-            task.Value <- float trainer.Step
+    if root then
+        (progressBar ())
+            .Start(fun ctx ->
+                let task = ctx.AddTask("training", maxValue = float options.Steps)
+                task.Value <- float trainer.Step
 
-            trainer.Run(fun p ->
-                task.Value <- float p.Step
+                trainer.Run(fun p ->
+                    task.Value <- float p.Step
 
-                task.Description <-
-                    sprintf
-                        "step %d  loss %.4f (%.3f / %.3f)  lr %.1e  %.0f img/s"
-                        p.Step
-                        p.Loss
-                        p.Phase1
-                        p.Phase2
-                        p.Lr
-                        p.ImagesPerSecond))
+                    task.Description <-
+                        sprintf
+                            "step %d  loss %.4f (%.3f / %.3f)  lr %.1e  %.0f img/s"
+                            p.Step
+                            p.Loss
+                            p.Phase1
+                            p.Phase2
+                            p.Lr
+                            p.ImagesPerSecond))
+    else
+        // Other ranks train silently: rank 0 logs, checkpoints and shows progress.
+        trainer.Run()
 
-    printfn "done: %d steps; checkpoints in %s" trainer.Step trainer.CheckpointsDir
+    if root then
+        printfn "done: %d steps; checkpoints in %s" trainer.Step trainer.CheckpointsDir
+
     0
 
 let private cache (args: ParseResults<CacheArgs>) =
@@ -875,15 +922,67 @@ let private benchTrain (args: ParseResults<BenchTrainArgs>) =
     let name = args.GetResult BenchTrainArgs.Model
     let config = HiMar.Runtime.Training.TrainBenchmark.ConfigOf name
 
+    let comm = HiMar.Runtime.Distributed.Communicators.Create "auto"
+    HiMar.Runtime.Distributed.Communicators.ShareCores() |> ignore
+
     let report =
         HiMar.Runtime.Training.TrainBenchmark.Run(
             config,
             name,
             args.GetResult(BenchTrainArgs.Batch, defaultValue = 8),
-            args.GetResult(BenchTrainArgs.Steps, defaultValue = 3)
+            args.GetResult(BenchTrainArgs.Steps, defaultValue = 3),
+            communicator = comm
         )
 
-    printReport report (args.TryGetResult BenchTrainArgs.Out)
+    if comm.Rank = 0 then
+        printReport report (args.TryGetResult BenchTrainArgs.Out)
+    else
+        0
+
+/// "4K,25M,1024" -> bytes.
+let private parseSizes (text: string) =
+    [
+        for part in text.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries) ->
+            let number, scale =
+                match part.[part.Length - 1] with
+                | 'K'
+                | 'k' -> part.[.. part.Length - 2], 1024L
+                | 'M'
+                | 'm' -> part.[.. part.Length - 2], 1024L * 1024L
+                | 'G'
+                | 'g' -> part.[.. part.Length - 2], 1024L * 1024L * 1024L
+                | _ -> part, 1L
+
+            match Int64.TryParse number with
+            | true, n when n > 0L -> n * scale
+            | _ -> raise (CliError(sprintf "--sizes: '%s' is not a size (like 4K, 25M or 1024)" part))
+    ]
+
+let private benchAllReduce (args: ParseResults<BenchAllReduceArgs>) =
+    TorchNative.EnsureLoaded()
+
+    let sizes =
+        match args.TryGetResult BenchAllReduceArgs.Sizes with
+        | Some text -> parseSizes text
+        | None -> List.ofSeq HiMar.Runtime.Distributed.AllReduceBenchmark.DefaultSizes
+
+    use comm =
+        HiMar.Runtime.Distributed.Communicators.Create(
+            args.GetResult(BenchAllReduceArgs.Backend, defaultValue = "auto")
+        )
+
+    let report =
+        HiMar.Runtime.Distributed.AllReduceBenchmark.Run(
+            comm,
+            ResizeArray sizes,
+            args.GetResult(BenchAllReduceArgs.Repeat, defaultValue = 20),
+            device = args.GetResult(BenchAllReduceArgs.Device, defaultValue = "cpu")
+        )
+
+    if comm.Rank = 0 then
+        printReport report (args.TryGetResult BenchAllReduceArgs.Out)
+    else
+        0
 
 let private evalSamples (args: ParseResults<EvalArgs>) =
     TorchNative.EnsureLoaded()
@@ -1175,48 +1274,57 @@ let main argv =
     let parser =
         ArgumentParser.Create<HimarArgs>(programName = "himar", errorHandler = ProcessExiter())
 
-    try
-        let results = parser.ParseCommandLine argv
+    let code =
+        try
+            let results = parser.ParseCommandLine argv
 
-        match results.GetSubCommand() with
-        | Info a -> info a
-        | Verify_Parity a -> verifyParity a
-        | Import a -> import' a
-        | Sample a -> sample a
-        | Train a -> train a
-        | Cache a -> cache a
-        | Eval a -> eval a
-        | Fid_Stats a -> fidStats a
-        | Ablation a -> ablation a
-        | Bench b ->
-            match b.GetSubCommand() with
-            | BenchArgs.Sample a -> benchSample a
-            | BenchArgs.Train a -> benchTrain a
-    with
-    | :? TorchLoadException as e ->
-        eprintfn "himar: %s" e.Message
-        TorchLoadException.ExitCode
-    | :? IO.FileNotFoundException as e ->
-        eprintfn "himar: %s" e.Message
-        2
-    | :? IO.DirectoryNotFoundException as e ->
-        eprintfn "himar: %s" e.Message
-        2
-    | :? IO.InvalidDataException as e ->
-        eprintfn "himar: %s" e.Message
-        2
-    | CliError message ->
-        eprintfn "himar: %s" message
-        2
-    | :? ArgumentException as e ->
-        eprintfn "himar: %s" e.Message
-        2
-    | :? HiMar.Runtime.Training.NonFiniteException as e ->
-        eprintfn "himar: %s" e.Message
-        4
-    | :? HiMar.Model.WeightMismatchException as e ->
-        eprintfn "himar: %s" e.Message
-        2
-    | :? HiMar.Runtime.Checkpoints.CheckpointFormatException as e ->
-        eprintfn "himar: %s" e.Message
-        HiMar.Runtime.Checkpoints.CheckpointFormatException.ExitCode
+            match results.GetSubCommand() with
+            | Info a -> info a
+            | Verify_Parity a -> verifyParity a
+            | Import a -> import' a
+            | Sample a -> sample a
+            | Train a -> train a
+            | Cache a -> cache a
+            | Eval a -> eval a
+            | Fid_Stats a -> fidStats a
+            | Ablation a -> ablation a
+            | Bench b ->
+                match b.GetSubCommand() with
+                | BenchArgs.Sample a -> benchSample a
+                | BenchArgs.Train a -> benchTrain a
+                | BenchArgs.Allreduce a -> benchAllReduce a
+        with
+        | :? TorchLoadException as e ->
+            eprintfn "himar: %s" e.Message
+            TorchLoadException.ExitCode
+        | :? IO.FileNotFoundException as e ->
+            eprintfn "himar: %s" e.Message
+            2
+        | :? IO.DirectoryNotFoundException as e ->
+            eprintfn "himar: %s" e.Message
+            2
+        | :? IO.InvalidDataException as e ->
+            eprintfn "himar: %s" e.Message
+            2
+        | CliError message ->
+            eprintfn "himar: %s" message
+            2
+        | :? ArgumentException as e ->
+            eprintfn "himar: %s" e.Message
+            2
+        | :? HiMar.Runtime.Training.NonFiniteException as e ->
+            eprintfn "himar: %s" e.Message
+            4
+        | :? HiMar.Model.WeightMismatchException as e ->
+            eprintfn "himar: %s" e.Message
+            2
+        | :? HiMar.Runtime.Checkpoints.CheckpointFormatException as e ->
+            eprintfn "himar: %s" e.Message
+            HiMar.Runtime.Checkpoints.CheckpointFormatException.ExitCode
+        | :? HiMar.Runtime.Distributed.MpiException as e ->
+            eprintfn "himar: %s" e.Message
+            5
+
+    // MPI_Finalize after success; MPI_Abort after a failure, so ranks waiting in a collective end too.
+    HiMar.Runtime.Distributed.Communicators.Finish code
+    code

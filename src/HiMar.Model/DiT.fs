@@ -168,9 +168,22 @@ type GlobalDiffLoss
 
     /// The training loss: t uniform per sample, standard normal noise, the batch mean of `Losses`.
     override this.forward(target, z, mask) =
-        use t =
-            torch.randint (0L, int64 diffusionSteps, [| target.shape.[0] |], device = target.device)
+        this.TrainingLoss(target, z, mask, RowWindow.Whole target.shape.[0])
 
-        use noise = torch.randn_like target
+    /// The training loss of this process's samples of a global batch: t and noise are drawn for every sample
+    /// of the global batch and this share's samples kept.
+    member this.TrainingLoss(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, rows: RowWindow) =
+        let n = target.shape.[0]
+
+        use t =
+            rows.Draw(n, [||], fun shape -> torch.randint (0L, int64 diffusionSteps, shape, device = target.device))
+
+        use noise =
+            rows.Draw(
+                n,
+                target.shape.[1..],
+                fun shape -> torch.randn (shape, dtype = target.dtype, device = target.device)
+            )
+
         use l = this.Losses(target, z, t, noise, mask)
         l.mean ()

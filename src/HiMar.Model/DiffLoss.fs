@@ -110,10 +110,23 @@ type DiffLoss
     /// The training loss: t uniform per row, noise standard normal, mean of (mse + vb) over the rows whose
     /// mask is 1 (all rows without a mask). The reference reads an undefined `t` here; MAR samples it.
     override this.forward(target, z, mask) =
-        use t =
-            torch.randint (0L, int64 diffusionSteps, [| target.shape.[0] |], device = target.device)
+        this.TrainingLoss(target, z, mask, RowWindow.Whole target.shape.[0])
 
-        use noise = torch.randn_like target
+    /// The training loss of this process's rows of a global batch: t and noise are drawn for every row of the
+    /// global batch and this share's rows kept (`rows` counts rows of the head, one per token).
+    member this.TrainingLoss(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, rows: RowWindow) =
+        let n = target.shape.[0]
+
+        use t =
+            rows.Draw(n, [||], fun shape -> torch.randint (0L, int64 diffusionSteps, shape, device = target.device))
+
+        use noise =
+            rows.Draw(
+                n,
+                target.shape.[1..],
+                fun shape -> torch.randn (shape, dtype = target.dtype, device = target.device)
+            )
+
         let l = this.Losses(target, z, t, noise)
         use _ = l.Mse
         use _ = l.Vb

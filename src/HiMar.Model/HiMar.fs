@@ -179,16 +179,23 @@ type HiMAR(config: HiMarConfig) as this =
         torch.cat ([| z; mask |], 1L)
 
     /// The shared encoder: x (B, N, C) dense tokens, first (B, S, E) pivot block, mask (B, L),
-    /// classEmb (B, E) -> (B, buf + known, E).
-    let encode (first: torch.Tensor) (x: torch.Tensor) (mask: torch.Tensor) (classEmb: torch.Tensor) (task: int64) =
+    /// classEmb (B, E) -> (B, buf + known, E). Label drops are drawn for the global batch's rows.
+    let encodeRows
+        (rows: RowWindow)
+        (first: torch.Tensor)
+        (x: torch.Tensor)
+        (mask: torch.Tensor)
+        (classEmb: torch.Tensor)
+        (task: int64)
+        =
         let b = x.shape.[0]
         use dense = z_proj.call x
         use seq = torch.cat ([| first; dense |], 1L) // (B, L, E)
 
         use classEmb =
             if this.training && config.LabelDropProb > 0.0 then
-                use drop =
-                    torch.rand(b, device = x.device).lt(scalar config.LabelDropProb).unsqueeze (1L)
+                use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
+                use drop = u.lt(scalar config.LabelDropProb).unsqueeze (1L)
 
                 torch.where (drop, fake_latent.expand (b, e), classEmb)
             else
@@ -210,6 +217,9 @@ type HiMAR(config: HiMarConfig) as this =
             Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) visible encoder_blocks
 
         encoder_norm.call h
+
+    let encode (first: torch.Tensor) (x: torch.Tensor) =
+        encodeRows (RowWindow.Whole x.shape.[0]) first x
 
     /// The configuration.
     member _.Config = config
@@ -277,12 +287,27 @@ type HiMAR(config: HiMarConfig) as this =
     /// labels (B,), epoch (for the pivot-condition warm-up). Draws orders, masks, label drops and diffusion
     /// noise from torch's generator.
     member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float) =
+        this.TrainingLosses(tokens, cond, labels, epoch, RowWindow.Whole tokens.shape.[0])
+
+    /// The training losses of this process's rows of a global batch (data-parallel training). Every per-row
+    /// draw (orders, label drops, pivot dropout, diffusion steps and noise) is made for all rows of the global
+    /// batch and narrowed to `rows`; the per-batch draws (the two mask ratios) are made once, as in the whole
+    /// batch. With generators that agree on every process, each process sees exactly its rows' share of the
+    /// undivided batch's draws, and since every row masks the same number of tokens, the mean of the
+    /// processes' losses is the undivided batch's loss.
+    member this.TrainingLosses
+        (tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
+        =
         let b = tokens.shape.[0]
+
+        if rows.Count <> b then
+            invalidArg "rows" (sprintf "the batch has %d rows, its window %d" b rows.Count)
+
         let dev = tokens.device
         let dt = tokens.dtype
         let mul = int64 config.DiffusionBatchMul
         use classEmb = class_emb.call labels
-        use orders = Masking.randomOrders b s n dev
+        use orders = Masking.randomOrdersOf rows s n dev
 
         // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
         let phase1, smallZ, smallMask =
@@ -292,14 +317,18 @@ type HiMAR(config: HiMarConfig) as this =
 
                 use m = Masking.maskByOrder k orders l dt
                 m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
-                use enc = this.EncoderPhase1(tokens, m, classEmb, cond)
+                use first1 = (required "pivots" cond_proj).call cond
+                use enc = encodeRows rows first1 tokens m classEmb 0L
                 use dec = this.Decoder(enc, m, 0L)
                 use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
                 use target = cond.reshape(b * s, c).repeat (mul, 1L)
                 use z = z1.reshape(b * s, d).repeat (mul, 1L)
                 use pm = m.narrow (1L, 0L, s)
                 use rowMask = pm.reshape(b * s).repeat (mul)
-                let loss1 = (required "MLP head" diffloss).call (target, z, rowMask)
+
+                let loss1 =
+                    (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
+
                 loss1, z1.detach (), (1.0 - pm)
             else
                 torch.zeros ([||], dtype = dt, device = dev), null, null
@@ -332,11 +361,14 @@ type HiMAR(config: HiMarConfig) as this =
                 use states = (required "pivots" cond_z_proj).call smallZ
                 use sm = smallMask.unsqueeze (-1L)
                 use mixed = sm * placeholder + (1.0 - sm) * states
-                use u = torch.rand (b, 1L, 1L, dtype = dt, device = dev)
+
+                use u =
+                    rows.Draw(b, [| 1L; 1L |], fun shape -> torch.rand (shape, dtype = dt, device = dev))
+
                 use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
                 usePlaceholder * placeholder + (1.0 - usePlaceholder) * mixed
 
-        use enc2 = encode first tokens bigMask classEmb 1L
+        use enc2 = encodeRows rows first tokens bigMask classEmb 1L
         use dec2 = this.Decoder(enc2, bigMask, 1L)
         use z2 = dec2.narrow (1L, s, n) // (B, N, D)
         use denseMask = bigMask.narrow (1L, s, n)
@@ -351,12 +383,12 @@ type HiMAR(config: HiMarConfig) as this =
 
                 use zImg = z2.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
                 use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
-                (required "Transformer head" cond_diffloss).call (target, zImg, m)
+                (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
             | _ ->
                 use target = tokens.reshape(b * n, c).repeat (mul, 1L)
                 use z = z2.reshape(b * n, d).repeat (mul, 1L)
                 use m = denseMask.reshape(b * n).repeat (mul)
-                (required "MLP head" diffloss).call (target, z, m)
+                (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
 
         if not (isNull (box smallZ)) then
             smallZ.Dispose()

@@ -6,16 +6,26 @@ open TorchSharp
 /// The masking math of Hi-MAR (models/himar.py): generation orders, training mask ratios, the sampler's
 /// cosine schedule and masks built from orders. Masks are float with 1 = masked (unknown), 0 = known.
 module Masking =
-    /// Random generation orders (B, S + N): a permutation of the pivot positions 0..S-1, then one of the
-    /// dense positions S..S+N-1 (reference `sample_orders_step`).
-    [<CompiledName("RandomOrders")>]
-    let randomOrders (batch: int64) (pivots: int64) (dense: int64) (device: torch.Device) =
-        use rp = torch.rand (batch, pivots, device = device)
-        use rd = torch.rand (batch, dense, device = device)
+    /// Random generation orders (B, S + N) of this process's rows of a global batch: a permutation of the pivot
+    /// positions 0..S-1, then one of the dense positions S..S+N-1 (reference `sample_orders_step`), drawn for
+    /// every row of the global batch.
+    [<CompiledName("RandomOrdersOf")>]
+    let randomOrdersOf (rows: RowWindow) (pivots: int64) (dense: int64) (device: torch.Device) =
+        use rp =
+            rows.Draw(rows.Count, [| pivots |], fun shape -> torch.rand (shape, device = device))
+
+        use rd =
+            rows.Draw(rows.Count, [| dense |], fun shape -> torch.rand (shape, device = device))
+
         use op = rp.argsort (1L)
         use od = rd.argsort (1L)
         use odShift = od + scalarL pivots
         torch.cat ([| op; odShift |], 1L)
+
+    /// Random generation orders (B, S + N) of a whole batch (see `randomOrdersOf`).
+    [<CompiledName("RandomOrders")>]
+    let randomOrders (batch: int64) (pivots: int64) (dense: int64) (device: torch.Device) =
+        randomOrdersOf (RowWindow.Whole batch) pivots dense device
 
     /// A (B, L) mask with 1 at the first `count` positions of each row's order (the positions generated last).
     [<CompiledName("MaskByOrder")>]

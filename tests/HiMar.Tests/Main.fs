@@ -31,4 +31,5 @@ let main argv =
                 TextTests.modelTests
                 TextTests.encoderTests
                 InceptionTests.tests
+                DistributedTests.tests
             ])

@@ -23,6 +23,11 @@ public interface ITokenSource
     /// <summary>The tokens of the examples at <paramref name="indices"/>, mirrored where <paramref name="flips"/> says.</summary>
     (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips);
 
+    /// <summary>As <see cref="Batch(IReadOnlyList{int}, IReadOnlyList{bool})"/> for one process's rows of a global
+    /// batch: sampling noise, if any, is drawn for every row of the global batch and narrowed to
+    /// <paramref name="rows"/> (data-parallel training). Deterministic sources ignore the window.</summary>
+    (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips, RowWindow rows) => Batch(indices, flips);
+
     /// <summary>Throws <see cref="InvalidDataException"/> with a clear message if the tokens cannot feed this model.</summary>
     void CheckFits(HiMarConfig config);
 }
@@ -40,10 +45,14 @@ public sealed class TokenizedImages(IImageDataset images, ITokenizer tokenizer) 
     public int ClassCount => images.ClassCount;
 
     /// <inheritdoc/>
-    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips)
+    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips) =>
+        Batch(indices, flips, RowWindow.Whole(indices.Count));
+
+    /// <inheritdoc/>
+    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips, RowWindow rows)
     {
         using var scope = torch.NewDisposeScope();
-        var (t, p) = tokenizer.Encode(images.Batch(indices, flips));
+        var (t, p) = tokenizer.Encode(images.Batch(indices, flips), rows);
         return (t.MoveToOuterDisposeScope(), p.MoveToOuterDisposeScope());
     }
 
@@ -220,7 +229,11 @@ public sealed class LatentCache : ITokenSource, IDisposable
     }
 
     /// <inheritdoc/>
-    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips)
+    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips) =>
+        Batch(indices, flips, RowWindow.Whole(indices.Count));
+
+    /// <inheritdoc/>
+    public (Tensor Tokens, Tensor Pivots) Batch(IReadOnlyList<int> indices, IReadOnlyList<bool> flips, RowWindow rows)
     {
         using var scope = torch.NewDisposeScope();
         Tensor Pick(Tensor plain, Tensor flipped)
@@ -229,7 +242,9 @@ public sealed class LatentCache : ITokenSource, IDisposable
             var mask = torch.tensor(flips.ToArray()).reshape(-1, 1, 1, 1);
             var moments = torch.where(mask, flipped.index_select(0, idx), plain.index_select(0, idx));
             using var posterior = new DiagonalGaussianDistribution(moments);
-            var z = posterior.Sample(torch.randn_like(posterior.Mean)) * ScaleFactor;
+            var mean = posterior.Mean;
+            var noise = rows.Draw(mean.shape[0], mean.shape[1..], shape => torch.randn(shape, dtype: mean.dtype, device: mean.device));
+            var z = posterior.Sample(noise) * ScaleFactor;
             return z.flatten(2).transpose(1, 2); // (B, C, h, w) -> (B, h w, C)
         }
         return (Pick(dense, denseFlip).MoveToOuterDisposeScope(), Pick(pivots, pivotsFlip).MoveToOuterDisposeScope());

@@ -10,6 +10,11 @@ public interface ITokenizer
     /// <summary>Dense tokens (B, N, C) and pivot tokens (B, S, C) of images (B, ch, H, W) in [-1, 1].</summary>
     (Tensor Tokens, Tensor Pivots) Encode(Tensor images);
 
+    /// <summary>As <see cref="Encode(Tensor)"/> for one process's rows of a global batch: sampling noise, if any, is
+    /// drawn for every row of the global batch and narrowed to <paramref name="rows"/> (data-parallel training).
+    /// Deterministic tokenizers ignore the window.</summary>
+    (Tensor Tokens, Tensor Pivots) Encode(Tensor images, RowWindow rows) => Encode(images);
+
     /// <summary>Images (B, ch, H, W) in [-1, 1] from a token grid (B, C, g, g): dense tokens or pivots.</summary>
     Tensor Decode(Tensor grid);
 }
@@ -68,7 +73,10 @@ public sealed class VaeTokenizer(AutoencoderKL vae) : ITokenizer
     static Tensor Grid(Tensor latents) => latents.flatten(2).transpose(1, 2); // (B, C, h, w) -> (B, h w, C)
 
     /// <inheritdoc/>
-    public (Tensor Tokens, Tensor Pivots) Encode(Tensor images)
+    public (Tensor Tokens, Tensor Pivots) Encode(Tensor images) => Encode(images, RowWindow.Whole(images.shape[0]));
+
+    /// <inheritdoc/>
+    public (Tensor Tokens, Tensor Pivots) Encode(Tensor images, RowWindow rows)
     {
         using var scope = torch.NewDisposeScope();
         using var noGrad = torch.no_grad();
@@ -76,7 +84,9 @@ public sealed class VaeTokenizer(AutoencoderKL vae) : ITokenizer
         Tensor Latent(Tensor x)
         {
             using var posterior = vae.Posterior(vae.Encode(x));
-            return posterior.Sample(torch.randn_like(posterior.Mean)) * vae.Config.ScaleFactor;
+            var mean = posterior.Mean;
+            var noise = rows.Draw(mean.shape[0], mean.shape[1..], shape => torch.randn(shape, dtype: mean.dtype, device: mean.device));
+            return posterior.Sample(noise) * vae.Config.ScaleFactor;
         }
         return (Grid(Latent(images)).MoveToOuterDisposeScope(), Grid(Latent(small)).MoveToOuterDisposeScope());
     }

@@ -4,6 +4,7 @@ using System.Text.Json.Nodes;
 using HiMar.Model;
 using HiMar.Runtime.Checkpoints;
 using HiMar.Runtime.Data;
+using HiMar.Runtime.Distributed;
 using HiMar.Runtime.Sampling;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -13,8 +14,12 @@ namespace HiMar.Runtime.Training;
 /// <summary>Settings of a training run (the model's own settings live in its <see cref="HiMarConfig"/>).</summary>
 public sealed record TrainOptions
 {
-    /// <summary>Images per optimiser step (per micro-batch when accumulating).</summary>
+    /// <summary>Images per optimiser step (per micro-batch when accumulating), per process: the global batch is
+    /// this times <see cref="WorldSize"/>.</summary>
     public int BatchSize { get; init; } = 64;
+
+    /// <summary>Processes training together (data-parallel ranks); the trainer sets it from its communicator.</summary>
+    public int WorldSize { get; init; } = 1;
 
     /// <summary>Micro-batches per optimiser step.</summary>
     public int Accumulation { get; init; } = 1;
@@ -70,8 +75,11 @@ public sealed record TrainOptions
     /// <summary>A copy checkpointing every <paramref name="steps"/> steps.</summary>
     public TrainOptions WithCheckpointEvery(int steps) => this with { CheckpointEvery = steps };
 
-    /// <summary>The learning rate at the end of the warm-up.</summary>
-    public double PeakLr => BaseLr * BatchSize * Accumulation / 256.0;
+    /// <summary>Images per micro-batch over all processes.</summary>
+    public int GlobalBatch => BatchSize * WorldSize;
+
+    /// <summary>The learning rate at the end of the warm-up (the effective batch counts every process).</summary>
+    public double PeakLr => BaseLr * GlobalBatch * Accumulation / 256.0;
 
     /// <summary>The learning rate of optimiser step <paramref name="step"/> (0-based).</summary>
     public double LrAt(int step)
@@ -102,6 +110,12 @@ public sealed class NonFiniteException(string message) : Exception(message);
 /// The training loop: AdamW, warm-up and constant or cosine learning rate, gradient clipping, EMA, gradient
 /// accumulation, the model's masking and loss, atomic checkpoints with exact resume, a NaN/Inf guard, a JSONL
 /// metrics log, EMA sample grids and a loss curve.
+/// Data-parallel over a <see cref="ICommunicator"/> of N ranks: every rank starts from rank 0's weights, takes
+/// its slice of each global batch of N x <see cref="TrainOptions.BatchSize"/> images (one seeded order per epoch,
+/// the same on every rank), draws the batch's randomness for the global batch and keeps its rows
+/// (<see cref="RowWindow"/>), and averages gradients with bucketed all-reduces before clipping, so N ranks of
+/// batch B follow the same trajectory as one process of batch N B. Losses are averaged over the ranks before they
+/// are logged or checked; rank 0 alone keeps the EMA and writes checkpoints, metrics, previews and the curve.
 /// </summary>
 public sealed class Trainer : IDisposable
 {
@@ -112,42 +126,55 @@ public sealed class Trainer : IDisposable
     readonly ITokenSource data;
     readonly ITokenizer? tokenizer;
     readonly TrainOptions options;
+    readonly ICommunicator comm;
+    readonly GradientBuckets buckets;
     int step;
+    int dataEpoch; // the data position: the epoch's order and the images of it consumed so far
+    int dataOffset;
+    (int Epoch, int[] Order)? order;
     double bestLoss = double.PositiveInfinity;
     readonly List<(int Step, double Loss)> curve = [];
 
     /// <summary>Training on images through a tokenizer (which also decodes the sample previews).</summary>
-    public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false)
-        : this(config, new TokenizedImages(data, tokenizer), tokenizer, options, resume)
+    public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false, ICommunicator? communicator = null)
+        : this(config, new TokenizedImages(data, tokenizer), tokenizer, options, resume, communicator)
     {
     }
 
     /// <summary>A fresh run (weights initialised from the seed), or a resumed one when the run folder has checkpoints
-    /// and <paramref name="resume"/> is set. <paramref name="decoder"/> turns sample previews into pictures (none: no previews).</summary>
-    public Trainer(HiMarConfig config, ITokenSource data, ITokenizer? decoder, TrainOptions options, bool resume = false)
+    /// and <paramref name="resume"/> is set. <paramref name="decoder"/> turns sample previews into pictures (none: no previews).
+    /// With a <paramref name="communicator"/> of several ranks every rank constructs its trainer (collectively):
+    /// rank 0 reads the checkpoint and its weights, moments, position and random state are broadcast.</summary>
+    public Trainer(HiMarConfig config, ITokenSource data, ITokenizer? decoder, TrainOptions options, bool resume = false, ICommunicator? communicator = null)
     {
         var tokenizer = decoder;
+        comm = communicator ?? SingleProcess.Instance;
+        options = options with { WorldSize = comm.Size };
         this.data = data;
         this.tokenizer = tokenizer;
         this.options = options;
         data.CheckFits(config);
         if (data.ClassCount > config.ClassNum)
             throw new ArgumentException($"the data has {data.ClassCount} classes, the model {config.ClassNum}");
+        if (comm.Size > 1 && data.Count < ImagesPerStep)
+            throw new ArgumentException($"the data has {data.Count} examples, fewer than one global step of {ImagesPerStep} ({comm.Size} ranks x batch {options.BatchSize} x {options.Accumulation} micro-batches)");
         torch.manual_seed(options.Seed);
         model = new HiMAR(config);
         Init.HiMar(model);
         ema = new HiMAR(config);
         average = new Ema(model, ema, options.EmaRate);
-        average.Reset();
         ema.eval();
         optimizer = new NamedAdamW(model, options.WeightDecay);
-        Directory.CreateDirectory(options.OutDir);
-        if (resume)
-        {
-            var latest = Checkpoint.Latest(CheckpointsDir);
-            if (latest != null)
-                Restore(latest);
-        }
+        buckets = new GradientBuckets(optimizer.Parameters, comm);
+        if (comm.IsRoot())
+            Directory.CreateDirectory(options.OutDir);
+        var latest = resume && comm.IsRoot() ? Checkpoint.Latest(CheckpointsDir) : null;
+        if (latest != null)
+            Restore(latest);
+        else
+            average.Reset();
+        if (comm.Size > 1)
+            ShareState(latest != null);
     }
 
     /// <summary>The model being trained.</summary>
@@ -162,21 +189,56 @@ public sealed class Trainer : IDisposable
     /// <summary>Where checkpoints go.</summary>
     public string CheckpointsDir => Path.Combine(options.OutDir, "checkpoints");
 
-    int StepsPerEpoch => Math.Max(1, data.Count / (options.BatchSize * options.Accumulation));
+    /// <summary>The communicator (rank and size of this process).</summary>
+    public ICommunicator Communicator => comm;
 
-    /// <summary>Images and flips of micro-batch <paramref name="micro"/> of step <paramref name="s"/>: a seeded permutation per epoch, so any step is reproducible.</summary>
-    (int[] Indices, bool[] Flips) BatchAt(int s, int micro)
+    /// <summary>The options in force (<see cref="TrainOptions.WorldSize"/> set from the communicator).</summary>
+    public TrainOptions Options => options;
+
+    int ImagesPerStep => options.GlobalBatch * options.Accumulation;
+
+    int StepsPerEpoch => Math.Max(1, data.Count / ImagesPerStep);
+
+    /// <summary>The fractional epoch of the data position (step / steps-per-epoch while the global batch stays the same).</summary>
+    double EpochProgress => (double)(dataEpoch * StepsPerEpoch + dataOffset / ImagesPerStep) / StepsPerEpoch;
+
+    int[] EpochOrder(int epoch)
     {
-        var perEpoch = StepsPerEpoch;
-        var epoch = s / perEpoch;
+        if (order is { } o && o.Epoch == epoch)
+            return o.Order;
         var rng = new Random(Mix(options.Seed, epoch, 0x5EED));
-        var order = Enumerable.Range(0, data.Count).ToArray();
-        rng.Shuffle(order);
-        var start = ((s % perEpoch) * options.Accumulation + micro) * options.BatchSize;
-        var idx = order.Skip(start).Take(options.BatchSize).ToArray();
+        var perm = Enumerable.Range(0, data.Count).ToArray();
+        rng.Shuffle(perm);
+        order = (epoch, perm);
+        return perm;
+    }
+
+    /// <summary>
+    /// This rank's images and flips of micro-batch <paramref name="micro"/> of step <paramref name="s"/>, and their
+    /// rows in the global micro-batch: a seeded permutation per epoch (the same on every rank) read from the data
+    /// position in global micro-batches, of which rank r takes rows [r B, (r + 1) B) (as PyTorch's
+    /// DistributedSampler, in contiguous slices); the flips are drawn for the whole global micro-batch.
+    /// </summary>
+    (int[] Indices, bool[] Flips, RowWindow Rows) BatchAt(int s, int micro)
+    {
+        var perm = EpochOrder(dataEpoch);
+        var global = perm.Skip(dataOffset + micro * options.GlobalBatch).Take(options.GlobalBatch).ToArray();
         var flipRng = new Random(Mix(options.Seed, s * 131L + micro, 0xF11B));
-        var flips = idx.Select(_ => options.Flip && flipRng.Next(2) == 1).ToArray();
-        return (idx, flips);
+        var flips = global.Select(_ => options.Flip && flipRng.Next(2) == 1).ToArray();
+        var start = Math.Min(global.Length, comm.Rank * options.BatchSize);
+        var count = Math.Min(options.BatchSize, global.Length - start);
+        return (global[start..(start + count)], flips[start..(start + count)], new RowWindow(start, count, global.Length));
+    }
+
+    /// <summary>Moves the data position past one step's images; a step that would not fit starts the next epoch.</summary>
+    void Advance()
+    {
+        dataOffset += ImagesPerStep;
+        if (dataOffset + ImagesPerStep > data.Count)
+        {
+            dataEpoch++;
+            dataOffset = 0;
+        }
     }
 
     // HashCode is randomised per process; this mix is the same in every run, so resumed runs see the same data.
@@ -195,35 +257,38 @@ public sealed class Trainer : IDisposable
         {
             var (loss, p1, p2, gnorm) = TrainStep();
             step++;
+            Advance();
             window.Add((loss, p1, p2, gnorm));
-            windowImages += options.BatchSize * options.Accumulation;
+            windowImages += ImagesPerStep;
             if (step % options.LogEvery == 0 || step == options.Steps)
             {
-                var p = new TrainProgress(step, (double)step / StepsPerEpoch, window.Average(w => w.L), window.Average(w => w.P1),
+                var p = new TrainProgress(step, EpochProgress, window.Average(w => w.L), window.Average(w => w.P1),
                     window.Average(w => w.P2), options.LrAt(step - 1), window.Average(w => w.G), windowImages / Math.Max(1e-9, sw.Elapsed.TotalSeconds));
                 curve.Add((step, p.Loss));
-                File.AppendAllText(metricsPath, JsonSerializer.Serialize(new
-                {
-                    step = p.Step,
-                    epoch = p.Epoch,
-                    loss = p.Loss,
-                    phase1 = p.Phase1,
-                    phase2 = p.Phase2,
-                    lr = p.Lr,
-                    grad_norm = p.GradNorm,
-                    images_per_s = p.ImagesPerSecond,
-                }) + "\n");
-                progress?.Invoke(p);
+                if (comm.IsRoot())
+                    File.AppendAllText(metricsPath, JsonSerializer.Serialize(new
+                    {
+                        step = p.Step,
+                        epoch = p.Epoch,
+                        loss = p.Loss,
+                        phase1 = p.Phase1,
+                        phase2 = p.Phase2,
+                        lr = p.Lr,
+                        grad_norm = p.GradNorm,
+                        images_per_s = p.ImagesPerSecond,
+                    }) + "\n");
+                if (comm.IsRoot())
+                    progress?.Invoke(p);
                 window.Clear();
                 windowImages = 0;
                 sw.Restart();
             }
             if (step % options.CheckpointEvery == 0 || step == options.Steps)
                 SaveCheckpoint();
-            if (options.SampleEvery > 0 && step % options.SampleEvery == 0 && tokenizer != null)
+            if (options.SampleEvery > 0 && step % options.SampleEvery == 0 && tokenizer != null && comm.IsRoot())
                 SamplePreview(Path.Combine(options.OutDir, "samples", $"step-{step:D8}.png"));
         }
-        if (curve.Count > 1)
+        if (curve.Count > 1 && comm.IsRoot())
             LossCurve.Save(curve, Path.Combine(options.OutDir, "loss.png"));
     }
 
@@ -234,12 +299,14 @@ public sealed class Trainer : IDisposable
         double loss = 0, p1 = 0, p2 = 0;
         for (var micro = 0; micro < options.Accumulation; micro++)
         {
-            var (idx, flips) = BatchAt(step, micro);
-            var (tokens, pivots) = data.Batch(idx, flips);
+            var (idx, flips, rows) = BatchAt(step, micro);
+            var (tokens, pivots) = data.Batch(idx, flips, rows);
             var labels = torch.tensor(idx.Select(i => data.Labels[i]).ToArray());
-            var epoch = (double)step / StepsPerEpoch;
-            var losses = model.TrainingLosses(tokens, pivots, labels, epoch);
-            double l1 = losses.Phase1.item<float>(), l2 = losses.Phase2.item<float>(), total = losses.Total.item<float>();
+            var losses = model.TrainingLosses(tokens, pivots, labels, EpochProgress, rows);
+            // Every rank checks the same all-reduced values, so a non-finite loss on one rank stops them all.
+            Span<double> values = [losses.Phase1.item<float>(), losses.Phase2.item<float>(), losses.Total.item<float>()];
+            comm.AllReduceAverage(values);
+            double l1 = values[0], l2 = values[1], total = values[2];
             if (!double.IsFinite(total))
                 throw new NonFiniteException(
                     $"step {step + 1}: the {(double.IsFinite(l1) ? "phase-2" : "phase-1")} loss is not finite ({l1}, {l2}); the last good checkpoint is kept in {CheckpointsDir}.");
@@ -248,6 +315,7 @@ public sealed class Trainer : IDisposable
             p1 += l1 / options.Accumulation;
             p2 += l2 / options.Accumulation;
         }
+        buckets.AllReduceAverage();
         var norm = torch.nn.utils.clip_grad_norm_(optimizer.Parameters, options.GradClip);
         if (!double.IsFinite(norm))
         {
@@ -255,24 +323,34 @@ public sealed class Trainer : IDisposable
             throw new NonFiniteException($"step {step + 1}: a gradient is not finite, first in '{first}'; the last good checkpoint is kept in {CheckpointsDir}.");
         }
         optimizer.Step(options.LrAt(step));
-        average.Update();
+        if (comm.IsRoot())
+            average.Update();
         return (loss, p1, p2, norm);
     }
 
     /// <summary>Writes a checkpoint of the current step (and `best` when the recent loss is the lowest yet).</summary>
     public void SaveCheckpoint()
     {
+        if (!comm.IsRoot())
+            return;
         var recent = curve.Count > 0 ? curve[^1].Loss : double.PositiveInfinity;
         var state = new JsonObject
         {
             ["step"] = step,
-            ["epoch"] = (double)step / StepsPerEpoch,
+            ["epoch"] = EpochProgress,
             ["optimizer_steps"] = optimizer.Steps,
             ["recent_loss"] = double.IsFinite(recent) ? recent : null,
             ["best_loss"] = double.IsFinite(bestLoss) ? bestLoss : null,
             ["rng_state"] = Convert.ToBase64String(RngState()),
             ["seed"] = options.Seed,
-            ["data_position"] = new JsonObject { ["epoch"] = step / StepsPerEpoch, ["step_in_epoch"] = step % StepsPerEpoch },
+            ["data_position"] = new JsonObject
+            {
+                ["epoch"] = dataEpoch,
+                ["images"] = dataOffset,
+                ["step_in_epoch"] = dataOffset / ImagesPerStep,
+                ["global_batch"] = options.GlobalBatch,
+                ["world_size"] = comm.Size,
+            },
             ["options"] = JsonSerializer.SerializeToNode(options),
         };
         var dir = Checkpoint.Write(CheckpointsDir, $"step-{step:D8}", model, ema, optimizer, state);
@@ -306,9 +384,52 @@ public sealed class Trainer : IDisposable
                 t.Dispose();
         }
         step = stateJson["step"]!.GetValue<int>();
+        (dataEpoch, dataOffset) = DataPosition(stateJson);
+        if (dataOffset + ImagesPerStep > data.Count && dataOffset > 0)
+        {
+            dataEpoch++;
+            dataOffset = 0;
+        }
         average.Updates = optimizer.Steps;
         bestLoss = stateJson["best_loss"]?.GetValue<double>() ?? double.PositiveInfinity;
         var rng = Convert.FromBase64String(stateJson["rng_state"]!.GetValue<string>());
+        using var rngTensor = torch.tensor(rng);
+        torch.set_rng_state(rngTensor);
+    }
+
+    /// <summary>The global data position of a checkpoint: the epoch and the images of its order already consumed.
+    /// Checkpoints written before the position was kept in images hold the step within the epoch, in steps of
+    /// their (single-process) batch x accumulation.</summary>
+    static (int Epoch, int Images) DataPosition(JsonObject state)
+    {
+        var position = state["data_position"]!.AsObject();
+        var epoch = position["epoch"]!.GetValue<int>();
+        if (position["images"] is { } images)
+            return (epoch, images.GetValue<int>());
+        var saved = state["options"]!.AsObject();
+        var perStep = saved["BatchSize"]!.GetValue<int>() * saved["Accumulation"]!.GetValue<int>();
+        return (epoch, position["step_in_epoch"]!.GetValue<int>() * perStep);
+    }
+
+    /// <summary>Makes every rank start where rank 0 is: its weights, and on resume its optimiser moments, counters,
+    /// data position and random state (rank 0 alone reads the checkpoint, which other machines may not see).</summary>
+    void ShareState(bool resumed)
+    {
+        comm.BroadcastModule(model);
+        Span<long> flag = [resumed ? 1 : 0];
+        comm.Broadcast(flag, 0);
+        if (flag[0] == 0)
+            return;
+        using (var noGrad = torch.no_grad())
+            foreach (var t in optimizer.State().Values)
+                comm.BroadcastInPlace(t, 0);
+        Span<long> counters = [step, optimizer.Steps, dataEpoch, dataOffset];
+        comm.Broadcast(counters, 0);
+        (step, optimizer.Steps, dataEpoch, dataOffset) = ((int)counters[0], counters[1], (int)counters[2], (int)counters[3]);
+        Span<double> best = [bestLoss];
+        comm.Broadcast(best, 0);
+        bestLoss = best[0];
+        var rng = comm.BroadcastBytes(comm.IsRoot() ? RngState() : null, 0);
         using var rngTensor = torch.tensor(rng);
         torch.set_rng_state(rngTensor);
     }
@@ -344,6 +465,7 @@ public sealed class Trainer : IDisposable
     /// <summary>Disposes the models and the optimiser.</summary>
     public void Dispose()
     {
+        buckets.Dispose();
         optimizer.Dispose();
         model.Dispose();
         ema.Dispose();
