@@ -195,13 +195,13 @@ type AblationArgs =
                 "the full Hi-MAR model the variants are cut from: a preset or config JSON (default fashion-small)."
             | Data _ -> "the Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)."
             | Out _ -> "the run folder (default runs/ablation); an interrupted run resumes from it."
-            | Steps _ -> "optimiser steps of every training run (default 500)."
-            | Batch _ -> "images per step of every training run (default 64)."
-            | Blr _ -> "base learning rate, lr = blr x batch / 256 (default 4e-3)."
+            | Steps _ -> "optimiser steps of every training run (default 1200)."
+            | Batch _ -> "images per step of every training run (default 32)."
+            | Blr _ -> "base learning rate, lr = blr x batch / 256 (default 8e-3: 1e-3 at batch 32)."
             | Warmup _ -> "linear warm-up steps (default 50)."
-            | Ema _ -> "EMA rate (default 0.99: about the last 100 steps)."
+            | Ema _ -> "EMA rate (default 0.995: about the last 200 steps)."
             | Seeds _ -> "training seeds, comma-separated (default 1,2,3)."
-            | N _ -> "class-balanced samples per evaluation (default 300)."
+            | N _ -> "class-balanced samples per evaluation (default 250)."
             | Phase1_Sweep _ -> "phase-1 step counts of the first sweep (default 1,2,4,8,16; empty for none)."
             | Phase2_Sweep _ -> "phase-2 step counts of the second sweep (default 1,2,4,8; empty for none)."
             | Only _ -> "only these variants (mar, low-res, cond-tokens, transformer-head, hi-mar), comma-separated."
@@ -1105,13 +1105,13 @@ let private ablation (args: ParseResults<AblationArgs>) =
             OutDir = args.GetResult(AblationArgs.Out, defaultValue = IO.Path.Combine("runs", "ablation")),
             DataDir = args.GetResult(AblationArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir),
             ClassifierDir = IO.Path.Combine(models, "fashion-classifier"),
-            Steps = args.GetResult(AblationArgs.Steps, defaultValue = 500),
-            Batch = args.GetResult(AblationArgs.Batch, defaultValue = 64),
-            BaseLr = args.GetResult(AblationArgs.Blr, defaultValue = 4e-3),
+            Steps = args.GetResult(AblationArgs.Steps, defaultValue = 1200),
+            Batch = args.GetResult(AblationArgs.Batch, defaultValue = 32),
+            BaseLr = args.GetResult(AblationArgs.Blr, defaultValue = 8e-3),
             Warmup = args.GetResult(AblationArgs.Warmup, defaultValue = 50),
-            Ema = args.GetResult(AblationArgs.Ema, defaultValue = 0.99),
+            Ema = args.GetResult(AblationArgs.Ema, defaultValue = 0.995),
             Seeds = ints "--seeds" [ 1L; 2L; 3L ] <@ AblationArgs.Seeds @>,
-            Samples = args.GetResult(AblationArgs.N, defaultValue = 300),
+            Samples = args.GetResult(AblationArgs.N, defaultValue = 250),
             Phase1Sweep =
                 (ints "--phase1-sweep" [ 1L; 2L; 4L; 8L; 16L ] <@ AblationArgs.Phase1_Sweep @>
                  |> List.map int),

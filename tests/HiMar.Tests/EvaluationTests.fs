@@ -65,6 +65,31 @@ let tests =
                 Expect.equal (p2, r2) (0.0, 0.0) "far apart"
             }
 
+            test "precision and recall in row blocks equal the direct computation on sets larger than a block" {
+                torch.manual_seed 4L |> ignore
+                use real = torch.randn (700L, 6L, dtype = torch.float64)
+                use gen = torch.randn (600L, 6L, dtype = torch.float64) * 1.3 + 0.2
+
+                let direct (manifold: torch.Tensor) (probe: torch.Tensor) =
+                    use dm = torch.cdist (manifold, manifold)
+                    let struct (sorted: torch.Tensor, order: torch.Tensor) = dm.sort (1L)
+                    use _ = order
+                    use _ = sorted
+                    use radii = sorted.select (1L, 3L)
+                    use dp = torch.cdist (probe, manifold)
+                    use bound = radii.unsqueeze 0L
+                    use inside = dp.le bound
+                    use hit = inside.any (1L)
+                    use covered = hit.``to`` torch.float64
+                    use m = covered.mean ()
+                    m.item<float> ()
+
+                let p, r = Metrics.PrecisionRecall(real, gen, 3).ToTuple()
+                Expect.floatClose Accuracy.veryHigh p (direct real gen) "precision"
+                Expect.floatClose Accuracy.veryHigh r (direct gen real) "recall"
+                Expect.isTrue (p > 0.2 && p < 1.0 && r > 0.2 && r < 1.0) "neither trivial"
+            }
+
             test "the shipped Fashion-MNIST classifier scores at least 90% on the test set and its floor FD is small" {
                 let dir = Path.Combine(repoRoot, "models", "fashion-classifier")
                 use clf = new FashionClassifier(10L)

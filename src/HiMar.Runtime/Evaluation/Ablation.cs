@@ -35,25 +35,25 @@ public sealed record AblationPlan
     public required string ClassifierDir { get; init; }
 
     /// <summary>Optimiser steps of every run (the equal budget).</summary>
-    public int Steps { get; init; } = 500;
+    public int Steps { get; init; } = 1200;
 
     /// <summary>Images per step of every run.</summary>
-    public int Batch { get; init; } = 64;
+    public int Batch { get; init; } = 32;
 
-    /// <summary>Base learning rate (lr = blr x batch / 256), linear warm-up steps, EMA rate.</summary>
-    public double BaseLr { get; init; } = 4e-3;
+    /// <summary>Base learning rate (lr = blr x batch / 256).</summary>
+    public double BaseLr { get; init; } = 8e-3;
 
     /// <summary>Linear learning-rate warm-up.</summary>
     public int Warmup { get; init; } = 50;
 
-    /// <summary>EMA rate: short runs need a short average (0.99 spans about 100 steps).</summary>
-    public double Ema { get; init; } = 0.99;
+    /// <summary>EMA rate: short runs need a short average (0.995 spans about 200 steps).</summary>
+    public double Ema { get; init; } = 0.995;
 
     /// <summary>Training seeds (each variant trains once per seed).</summary>
     public IReadOnlyList<long> Seeds { get; init; } = [1, 2, 3];
 
     /// <summary>Class-balanced samples per evaluation (every variant, seed and sweep point).</summary>
-    public int Samples { get; init; } = 300;
+    public int Samples { get; init; } = 250;
 
     /// <summary>Phase-1 steps of the first sweep (phase 2 at the sampling default).</summary>
     public IReadOnlyList<int> Phase1Sweep { get; init; } = [1, 2, 4, 8, 16];
