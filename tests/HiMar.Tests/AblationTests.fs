@@ -102,6 +102,24 @@ let tests =
                     Expect.stringContains e.Message "none, low_res, cond_tokens" "lists the choices")
             }
 
+            test "a bare state dict of an ablation variant imports as that variant" {
+                withTempDir (fun dir ->
+                    let mar = (Ablation.Variants small).[0].Config
+                    use model = new HiMAR(mar)
+                    let src = Path.Combine(dir, "weights.safetensors")
+                    ModelFiles.Save(model, src)
+
+                    File.WriteAllText(
+                        Path.Combine(dir, "config.json"),
+                        """{"encoder_num_heads": 4, "decoder_num_heads": 4, "head": 4, "vae_stride": 4}"""
+                    )
+
+                    ReferenceImport.Import(src, Path.Combine(dir, "out")) |> ignore
+                    use back = ReferenceImport.LoadModel(Path.Combine(dir, "out"))
+                    Expect.equal back.Config.Pivots PivotSource.NoPivots "no pivots"
+                    Expect.equal back.Config.Phase2 Phase2Head.Mlp "MLP phase-2 head")
+            }
+
             test "mean and sample standard deviation" {
                 let struct (m, s) = Ablation.MeanStd [| 1.0; 2.0; 3.0; 6.0 |]
                 Expect.floatClose Accuracy.high m 3.0 "mean"

@@ -85,8 +85,13 @@ public static class ReferenceImport
             a["gdm_d"] = (long)Count(s, "cond_diffloss.net.blocks.");
             a["ratio"] = (double)Dim(s, "cond_diffloss.net.blocks.0.mlp.fc1.weight", 0, what) / g;
         }
-        // Head counts cannot be read off shapes: from args, else the preset of that width.
-        var byWidth = HiMarConfigModule.Presets.Select(x => x.Item2).FirstOrDefault(x => x.EncoderEmbedDim == e);
+        // Ablation variants show in the keys: no pivot tokens (plain MAR), no Transformer head (MLP phase 2).
+        if (pivots == 0 && !a.ContainsKey("pivots"))
+            a["pivots"] = "none";
+        if (!s.ContainsKey("cond_diffloss.net.x_embedder.proj.weight") && !a.ContainsKey("phase2_head"))
+            a["phase2_head"] = "mlp";
+        // Head counts cannot be read off shapes: from args, else the reference preset of that width (B/L/H).
+        var byWidth = new[] { HiMarConfigModule.Base, HiMarConfigModule.Large, HiMarConfigModule.Huge }.FirstOrDefault(x => x.EncoderEmbedDim == e);
         if (!a.ContainsKey("encoder_num_heads") && byWidth != null)
             a["encoder_num_heads"] = (long)byWidth.EncoderNumHeads;
         if (!a.ContainsKey("decoder_num_heads") && byWidth != null)
