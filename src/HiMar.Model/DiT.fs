@@ -173,17 +173,9 @@ type GlobalDiffLoss
     /// The training loss of this process's samples of a global batch: t and noise are drawn for every sample
     /// of the global batch and this share's samples kept.
     member this.TrainingLoss(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, rows: RowWindow) =
-        let n = target.shape.[0]
-
-        use t =
-            rows.Draw(n, [||], fun shape -> torch.randint (0L, int64 diffusionSteps, shape, device = target.device))
-
-        use noise =
-            rows.Draw(
-                n,
-                target.shape.[1..],
-                fun shape -> torch.randn (shape, dtype = target.dtype, device = target.device)
-            )
+        let t, noise = TrainingDraws.timestepsAndNoise rows diffusionSteps target
+        use t = t
+        use noise = noise
 
         use l = this.Losses(target, z, t, noise, mask)
         l.mean ()

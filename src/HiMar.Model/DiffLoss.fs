@@ -4,6 +4,22 @@ open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
 
+/// The random draws of one diffusion training loss (both heads): a timestep uniform in [0, steps) and standard
+/// normal noise shaped like the target, per sample, drawn for the global batch and narrowed to `rows`.
+module TrainingDraws =
+    [<CompiledName("TimestepsAndNoise")>]
+    let timestepsAndNoise (rows: RowWindow) (steps: int) (target: torch.Tensor) =
+        let n = target.shape.[0]
+        let dev = target.device
+
+        let t =
+            rows.Draw(n, [||], fun shape -> torch.randint (0L, int64 steps, shape, device = dev))
+
+        let noise =
+            rows.Draw(n, target.shape.[1..], fun shape -> torch.randn (shape, dtype = target.dtype, device = dev))
+
+        t, noise
+
 /// MAR DiffLoss `ResBlock` (models/diffloss.py): in_ln.*, mlp.{0,2}.*, adaLN_modulation.1.*
 type ResBlock(channels: int64) as this =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor>("ResBlock")
@@ -115,17 +131,9 @@ type DiffLoss
     /// The training loss of this process's rows of a global batch: t and noise are drawn for every row of the
     /// global batch and this share's rows kept (`rows` counts rows of the head, one per token).
     member this.TrainingLoss(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, rows: RowWindow) =
-        let n = target.shape.[0]
-
-        use t =
-            rows.Draw(n, [||], fun shape -> torch.randint (0L, int64 diffusionSteps, shape, device = target.device))
-
-        use noise =
-            rows.Draw(
-                n,
-                target.shape.[1..],
-                fun shape -> torch.randn (shape, dtype = target.dtype, device = target.device)
-            )
+        let t, noise = TrainingDraws.timestepsAndNoise rows diffusionSteps target
+        use t = t
+        use noise = noise
 
         let l = this.Losses(target, z, t, noise)
         use _ = l.Mse
