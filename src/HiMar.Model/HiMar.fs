@@ -350,23 +350,27 @@ type HiMAR(config: HiMarConfig) as this =
         use first =
             if not hasPivots then
                 torch.zeros (b, 0L, e, dtype = dt, device = dev)
-            elif config.Pivots = PivotSource.LowResTokens then
-                (required "pivots" cond_proj).call cond
             else
-                // Pivot-condition dropout: visible-in-phase-1 pivots and, per sample with a probability that
-                // warms from 1 to 1 - rate, all pivots take the learned placeholder instead of their states.
+                // Pivot-condition dropout: per sample, with a probability that warms from 1 to 1 - rate, all
+                // pivots take the learned placeholder. Otherwise Hi-MAR sees the placeholder for the pivots still
+                // masked in phase 1 and the decoder states of the others; low-res pivots enter as they are (the
+                // reference's `small_z is None` branch, which applies the same dropout).
                 use placeholder =
                     (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (b, -1L, -1L))
 
-                use states = (required "pivots" cond_z_proj).call smallZ
-                use sm = smallMask.unsqueeze (-1L)
-                use mixed = sm * placeholder + (1.0 - sm) * states
+                use seen =
+                    if config.Pivots = PivotSource.LowResTokens then
+                        (required "pivots" cond_proj).call cond
+                    else
+                        use states = (required "pivots" cond_z_proj).call smallZ
+                        use sm = smallMask.unsqueeze (-1L)
+                        sm * placeholder + (1.0 - sm) * states
 
                 use u =
                     rows.Draw(b, [| 1L; 1L |], fun shape -> torch.rand (shape, dtype = dt, device = dev))
 
                 use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
-                usePlaceholder * placeholder + (1.0 - usePlaceholder) * mixed
+                usePlaceholder * placeholder + (1.0 - usePlaceholder) * seen
 
         use enc2 = encodeRows rows first tokens bigMask classEmb 1L
         use dec2 = this.Decoder(enc2, bigMask, 1L)

@@ -120,6 +120,38 @@ let tests =
                     Expect.equal back.Config.Phase2 Phase2Head.Mlp "MLP phase-2 head")
             }
 
+            test "low-res pivots get the pivot-condition dropout too: phase 2 ignores them at epoch 0, not once warm" {
+                let lowRes =
+                    { (Ablation.Variants small).[1].Config with
+                        StepStage2Rate = 1.0
+                    }
+
+                Expect.equal lowRes.Pivots PivotSource.LowResTokens "the low-res variant"
+                torch.manual_seed 11L |> ignore
+                // Default (random) weights: Init.himar zeroes the heads' output layers, so no loss would see z.
+                use model = new HiMAR(lowRes)
+                use tokens = torch.randn (4L, 64L, 16L)
+                use condA = torch.randn (4L, 16L, 16L)
+                use condB = torch.randn (4L, 16L, 16L)
+                use labels = torch.tensor [| 0L; 1L; 2L; 3L |]
+
+                let phase2 (cond: torch.Tensor) epoch =
+                    torch.manual_seed 5L |> ignore
+                    let r = model.TrainingLosses(tokens, cond, labels, epoch)
+                    use _ = r.Phase1
+                    use _ = r.Total
+                    use p = r.Phase2
+                    p.item<float32> () |> float
+
+                Expect.equal (phase2 condA 0.0) (phase2 condB 0.0) "epoch 0: every sample takes the placeholder"
+                let warm = float lowRes.StepWarmup
+
+                Expect.isGreaterThan
+                    (abs (phase2 condA warm - phase2 condB warm))
+                    1e-6
+                    "warm, rate 1: the pivots are seen"
+            }
+
             test "mean and sample standard deviation" {
                 let struct (m, s) = Ablation.MeanStd [| 1.0; 2.0; 3.0; 6.0 |]
                 Expect.floatClose Accuracy.high m 3.0 "mean"
