@@ -1015,13 +1015,8 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
                 "himar eval samples Fashion-MNIST models (pixel patches, 10 classes); for ImageNet, score a folder of samples with --inception FILE --images DIR"
         )
 
-    use classifier = new HiMar.Model.FashionClassifier(10L)
     let clfDir = IO.Path.Combine(models, "fashion-classifier")
-
-    HiMar.Runtime.Checkpoints.ModelFiles.Load(classifier, IO.Path.Combine(clfDir, "weights.safetensors"))
-    |> ignore
-
-    classifier.eval ()
+    use classifier = HiMar.Runtime.Evaluation.ClassifierRuns.Load clfDir
 
     let dflt = modelDefault ckpt
 

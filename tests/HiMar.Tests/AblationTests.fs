@@ -197,12 +197,7 @@ let tests =
                 withTempDir (fun dir ->
                     let models = Path.Combine(repoRoot, "models")
                     use m = ReferenceImport.LoadModel(Path.Combine(models, "fashion"))
-                    use clf = new FashionClassifier(10L)
-
-                    ModelFiles.Load(clf, Path.Combine(models, "fashion-classifier", "weights.safetensors"))
-                    |> ignore
-
-                    clf.eval ()
+                    use clf = ClassifierRuns.Load(Path.Combine(models, "fashion-classifier"))
                     let stats = Path.Combine(models, "fashion-classifier", "train-stats.npz")
 
                     let options =

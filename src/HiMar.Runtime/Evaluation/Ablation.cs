@@ -122,9 +122,7 @@ public static class Ablation
             throw new ArgumentException($"no such variant: {string.Join(", ", plan.Only ?? [])} (known: {string.Join(", ", Variants(plan.Base).Select(v => v.Key))})");
         Directory.CreateDirectory(plan.OutDir);
         var statsPath = Path.Combine(plan.ClassifierDir, "train-stats.npz");
-        using var classifier = new FashionClassifier(plan.Base.ClassNum);
-        ModelFiles.Load(classifier, Path.Combine(plan.ClassifierDir, "weights.safetensors"));
-        classifier.eval();
+        using var classifier = ClassifierRuns.Load(plan.ClassifierDir, plan.Base.ClassNum);
         var data = IdxDataset.FashionMnist(plan.DataDir);
         var floor = Floor(classifier, IdxDataset.FashionMnist(plan.DataDir, train: false), statsPath, plan.Samples);
 

@@ -42,6 +42,15 @@ public static class ClassifierRuns
         return model;
     }
 
+    /// <summary>The shipped feature network from its folder (weights.safetensors), in eval mode.</summary>
+    public static FashionClassifier Load(string dir, int classes = 10)
+    {
+        var model = new FashionClassifier(classes);
+        Checkpoints.ModelFiles.Load(model, Path.Combine(dir, "weights.safetensors"));
+        model.eval();
+        return model;
+    }
+
     /// <summary>Penultimate features (n, 128) and class probabilities (n, classes) of images (n, 1, 28, 28) in [-1, 1].</summary>
     public static (Tensor Features, Tensor Probabilities) Apply(FashionClassifier model, Tensor images, int batch = 512)
     {
