@@ -73,16 +73,23 @@ type SampleArgs =
     | Explain
     | Clip
     | Weights of which: string
+    | Prompt of text: string
+    | Text_Encoder of dir: string
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Preset _ -> "a shipped model: fashion (Fashion-MNIST, no data or download needed)."
+            | Preset _ ->
+                "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
+            | Prompt _ ->
+                "text models: a caption, e.g. \"a sandal\" (repeat the flag for several); --n images each (default 8 for a shipped model, else 1)."
+            | Text_Encoder _ ->
+                "text models with an external encoder: a CLIP text-model folder (model.safetensors, config.json, vocab.json, merges.txt)."
             | Checkpoint _ ->
                 "the model: an imported folder, a training checkpoint folder, a reference .pth (EMA weights), or a parity fixture folder."
             | Vae _ -> "the KL autoencoder: an imported folder, MAR's vae.ckpt, or a safetensors file."
             | Classes _ -> "comma-separated class labels, e.g. 207,360,387,974."
-            | N _ -> "this many random classes (from the seed) instead of --classes."
+            | N _ -> "this many random classes (from the seed) instead of --classes; with --prompt, images per prompt."
             | Per_Class _ -> "images per class (default 1)."
             | Cfg _ -> "phase-2 guidance scale (dense tokens; default 1 = off)."
             | Re_Cfg _ -> "phase-1 guidance scale (pivots; default 1 = off)."
@@ -580,7 +587,13 @@ let private sample (args: ParseResults<SampleArgs>) =
             let dir = IO.Path.Combine(AppContext.BaseDirectory, "models", p.ToLowerInvariant())
 
             if not (IO.Directory.Exists dir) then
-                raise (CliError(sprintf "no shipped model '%s' (shipped: fashion)" p))
+                let shipped =
+                    IO.Directory.GetDirectories(IO.Path.Combine(AppContext.BaseDirectory, "models"))
+                    |> Array.map IO.Path.GetFileName
+                    |> Array.filter (fun n -> n <> "fashion-classifier")
+                    |> Array.sort
+
+                raise (CliError(sprintf "no shipped model '%s' (shipped: %s)" p (String.Join(", ", shipped))))
 
             dir
         | None, None -> raise (CliError "himar sample needs --checkpoint (or --preset fashion)")
@@ -628,11 +641,40 @@ let private sample (args: ParseResults<SampleArgs>) =
         | None, None when preset.IsSome -> [| 0L .. int64 classNum - 1L |]
         | None, None -> [| 0L .. int64 (min 4 classNum) - 1L |]
 
-    let labels =
+    let textModel = model.Config.Conditioning = HiMar.Model.Conditioning.Text
+    let promptsGiven = args.GetResults SampleArgs.Prompt
+
+    if textModel && promptsGiven.IsEmpty then
+        raise (CliError "this is a text-to-image model: give a caption with --prompt \"...\"")
+
+    if not textModel && not promptsGiven.IsEmpty then
+        raise (CliError "this model is conditioned on class labels, not captions: use --classes or --n")
+
+    let perPrompt =
+        args.GetResult(SampleArgs.N, defaultValue = (if preset.IsSome then 8 else 1))
+
+    let prompts =
         [
-            for c in classes do
-                for _ in 1..perClass -> c
+            for p in promptsGiven do
+                for _ in 1..perPrompt -> p
         ]
+
+    let labels =
+        if textModel then
+            []
+        else
+            [
+                for c in classes do
+                    for _ in 1..perClass -> c
+            ]
+
+    let textEncoder: HiMar.Model.ITextEncoder | null =
+        match args.TryGetResult SampleArgs.Text_Encoder with
+        | Some dir when textModel -> HiMar.Runtime.Text.ClipTextEncoder.Load(dir, device = dev)
+        | Some _ -> raise (CliError "--text-encoder is for text models")
+        | None -> null
+
+    use _ = textEncoder
 
     let cfg = args.GetResult(SampleArgs.Cfg, defaultValue = dflt "cfg" 1.0)
     let reCfg = args.GetResult(SampleArgs.Re_Cfg, defaultValue = dflt "re_cfg" 1.0)
@@ -674,6 +716,8 @@ let private sample (args: ParseResults<SampleArgs>) =
     let request =
         HiMar.Runtime.Sampling.SampleRequest(
             Labels = ResizeArray labels,
+            Prompts = (if textModel then (ResizeArray prompts :> Collections.Generic.IReadOnlyList<string> | null) else null),
+            TextEncoder = textEncoder,
             Seed = seed,
             BatchSize = args.GetResult(SampleArgs.Batch, defaultValue = (if pixelModel then 64 else 8)),
             OutDir =
@@ -684,7 +728,10 @@ let private sample (args: ParseResults<SampleArgs>) =
                  else
                      out),
             GridPath = (if gridOnly then out else null),
-            Columns = (if preset.IsSome then perClass else 0),
+            Columns =
+                (if textModel then min perPrompt 8
+                 elif preset.IsSome then perClass
+                 else 0),
             ClassNames =
                 (if classNum = 10 && pixelModel then
                      HiMar.Runtime.Data.IdxDataset.FashionClasses
@@ -694,7 +741,7 @@ let private sample (args: ParseResults<SampleArgs>) =
             Options = options
         )
 
-    let total = labels.Length
+    let total = if textModel then prompts.Length else labels.Length
 
     let output =
         (progressBar ())
@@ -719,7 +766,7 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     printfn
         "sampled %d images; wrote %s%s in %.1f s"
-        labels.Length
+        total
         output.Grid
         (if output.Explanations.Count > 0 then
              sprintf " and %d explanation strips" output.Explanations.Count
@@ -838,13 +885,21 @@ let private train (args: ParseResults<TrainArgs>) =
                     args.GetResult(TrainArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
                 )
 
+            // Text models on Fashion-MNIST read captions made from the labels ("a photo of a sneaker").
+            let captions: HiMar.Runtime.Text.ICaptionSource | null =
+                if config.Conditioning = HiMar.Model.Conditioning.Text then
+                    HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
+                else
+                    null
+
             new HiMar.Runtime.Training.Trainer(
                 config,
                 data,
                 HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
                 options,
                 args.Contains Resume,
-                comm
+                comm,
+                captions
             )
 
     if root && trainer.Step > 0 then

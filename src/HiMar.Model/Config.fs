@@ -16,6 +16,35 @@ type Phase2Head =
     /// The Diffusion Transformer head that denoises all tokens together (Hi-MAR).
     | Transformer = 1
 
+/// What a model is conditioned on.
+type Conditioning =
+    /// A class label (ImageNet's 1000 classes): one embedding repeated over the buffer slots (the reference).
+    | Class = 0
+    /// A caption: a sequence of L text embeddings, projected to the encoder width, one per buffer slot.
+    | Text = 1
+
+/// Where a text model's context embeddings come from.
+type TextEncoderKind =
+    /// Computed outside the model (CLIP, precomputed shards): the model receives (B, L, ContextDim) tensors.
+    | External = 0
+    /// A small word-level Transformer inside the model (`text_encoder.*`), trained jointly; for short captions.
+    | Builtin = 1
+
+/// The unconditional input of classifier-free guidance for text models.
+type NullContextKind =
+    /// The empty caption's embedding (stored as `empty_context` for external encoders).
+    | Empty = 0
+    /// A learned (L, E) context (`fake_context`).
+    | Learned = 1
+
+/// How the training mask ratios are drawn.
+type MaskRatioRule =
+    /// The reference: truncated normal on [mask_ratio_min, 1] for the pivots, cosine or truncated normal for the
+    /// dense tokens.
+    | Reference = 0
+    /// Beta(4, 1) for both phases (the paper's text-to-image setting, after AutoNAT): mean 0.8, mode 1.
+    | Beta41 = 1
+
 /// Every setting of a Hi-MAR model: the reference `HiMAR(...)` arguments (models/himar.py) plus the values the
 /// reference hard-wires (DiT head grid, "no class" label, loss weights), which here derive from the config.
 type HiMarConfig =
@@ -76,6 +105,21 @@ type HiMarConfig =
         Phase2: Phase2Head
         /// Scale-aware adaLN blocks (true) or the same modulation for both phases (false).
         ScaleAware: bool
+        /// Class labels or text context tokens; text models have `BufferSize` = L context positions.
+        Conditioning: Conditioning
+        /// Text models: an external encoder's embeddings (width `ContextDim`) or the built-in encoder.
+        TextEncoder: TextEncoderKind
+        /// Width D of an external encoder's context vectors (768 for CLIP ViT-L/14).
+        ContextDim: int
+        /// Text models: the null context of guidance and caption dropout.
+        NullContext: NullContextKind
+        /// The training mask-ratio rule.
+        MaskRatio: MaskRatioRule
+        /// The built-in text encoder: its word list (id = position + 1; 0 pads), width, depth and heads.
+        TextVocab: string[]
+        TextWidth: int
+        TextDepth: int
+        TextHeads: int
     }
 
     /// Dense grid side: img_size / vae_stride / patch_size (16).
@@ -98,6 +142,15 @@ type HiMarConfig =
     member c.NullClass = c.ClassNum
     /// Phase-1 sampling steps by default: 4 * cond_scale.
     member c.Phase1Steps = 4 * c.CondScale
+    /// Text models: context tokens per caption L (the buffer slots they fill).
+    member c.ContextLength = c.BufferSize
+
+    /// Width of the context vectors the model receives: the built-in encoder's or the external one's.
+    member c.ContextWidth =
+        if c.TextEncoder = TextEncoderKind.Builtin then
+            c.TextWidth
+        else
+            c.ContextDim
 
 /// The JSON names of the ablation switches (`pivots`, `phase2_head`; `scale_aware` is a boolean), which our
 /// config files add to the reference's arguments when a switch differs from Hi-MAR.
@@ -112,6 +165,20 @@ module AblationNames =
 
     [<CompiledName("Phase2Heads")>]
     let phase2Heads = [ "mlp", Phase2Head.Mlp; "transformer", Phase2Head.Transformer ]
+
+    /// JSON names of the text settings (`conditioning`, `text_encoder`, `null_context`, `mask_ratio`).
+    [<CompiledName("Conditionings")>]
+    let conditionings = [ "class", Conditioning.Class; "text", Conditioning.Text ]
+
+    [<CompiledName("TextEncoders")>]
+    let textEncoders =
+        [ "external", TextEncoderKind.External; "builtin", TextEncoderKind.Builtin ]
+
+    [<CompiledName("NullContexts")>]
+    let nullContexts = [ "empty", NullContextKind.Empty; "learned", NullContextKind.Learned ]
+
+    [<CompiledName("MaskRatios")>]
+    let maskRatios = [ "reference", MaskRatioRule.Reference; "beta_4_1", MaskRatioRule.Beta41 ]
 
     /// The JSON name of a switch value.
     [<CompiledName("NameOf")>]
@@ -164,6 +231,15 @@ module HiMarConfig =
             Pivots = PivotSource.ConditionalTokens
             Phase2 = Phase2Head.Transformer
             ScaleAware = true
+            Conditioning = Conditioning.Class
+            TextEncoder = TextEncoderKind.External
+            ContextDim = 768
+            NullContext = NullContextKind.Empty
+            MaskRatio = MaskRatioRule.Reference
+            TextVocab = [||]
+            TextWidth = 0
+            TextDepth = 0
+            TextHeads = 0
         }
 
     /// Hi-MAR-L: 16 + 16 blocks of width 1024 (16 heads), MLP head 8 x 1280, Transformer head 8 x 512 (8 heads).
@@ -252,7 +328,53 @@ module HiMarConfig =
             GdmD = 2
         }
 
-    /// The presets by name (`hi-mar-b`, `hi-mar-l`, `hi-mar-h`, `fashion`, `fashion-small`).
+    /// The embedded text-to-image default: the fashion preset conditioned on captions ("a photo of a sneaker")
+    /// through a built-in word-level text encoder (2 blocks of width 64, 4 heads) trained jointly. A caption is at
+    /// most 12 words, so 12 context tokens fill the buffer slots; guidance's null context is the empty caption;
+    /// training mask ratios follow Beta(4, 1) as in the paper's text-to-image setting.
+    [<CompiledName("FashionText")>]
+    let fashionText =
+        { fashion with
+            BufferSize = 12
+            Conditioning = Conditioning.Text
+            TextEncoder = TextEncoderKind.Builtin
+            NullContext = NullContextKind.Empty
+            MaskRatio = MaskRatioRule.Beta41
+            TextVocab = FashionCaptions.vocabulary
+            TextWidth = 64
+            TextDepth = 2
+            TextHeads = 4
+        }
+
+    /// Hi-MAR-S for text-to-image at 256x256 (the paper's MS-COCO model, "in the spirit of" U-ViT-S/2 (Deep):
+    /// width 512, 16 Transformer blocks in all, 8 heads): 8 + 8 blocks of width 512, MLP head 3 x 1024,
+    /// Transformer head 4 x 512 (8 heads), conditioned on CLIP ViT-L/14 text features (77 x 768, external:
+    /// precomputed with `himar embed-captions`), the empty caption as null context, Beta(4, 1) mask ratios.
+    [<CompiledName("Small")>]
+    let hiMarS =
+        { hiMarB with
+            EncoderEmbedDim = 512
+            EncoderDepth = 8
+            EncoderNumHeads = 8
+            DecoderEmbedDim = 512
+            DecoderDepth = 8
+            DecoderNumHeads = 8
+            DiffLossD = 3
+            DiffLossW = 1024
+            GdmW = 512
+            GdmD = 4
+            GdmHeads = 8
+            ClassNum = 1
+            BufferSize = 77
+            Conditioning = Conditioning.Text
+            TextEncoder = TextEncoderKind.External
+            ContextDim = 768
+            NullContext = NullContextKind.Empty
+            MaskRatio = MaskRatioRule.Beta41
+        }
+
+    /// The presets by name (`hi-mar-b`, `hi-mar-l`, `hi-mar-h`, `hi-mar-s`, `fashion`, `fashion-small`,
+    /// `fashion-text`).
     [<CompiledName("Presets")>]
     let presets =
         [
@@ -261,6 +383,8 @@ module HiMarConfig =
             "hi-mar-h", hiMarH
             "fashion", fashion
             "fashion-small", fashionSmall
+            "hi-mar-s", hiMarS
+            "fashion-text", fashionText
         ]
 
     /// A preset by name (case-insensitive; `b`, `himar_base` and `hi-mar-b` all work), or None.
@@ -285,6 +409,12 @@ module HiMarConfig =
         | "fashion"
         | "fashion-mnist" -> Some fashion
         | "fashion-small" -> Some fashionSmall
+        | "fashion-text" -> Some fashionText
+        | "s"
+        | "hi-mar-s"
+        | "himar-s"
+        | "himar-small"
+        | "small" -> Some hiMarS
         | _ -> None
 
     /// The configuration with the ablation switches of Table 5 set.
@@ -326,6 +456,19 @@ module HiMarConfig =
                 sprintf "the Transformer head needs patch_size 1, not %d" c.PatchSize
             if c.ClassNum < 1 then
                 sprintf "class_num must be positive, not %d" c.ClassNum
+            if c.Conditioning = Conditioning.Text then
+                if c.BufferSize < 1 then
+                    "a text model needs buffer_size >= 1 (its context length)"
+
+                match c.TextEncoder with
+                | TextEncoderKind.Builtin ->
+                    if c.TextVocab.Length = 0 then
+                        "the built-in text encoder needs a vocabulary (text_vocab)"
+                    if c.TextWidth < 1 || c.TextHeads < 1 || c.TextWidth % c.TextHeads <> 0 then
+                        sprintf "text width %d is not divisible by %d heads" c.TextWidth c.TextHeads
+                | _ ->
+                    if c.ContextDim < 1 then
+                        sprintf "context_dim must be positive, not %d" c.ContextDim
         ]
 
     /// A config from the reference's `HiMAR(...)` keyword arguments or argparse fields (boxed int, float,
@@ -411,4 +554,18 @@ module HiMarConfig =
             Pivots = choice "pivots" AblationNames.pivots b.Pivots
             Phase2 = choice "phase2_head" AblationNames.phase2Heads b.Phase2
             ScaleAware = bool' "scale_aware" b.ScaleAware
+            Conditioning = choice "conditioning" AblationNames.conditionings b.Conditioning
+            TextEncoder = choice "text_encoder" AblationNames.textEncoders b.TextEncoder
+            ContextDim = int' "context_dim" b.ContextDim
+            NullContext = choice "null_context" AblationNames.nullContexts b.NullContext
+            MaskRatio = choice "mask_ratio" AblationNames.maskRatios b.MaskRatio
+            TextVocab =
+                match get "text_vocab" with
+                | None -> b.TextVocab
+                | Some(:? (string[]) as words) -> words
+                | Some(:? seq<string> as words) -> Array.ofSeq words
+                | Some v -> invalidArg "text_vocab" (sprintf "text_vocab must be a list of words, not '%O'" v)
+            TextWidth = int' "text_width" b.TextWidth
+            TextDepth = int' "text_depth" b.TextDepth
+            TextHeads = int' "text_heads" b.TextHeads
         }

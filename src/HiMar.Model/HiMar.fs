@@ -38,7 +38,15 @@ type HiMAR(config: HiMarConfig) as this =
     let eps = config.LayerNormEps
     let normal (shape: int64[]) = torch.randn(shape).mul_ (scalar 0.02)
 
-    let fake_latent = this.Param("fake_latent", normal [| 1L; e |])
+    let isText = config.Conditioning = Conditioning.Text
+    let builtinText = isText && config.TextEncoder = TextEncoderKind.Builtin
+
+    // Class models: the unconditional embedding (1, E); text models have their own null context.
+    let fake_latent: Parameter | null =
+        if isText then
+            null
+        else
+            this.Param("fake_latent", normal [| 1L; e |])
 
     // A plain field, not an option: TorchSharp's `.to(dtype/device)` rebinds parameter fields by name.
     let cond_tokens: Parameter | null =
@@ -58,7 +66,51 @@ type HiMAR(config: HiMarConfig) as this =
     let diffusion_pos_embed_learned =
         this.Param("diffusion_pos_embed_learned", normal [| 1L; l; d |])
 
-    let class_emb = this.Child("class_emb", Embedding(int64 config.ClassNum, e))
+    let class_emb =
+        if isText then
+            None
+        else
+            Some(this.Child("class_emb", Embedding(int64 config.ClassNum, e)))
+
+    // Text models: the context (B, L, ContextWidth) is projected to the encoder width, one vector per buffer slot.
+    let context_proj =
+        if isText then
+            Some(this.Child("context_proj", Linear(int64 config.ContextWidth, e)))
+        else
+            None
+
+    let text_encoder =
+        if builtinText then
+            Some(
+                this.Child(
+                    "text_encoder",
+                    new BuiltinTextEncoder(
+                        int64 config.TextVocab.Length,
+                        buf,
+                        int64 config.TextWidth,
+                        config.TextDepth,
+                        int64 config.TextHeads
+                    )
+                )
+            )
+        else
+            None
+
+    // The null context: the empty caption's embedding, fixed for an external encoder (set from the encoder or
+    // the embedding shards; not trained), or a learned one.
+    let empty_context: Parameter | null =
+        if isText
+           && config.TextEncoder = TextEncoderKind.External
+           && config.NullContext = NullContextKind.Empty then
+            this.Param("empty_context", torch.zeros (1L, buf, int64 config.ContextDim), requiresGrad = false)
+        else
+            null
+
+    let fake_context: Parameter | null =
+        if isText && config.NullContext = NullContextKind.Learned then
+            this.Param("fake_context", normal [| 1L; buf; e |])
+        else
+            null
     let z_proj = this.Child("z_proj", Linear(c, e))
     let z_proj_ln = this.Child("z_proj_ln", LayerNorm(e, eps = 1e-6))
 
@@ -192,17 +244,22 @@ type HiMAR(config: HiMarConfig) as this =
         use dense = z_proj.call x
         use seq = torch.cat ([| first; dense |], 1L) // (B, L, E)
 
+        // Class models: (B, E), repeated over the buffer slots; text models: (B, buf, E), one per slot.
         use classEmb =
             if this.training && config.LabelDropProb > 0.0 then
                 use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
-                use drop = u.lt(scalar config.LabelDropProb).unsqueeze (1L)
-
-                torch.where (drop, fake_latent.expand (b, e), classEmb)
+                use drop0 = u.lt (scalar config.LabelDropProb)
+                use drop = if classEmb.dim () = 3L then drop0.reshape (b, 1L, 1L) else drop0.unsqueeze 1L
+                use nullEmb = this.NullEmbedding b
+                torch.where (drop, nullEmb, classEmb)
             else
                 classEmb.alias ()
 
-        // The buffer slots all hold the class embedding: (B, E) -> (B, buf, E)
-        use buffer = classEmb.unsqueeze(1L).expand (b, buf, e)
+        use buffer =
+            if classEmb.dim () = 3L then
+                classEmb.alias ()
+            else
+                classEmb.unsqueeze(1L).expand (b, buf, e)
         use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
         use pos = encoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
         use added = withBuf + pos
@@ -224,15 +281,84 @@ type HiMAR(config: HiMarConfig) as this =
     /// The configuration.
     member _.Config = config
 
-    /// The unconditional class embedding (1, E).
-    member _.FakeLatent = fake_latent
+    /// The unconditional class embedding (1, E) (class models).
+    member _.FakeLatent = required "class conditioning (fake_latent)" (Option.ofObj fake_latent)
+
+    /// The device of the weights.
+    member _.Device = mask_token.device
+
+    /// The floating-point type of the weights.
+    member _.DType = mask_token.dtype
 
     /// Class embeddings (B, E) of labels (B,); labels equal to `ClassNum` (the null class) take `fake_latent`.
-    member _.ClassEmbedding(labels: torch.Tensor) =
+    member this.ClassEmbedding(labels: torch.Tensor) =
+        let classes = required "class conditioning (class_emb)" class_emb
         use isNull = labels.eq (scalarL (int64 config.NullClass))
         use safe = labels.masked_fill (isNull, scalarL 0L)
-        use emb = class_emb.call safe
-        torch.where (isNull.unsqueeze 1L, fake_latent.expand (labels.shape.[0], e), emb)
+        use emb = classes.call safe
+        torch.where (isNull.unsqueeze 1L, this.FakeLatent.expand (labels.shape.[0], e), emb)
+
+    /// The built-in text encoder.
+    member _.TextEncoder = required "built-in text encoder (text_encoder)" text_encoder
+
+    /// Text models: the context vectors (B, L, ContextWidth) of a condition (word ids through the built-in
+    /// encoder, or an external encoder's context as it is).
+    member this.ContextOf(condition: Condition) =
+        match condition with
+        | Condition.Tokens ids -> this.TextEncoder.call ids
+        | Condition.Context ctx -> ctx.alias ()
+        | Condition.Labels _ -> invalidArg "condition" "a text model is conditioned on captions, not class labels"
+
+    /// The embedding the encoder's buffer slots take for a condition: (B, E) for class labels, (B, L, E) for
+    /// captions.
+    member this.ConditionEmbedding(condition: Condition) =
+        match condition, context_proj with
+        | Condition.Labels labels, None -> this.ClassEmbedding labels
+        | Condition.Labels _, Some _ ->
+            invalidArg "condition" "a text model is conditioned on captions, not class labels"
+        | _, None -> invalidArg "condition" "a class model is conditioned on labels, not captions"
+        | _, Some proj ->
+            use ctx = this.ContextOf condition
+
+            if ctx.dim () <> 3L || ctx.shape.[1] <> buf || ctx.shape.[2] <> int64 config.ContextWidth then
+                invalidArg
+                    "condition"
+                    (sprintf
+                        "context of shape %A, expected (B, %d, %d)"
+                        ctx.shape
+                        buf
+                        config.ContextWidth)
+
+            proj.call ctx
+
+    /// The unconditional embedding of `rows` rows: fake_latent (B, E) for class models; for text models the
+    /// projected empty caption or the learned null context (B, L, E).
+    member this.NullEmbedding(rows: int64) =
+        if not isText then
+            this.FakeLatent.expand (rows, e)
+        elif config.NullContext = NullContextKind.Learned then
+            (nonNull fake_context).expand (rows, buf, e)
+        else
+            use empty =
+                match text_encoder with
+                | Some enc ->
+                    use ids = torch.zeros (1L, buf, dtype = torch.int64, device = mask_token.device)
+                    enc.call ids
+                | None -> (nonNull empty_context).alias ()
+
+            use projected = (required "text conditioning" context_proj).call empty
+            projected.expand (rows, buf, e)
+
+    /// Sets the fixed empty-caption context (1, L, ContextDim) of a model with an external text encoder.
+    member _.SetEmptyContext(context: torch.Tensor) =
+        match empty_context with
+        | null -> invalidOp "this model has no fixed empty context (built-in encoder or learned null context)"
+        | p ->
+            if context.shape <> p.shape then
+                invalidArg "context" (sprintf "empty context of shape %A, expected %A" context.shape p.shape)
+
+            use _ = torch.no_grad ()
+            p.copy_ context |> ignore
 
     /// The phase-1 MLP diffusion head.
     member _.DiffLoss = required "MLP head (diffloss)" diffloss
@@ -287,7 +413,17 @@ type HiMAR(config: HiMarConfig) as this =
     /// labels (B,), epoch (for the pivot-condition warm-up). Draws orders, masks, label drops and diffusion
     /// noise from torch's generator.
     member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float) =
-        this.TrainingLosses(tokens, cond, labels, epoch, RowWindow.Whole tokens.shape.[0])
+        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, RowWindow.Whole tokens.shape.[0])
+
+    /// The training losses of one batch under any condition (labels or captions).
+    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float) =
+        this.TrainingLosses(tokens, cond, condition, epoch, RowWindow.Whole tokens.shape.[0])
+
+    /// The training losses of this process's rows of a class-conditioned global batch.
+    member this.TrainingLosses
+        (tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
+        =
+        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, rows)
 
     /// The training losses of this process's rows of a global batch (data-parallel training). Every per-row
     /// draw (orders, label drops, pivot dropout, diffusion steps and noise) is made for all rows of the global
@@ -296,7 +432,7 @@ type HiMAR(config: HiMarConfig) as this =
     /// undivided batch's draws, and since every row masks the same number of tokens, the mean of the
     /// processes' losses is the undivided batch's loss.
     member this.TrainingLosses
-        (tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
+        (tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float, rows: RowWindow)
         =
         let b = tokens.shape.[0]
 
@@ -306,14 +442,19 @@ type HiMAR(config: HiMarConfig) as this =
         let dev = tokens.device
         let dt = tokens.dtype
         let mul = int64 config.DiffusionBatchMul
-        use classEmb = class_emb.call labels
+        use classEmb = this.ConditionEmbedding condition
         use orders = Masking.randomOrdersOf rows s n dev
 
         // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
         let phase1, smallZ, smallMask =
             if hasPivots then
-                let k =
-                    int64 (Math.Ceiling(float s * Masking.truncatedNormalRate config.MaskRatioMin))
+                let rate1 =
+                    if config.MaskRatio = MaskRatioRule.Beta41 then
+                        Masking.betaRate 4.0
+                    else
+                        Masking.truncatedNormalRate config.MaskRatioMin
+
+                let k = int64 (Math.Ceiling(float s * rate1))
 
                 use m = Masking.maskByOrder k orders l dt
                 m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
@@ -337,7 +478,9 @@ type HiMAR(config: HiMarConfig) as this =
 
         // Phase 2: mask ceil(N rate) dense tokens (cosine rule or truncated normal from 0.38); pivots known.
         let rate =
-            if config.Cos then
+            if config.MaskRatio = MaskRatioRule.Beta41 then
+                Masking.betaRate 4.0
+            elif config.Cos then
                 Masking.cosineRate ()
             else
                 Masking.truncatedNormalRate 0.38
@@ -478,6 +621,9 @@ module Init =
         for struct (name, p) in model.named_parameters () do
             let isToken =
                 name = "fake_latent"
+                || name = "fake_context"
+                || name = "text_encoder.pos_embed"
+                || name = "text_encoder.token_embed.weight"
                 || name = "cond_tokens"
                 || name = "mask_token"
                 || name.EndsWith "pos_embed_learned"

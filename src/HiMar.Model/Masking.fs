@@ -48,6 +48,13 @@ module Masking =
         torch.nn.init.trunc_normal_ (t, 1.0, 0.25, minRate, 1.0) |> ignore
         t.item<float> ()
 
+    /// A Beta(a, 1) mask ratio (the text-to-image rule, a = 4: mean 0.8), by inversion: u^(1/a), u ~ U(0, 1]
+    /// (never 0, so every row masks at least one token).
+    [<CompiledName("BetaRate")>]
+    let betaRate (a: float) =
+        use u = torch.rand (1L, dtype = torch.float64)
+        Math.Pow(1.0 - u.item<float> (), 1.0 / a)
+
     /// The phase-2 training mask ratio of the cosine rule: cos(pi/2 u), u ~ U[0, 1).
     [<CompiledName("CosineRate")>]
     let cosineRate () =

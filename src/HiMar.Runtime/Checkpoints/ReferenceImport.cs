@@ -133,6 +133,24 @@ public static class ReferenceImport
             json["phase2_head"] = AblationNames.NameOf(AblationNames.Phase2Heads, c.Phase2);
         if (!c.ScaleAware)
             json["scale_aware"] = false;
+        if (c.MaskRatio != MaskRatioRule.Reference)
+            json["mask_ratio"] = AblationNames.NameOf(AblationNames.MaskRatios, c.MaskRatio);
+        if (c.Conditioning == Conditioning.Text)
+        {
+            // Text-to-image settings (ours: the reference releases no text path).
+            json["conditioning"] = AblationNames.NameOf(AblationNames.Conditionings, c.Conditioning);
+            json["text_encoder"] = AblationNames.NameOf(AblationNames.TextEncoders, c.TextEncoder);
+            json["null_context"] = AblationNames.NameOf(AblationNames.NullContexts, c.NullContext);
+            if (c.TextEncoder == TextEncoderKind.External)
+                json["context_dim"] = c.ContextDim;
+            else
+            {
+                json["text_width"] = c.TextWidth;
+                json["text_depth"] = c.TextDepth;
+                json["text_heads"] = c.TextHeads;
+                json["text_vocab"] = new JsonArray(c.TextVocab.Select(w => (JsonNode)JsonValue.Create(w)!).ToArray());
+            }
+        }
         return json;
     }
 

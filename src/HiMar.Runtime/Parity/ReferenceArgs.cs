@@ -6,12 +6,17 @@ namespace HiMar.Runtime.Parity;
 /// <summary>Reference keyword arguments (JSON or a checkpoint's argparse Namespace) as boxed .NET values.</summary>
 public static class ReferenceArgs
 {
-    /// <summary>Numbers become long or double, strings, booleans; other values are skipped.</summary>
+    /// <summary>Numbers become long or double, strings, booleans, lists of strings string arrays; other values are skipped.</summary>
     public static Dictionary<string, object> FromJson(JsonObject o)
     {
         var d = new Dictionary<string, object>();
         foreach (var (k, v) in o)
         {
+            if (v is JsonArray array && array.All(x => x is JsonValue xv && xv.GetValueKind() == JsonValueKind.String))
+            {
+                d[k] = array.Select(x => x!.GetValue<string>()).ToArray();
+                continue;
+            }
             if (v is not JsonValue value)
                 continue;
             switch (value.GetValueKind())

@@ -137,7 +137,12 @@ public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnl
 public static class HiMarSampler
 {
     /// <summary>Generates tokens for <paramref name="labels"/> (B,) (the null class `ClassNum` for unconditional rows).</summary>
-    public static SampleResult Sample(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null)
+    public static SampleResult Sample(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null) =>
+        Sample(model, Condition.NewLabels(labels), noise, options, progress);
+
+    /// <summary>Generates tokens for a condition: class labels, or captions (built-in word ids or an external
+    /// encoder's context); guidance contrasts it with the model's null embedding (null class or null context).</summary>
+    public static SampleResult Sample(HiMAR model, Condition condition, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null)
     {
         var wasTraining = model.training;
         model.eval();
@@ -145,7 +150,7 @@ public static class HiMarSampler
         {
             using var noGrad = torch.no_grad();
             using var outer = torch.NewDisposeScope();
-            var result = Run(model, labels, noise, options, progress);
+            var result = Run(model, condition, noise, options, progress);
             result.SmallTokens.MoveToOuterDisposeScope();
             result.BigTokens.MoveToOuterDisposeScope();
             foreach (var (_, _, p, d) in result.Intermediates)
@@ -172,12 +177,12 @@ public static class HiMarSampler
 
     static Tensor Repeat2(Tensor t) => torch.cat([t, t], 0);
 
-    static SampleResult Run(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions o, Action<SamplerProgress>? progress)
+    static SampleResult Run(HiMAR model, Condition condition, INoiseSource noise, SamplerOptions o, Action<SamplerProgress>? progress)
     {
         var cfg = model.Config;
-        var dev = model.FakeLatent.device;
-        var dtype = model.FakeLatent.dtype;
-        long b = labels.shape[0], s = cfg.PivotTokens, n = cfg.DenseTokens, l = cfg.SeqLen;
+        var dev = model.Device;
+        var dtype = model.DType;
+        long b = condition.Rows, s = cfg.PivotTokens, n = cfg.DenseTokens, l = cfg.SeqLen;
         long c = cfg.TokenEmbedDim, cd = cfg.CondDim, d = cfg.DecoderEmbedDim, side = cfg.CondScale, g = cfg.SeqH;
         var steps1 = o.Phase1Steps ?? cfg.Phase1Steps;
         var steps2 = o.Phase2Steps;
@@ -188,9 +193,8 @@ public static class HiMarSampler
         var ditDiffusion = ditHead ? Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg) : null;
         var intermediates = new List<(int, int, Tensor, Tensor)>();
 
-        labels = labels.to(dev);
-        var classEmb = model.ClassEmbedding(labels);
-        var uncondEmb = model.FakeLatent.expand(b, -1);
+        var classEmb = model.ConditionEmbedding(OnDevice(condition, dev)); // (B, E) or (B, L, E)
+        var uncondEmb = model.NullEmbedding(b);
         var orders = noise.Orders(s, n, dev);
         var mask = torch.ones(b, l, dtype: dtype, device: dev);
         var tokens = torch.zeros(b, n, c, dtype: dtype, device: dev);
@@ -284,6 +288,14 @@ public static class HiMarSampler
         var bigTokens = ToGrid(tokens, g);
         return new SampleResult(smallTokens, bigTokens, intermediates);
     }
+
+    static Condition OnDevice(Condition c, Device dev) => c switch
+    {
+        Condition.Labels l => Condition.NewLabels(l.labels.to(dev)),
+        Condition.Tokens t => Condition.NewTokens(t.ids.to(dev)),
+        Condition.Context x => Condition.NewContext(x.context.to(dev)),
+        _ => throw new ArgumentException("unknown condition"),
+    };
 
     /// <summary>Swaps in a tensor computed inside a step's scope, keeping it alive past that scope.</summary>
     static void Replace(ref Tensor state, Tensor next)

@@ -54,7 +54,7 @@ public static class SampleBenchmark
             ["gflop_per_image"] = flops / images / 1e9,
             ["gflops"] = flops / median / 1e9,
             ["settings"] = SamplerSettings.Describe(options, model.Config),
-            ["device"] = model.FakeLatent.device.ToString(),
+            ["device"] = model.Device.ToString(),
             ["threads"] = torch.get_num_threads(),
         };
     }

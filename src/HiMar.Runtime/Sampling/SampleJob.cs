@@ -11,8 +11,17 @@ namespace HiMar.Runtime.Sampling;
 /// <summary>What to generate and where to put it.</summary>
 public sealed record SampleRequest
 {
-    /// <summary>One class label per image, in output order.</summary>
-    public required IReadOnlyList<long> Labels { get; init; }
+    /// <summary>One class label per image, in output order (class models).</summary>
+    public IReadOnlyList<long> Labels { get; init; } = [];
+
+    /// <summary>One caption per image, in output order (text models); "" is the unconditional caption.</summary>
+    public IReadOnlyList<string>? Prompts { get; init; }
+
+    /// <summary>The external text encoder of a text model that has no built-in one.</summary>
+    public ITextEncoder? TextEncoder { get; init; }
+
+    /// <summary>Images requested.</summary>
+    public int Count => Prompts?.Count ?? Labels.Count;
 
     /// <summary>The run seed: image i always gets the same noise and order for a given seed.</summary>
     public long Seed { get; init; }
@@ -52,8 +61,15 @@ public static class SampleJob
     /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
     public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
-        if (request.Labels.Count == 0)
-            throw new ArgumentException("nothing to sample: no labels");
+        var text = model.Config.Conditioning == Conditioning.Text;
+        if (text && request.Prompts == null)
+            throw new Text.PromptException("this is a text-to-image model: give prompts (--prompt)");
+        if (!text && request.Prompts != null)
+            throw new Text.PromptException("this model is conditioned on class labels, not captions (use --class)");
+        if (request.Count == 0)
+            throw new ArgumentException("nothing to sample: no labels or prompts");
+        if (text)
+            Text.Prompts.Encode(model, request.Prompts!.Distinct().ToList(), request.TextEncoder).Tensor.Dispose(); // every prompt checked before any work
         foreach (var l in request.Labels)
             if (l < 0 || l > model.Config.ClassNum)
                 throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
@@ -64,28 +80,30 @@ public static class SampleJob
         var explainDir = Path.Combine(request.OutDir, "explain");
         if (request.Explain)
             Directory.CreateDirectory(explainDir);
-        var device = model.FakeLatent.device;
+        var device = model.Device;
         var paths = new List<string>();
         var explanations = new List<string>();
         var tiles = new List<Image<Rgb24>>();
         var options = request.Options with { KeepIntermediates = request.Explain };
         try
         {
-            for (var start = 0; start < request.Labels.Count; start += request.BatchSize)
+            for (var start = 0; start < request.Count; start += request.BatchSize)
             {
-                var count = Math.Min(request.BatchSize, request.Labels.Count - start);
+                var count = Math.Min(request.BatchSize, request.Count - start);
                 using var scope = torch.NewDisposeScope();
                 using var noise = new SeededNoise(request.Seed, start, count);
-                var labels = torch.tensor(request.Labels.Skip(start).Take(count).ToArray(), device: device);
+                var condition = text
+                    ? Text.Prompts.Encode(model, request.Prompts!.Skip(start).Take(count).ToList(), request.TextEncoder)
+                    : Condition.NewLabels(torch.tensor(request.Labels.Skip(start).Take(count).ToArray(), device: device));
                 var done = start;
-                using var result = HiMarSampler.Sample(model, labels, noise, options, p => progress?.Invoke(done, p));
+                using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
                 var images = Images.FromTensor(vae.Decode(result.BigTokens));
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
                     if (request.GridPath == null)
                     {
-                        var path = Path.Combine(imagesDir, $"{index:D4}-class{request.Labels[index]}.png");
+                        var path = Path.Combine(imagesDir, text ? $"{index:D4}-{Slug(request.Prompts![index])}.png" : $"{index:D4}-class{request.Labels[index]}.png");
                         Images.SavePng(images[i], path);
                         paths.Add(path);
                     }
@@ -103,7 +121,7 @@ public static class SampleJob
             }
             var named = request.ClassNames is { Count: > 0 };
             string Name(long l) => named && l < request.ClassNames!.Count ? request.ClassNames[(int)l] : $"class {l}";
-            var captions = request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
+            var captions = text ? request.Prompts!.Select(p => p.Length == 0 ? "uncond" : p).ToList() : request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
             var columns = request.Columns > 0 ? request.Columns : (int)Math.Ceiling(Math.Sqrt(tiles.Count));
             using var grid = Images.Grid(tiles, captions, columns);
             var gridPath = request.GridPath ?? Path.Combine(request.OutDir, "grid.png");
@@ -115,6 +133,14 @@ public static class SampleJob
             foreach (var t in tiles)
                 t.Dispose();
         }
+    }
+
+    /// <summary>A file-name fragment of a prompt: lower-case letters and digits joined by hyphens, at most 40 characters.</summary>
+    static string Slug(string prompt)
+    {
+        var words = WordVocabulary.Words(prompt);
+        var slug = string.Join("-", words.Select(w => new string(w.Where(char.IsAsciiLetterOrDigit).ToArray())).Where(w => w.Length > 0));
+        return slug.Length == 0 ? "uncond" : slug[..Math.Min(40, slug.Length)];
     }
 
     static IEnumerable<string> Explain(ITokenizer vae, SampleResult result, SampleRequest request, int start, int count, int side)

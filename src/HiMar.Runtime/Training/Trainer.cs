@@ -124,6 +124,7 @@ public sealed class Trainer : IDisposable
     readonly NamedAdamW optimizer;
     readonly Ema average;
     readonly ITokenSource data;
+    readonly Text.ICaptionSource? captions;
     readonly ITokenizer? tokenizer;
     readonly TrainOptions options;
     readonly ICommunicator comm;
@@ -136,16 +137,17 @@ public sealed class Trainer : IDisposable
     readonly List<(int Step, double Loss)> curve = [];
 
     /// <summary>Training on images through a tokenizer (which also decodes the sample previews).</summary>
-    public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false, ICommunicator? communicator = null)
-        : this(config, new TokenizedImages(data, tokenizer), tokenizer, options, resume, communicator)
+    public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false, ICommunicator? communicator = null, Text.ICaptionSource? captions = null)
+        : this(config, new TokenizedImages(data, tokenizer), tokenizer, options, resume, communicator, captions)
     {
     }
 
     /// <summary>A fresh run (weights initialised from the seed), or a resumed one when the run folder has checkpoints
     /// and <paramref name="resume"/> is set. <paramref name="decoder"/> turns sample previews into pictures (none: no previews).
     /// With a <paramref name="communicator"/> of several ranks every rank constructs its trainer (collectively):
-    /// rank 0 reads the checkpoint and its weights, moments, position and random state are broadcast.</summary>
-    public Trainer(HiMarConfig config, ITokenSource data, ITokenizer? decoder, TrainOptions options, bool resume = false, ICommunicator? communicator = null)
+    /// rank 0 reads the checkpoint and its weights, moments, position and random state are broadcast.
+    /// Text models take their condition from <paramref name="captions"/> (one caption drawn per example and step).</summary>
+    public Trainer(HiMarConfig config, ITokenSource data, ITokenizer? decoder, TrainOptions options, bool resume = false, ICommunicator? communicator = null, Text.ICaptionSource? captions = null)
     {
         var tokenizer = decoder;
         comm = communicator ?? SingleProcess.Instance;
@@ -154,7 +156,18 @@ public sealed class Trainer : IDisposable
         this.tokenizer = tokenizer;
         this.options = options;
         data.CheckFits(config);
-        if (data.ClassCount > config.ClassNum)
+        this.captions = captions;
+        if (config.Conditioning == Conditioning.Text)
+        {
+            if (captions == null)
+                throw new ArgumentException("a text-to-image model trains on captions: give a caption source");
+            if (captions.Count != data.Count)
+                throw new ArgumentException($"{captions.Count} examples have captions, the data has {data.Count}");
+            captions.CheckFits(config);
+        }
+        else if (captions != null)
+            throw new ArgumentException("captions given, but the model is conditioned on class labels (conditioning: class)");
+        else if (data.ClassCount > config.ClassNum)
             throw new ArgumentException($"the data has {data.ClassCount} classes, the model {config.ClassNum}");
         if (comm.Size > 1 && data.Count < ImagesPerStep)
             throw new ArgumentException($"the data has {data.Count} examples, fewer than one global step of {ImagesPerStep} ({comm.Size} ranks x batch {options.BatchSize} x {options.Accumulation} micro-batches)");
@@ -168,6 +181,12 @@ public sealed class Trainer : IDisposable
         buckets = new GradientBuckets(optimizer.Parameters, comm);
         if (comm.IsRoot())
             Directory.CreateDirectory(options.OutDir);
+        if (config.Conditioning == Conditioning.Text && config.TextEncoder == TextEncoderKind.External && config.NullContext == NullContextKind.Empty)
+        {
+            using var empty = captions!.EmptyContext
+                ?? throw new ArgumentException("the caption source has no empty-caption context, which this model's null context needs");
+            model.SetEmptyContext(empty);
+        }
         var latest = resume && comm.IsRoot() ? Checkpoint.Latest(CheckpointsDir) : null;
         if (latest != null)
             Restore(latest);
@@ -301,8 +320,8 @@ public sealed class Trainer : IDisposable
         {
             var (idx, flips, rows) = BatchAt(step, micro);
             var (tokens, pivots) = data.Batch(idx, flips, rows);
-            var labels = torch.tensor(idx.Select(i => data.Labels[i]).ToArray());
-            var losses = model.TrainingLosses(tokens, pivots, labels, EpochProgress, rows);
+            using var condition = ConditionOf(idx, step, micro, rows);
+            var losses = model.TrainingLosses(tokens, pivots, condition, EpochProgress, rows);
             // Every rank checks the same all-reduced values, so a non-finite loss on one rank stops them all.
             Span<double> values = [losses.Phase1.item<float>(), losses.Phase2.item<float>(), losses.Total.item<float>()];
             comm.AllReduceAverage(values);
@@ -326,6 +345,18 @@ public sealed class Trainer : IDisposable
         if (comm.IsRoot())
             average.Update();
         return (loss, p1, p2, norm);
+    }
+
+    /// <summary>The batch's labels, or for text models one caption per example, drawn for the whole global
+    /// micro-batch (so every rank agrees) from the run seed, step and micro-batch.</summary>
+    Condition ConditionOf(int[] idx, int s, int micro, RowWindow rows)
+    {
+        if (captions == null)
+            return Condition.NewLabels(torch.tensor(idx.Select(i => data.Labels[i]).ToArray()));
+        var rng = new Random(Mix(options.Seed, s * 131L + micro, 0xCA9));
+        var draws = Enumerable.Range(0, (int)rows.Total).Select(_ => rng.NextDouble()).ToArray();
+        var chosen = idx.Select((e, i) => (int)(draws[rows.Offset + i] * captions.CaptionsOf(e))).ToArray();
+        return captions.Batch(model, idx, chosen);
     }
 
     /// <summary>Writes a checkpoint of the current step (and `best` when the recent loss is the lowest yet).</summary>
@@ -434,20 +465,28 @@ public sealed class Trainer : IDisposable
         torch.set_rng_state(rngTensor);
     }
 
-    /// <summary>Samples one image per class with the EMA model and writes a labelled grid.</summary>
+    /// <summary>Samples one image per class (text models: the first caption of the first examples) with the EMA
+    /// model and writes a labelled grid.</summary>
     public void SamplePreview(string path, int perClass = 1)
     {
         var labels = Enumerable.Range(0, model.Config.ClassNum).SelectMany(c => Enumerable.Repeat((long)c, perClass)).ToArray();
         var rng = torch.get_rng_state();
         try
         {
-            using var l = torch.tensor(labels);
-            using var noise = new SeededNoise(options.Seed, 0, labels.Length);
+            var count = captions == null ? labels.Length : Math.Min(10 * perClass, captions.Count);
+            var examples = Enumerable.Range(0, count).ToArray();
+            using var condition = captions == null
+                ? Condition.NewLabels(torch.tensor(labels))
+                : captions.Batch(ema, examples, new int[count]);
+            var names = captions == null
+                ? labels.Select(x => $"class {x}").ToList()
+                : examples.Select(e => captions.Text(e, 0) ?? $"example {e}").ToList();
+            using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
-            using var r = HiMarSampler.Sample(ema, l, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer });
+            using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer });
             using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens);
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, 56)).ToList();
-            using var grid = Imaging.Images.Grid(tiles, labels.Select(x => $"class {x}").ToList(), model.Config.ClassNum);
+            using var grid = Imaging.Images.Grid(tiles, names, Math.Min(10, count));
             Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
             Imaging.Images.SavePng(grid, path);
             foreach (var tile in tiles)

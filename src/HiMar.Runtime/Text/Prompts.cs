@@ -1,0 +1,41 @@
+using HiMar.Model;
+using static TorchSharp.torch;
+
+namespace HiMar.Runtime.Text;
+
+/// <summary>A caption the model cannot read (an unknown word, too many words, a missing text encoder).</summary>
+public sealed class PromptException(string message) : ArgumentException(message);
+
+/// <summary>Turns captions into the condition a text model takes.</summary>
+public static class Prompts
+{
+    /// <summary>
+    /// The condition of <paramref name="captions"/> for <paramref name="model"/>: word ids for the built-in encoder
+    /// (every word must be in its vocabulary), or the context of <paramref name="encoder"/> for an external one.
+    /// The empty string is the unconditional caption.
+    /// </summary>
+    public static Condition Encode(HiMAR model, IReadOnlyList<string> captions, ITextEncoder? encoder = null)
+    {
+        var c = model.Config;
+        if (c.Conditioning != Conditioning.Text)
+            throw new PromptException("this model is conditioned on class labels, not captions (use --class)");
+        if (c.TextEncoder == TextEncoderKind.Builtin)
+        {
+            var ids = new long[captions.Count * c.ContextLength];
+            for (var i = 0; i < captions.Count; i++)
+            {
+                var r = WordVocabulary.TryEncode(c.TextVocab, c.ContextLength, captions[i]);
+                if (r.IsError)
+                    throw new PromptException(r.ErrorValue);
+                r.ResultValue.CopyTo(ids, i * c.ContextLength);
+            }
+            return Condition.NewTokens(tensor(ids, [captions.Count, c.ContextLength], device: model.Device));
+        }
+        if (encoder == null)
+            throw new PromptException($"this model reads an external text encoder's {c.ContextLength} x {c.ContextDim} context; give the encoder (e.g. --clip DIR with CLIP ViT-L/14 weights)");
+        if (encoder.ContextLength != c.ContextLength || encoder.Width != c.ContextDim)
+            throw new PromptException($"the text encoder gives {encoder.ContextLength} x {encoder.Width} context, the model reads {c.ContextLength} x {c.ContextDim}");
+        var ctx = encoder.Encode(captions);
+        return Condition.NewContext(ctx.to(model.DType, model.Device));
+    }
+}
