@@ -226,15 +226,42 @@ type CacheArgs =
     | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
     | Size of pixels: int
     | Batch of size: int
+    | Captions of file: string
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Captions _ ->
+                "a COCO captions JSON (images + annotations): cache the images it lists from --data (a flat folder such as train2017/)."
             | Data _ -> "an image folder in the ImageNet layout (one subfolder per class; JPEG or PNG)."
             | Vae _ -> "the KL autoencoder (imported folder, vae.ckpt or safetensors)."
             | Out _ -> "the cache folder to write (cache.json and safetensors shards)."
             | Size _ -> "centre-crop side in pixels (default 256; the pivots use half)."
             | Batch _ -> "images per VAE batch (default 8)."
+
+/// Arguments of `himar embed-captions`.
+type EmbedCaptionsArgs =
+    | [<ExactlyOnce>] Text_Encoder of path: string
+    | Captions of file: string
+    | Fashion
+    | Data of dir: string
+    | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
+    | Float32
+    | Batch of size: int
+    | Device of device: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Text_Encoder _ ->
+                "a CLIP text-model folder (model.safetensors, vocab.json, merges.txt) or a himar text model with a built-in encoder."
+            | Captions _ -> "a COCO captions JSON (images + annotations); the image keys are its file names."
+            | Fashion -> "Fashion-MNIST's training captions instead (five per image, from the labels and templates)."
+            | Data _ -> "the Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)."
+            | Out _ -> "the folder to write: embeddings.json, shard-NNNNN.safetensors, empty.safetensors."
+            | Float32 -> "store float32 (default float16, half the disk)."
+            | Batch _ -> "captions per encoder batch (default 64)."
+            | Device _ -> "cpu (default), cuda or cuda:N."
 
 /// Arguments of `himar train`.
 type TrainArgs =
@@ -260,11 +287,18 @@ type TrainArgs =
     | Sample_Every of steps: int
     | Log_Every of steps: int
     | Resume
+    | Captions of file: string
+    | Embeddings of dir: string
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Preset _ -> "a model preset (default fashion)."
+            | Captions _ ->
+                "text models with the built-in encoder on a latent cache: the COCO captions JSON of its images (one caption drawn per image and step)."
+            | Embeddings _ ->
+                "text models with an external encoder: caption embeddings from `himar embed-captions` (matched to the cache's images, or to Fashion-MNIST's)."
+            | Preset _ ->
+                "a model preset (default fashion; fashion-text trains on captions made from the labels)."
             | Config _ -> "a JSON file of reference arguments instead of a preset."
             | Data _ ->
                 "the IDX folder (default /usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)."
@@ -379,6 +413,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Eval of ParseResults<EvalArgs>
     | [<CliPrefix(CliPrefix.None)>] Fid_Stats of ParseResults<FidStatsArgs>
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
+    | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptionsArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -397,6 +432,8 @@ type HimarArgs =
                 "reference statistics (mu, sigma of the FID Inception features) of an image folder, as .npz."
             | Ablation _ ->
                 "the paper's Table 5 and step sweeps on Fashion-MNIST: train, evaluate, tabulate and plot (resumable)."
+            | Embed_Captions _ ->
+                "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -871,13 +908,45 @@ let private train (args: ParseResults<TrainArgs>) =
 
             latents.CheckVae vae
 
+            let keys () =
+                match latents.Files with
+                | null ->
+                    raise (
+                        CliError(
+                            sprintf
+                                "%s: this cache does not list its images (made by an older himar); rebuild it to train on captions"
+                                dir
+                        )
+                    )
+                | files -> files
+
+            let captions: HiMar.Runtime.Text.ICaptionSource | null =
+                match args.TryGetResult TrainArgs.Captions, args.TryGetResult TrainArgs.Embeddings with
+                | Some _, Some _ -> raise (CliError "give --captions or --embeddings, not both")
+                | Some file, None ->
+                    let coco = HiMar.Runtime.Text.CocoCaptions.Load file
+                    let byFile = Seq.zip coco.Files coco.Captions |> dict
+
+                    let aligned =
+                        keys ()
+                        |> Seq.map (fun k ->
+                            match byFile.TryGetValue k with
+                            | true, c -> c
+                            | _ -> raise (CliError(sprintf "%s: no captions for the cached image '%s'" file k)))
+                        |> ResizeArray
+
+                    HiMar.Runtime.Text.CaptionTexts(aligned)
+                | None, Some emb -> HiMar.Runtime.Text.CaptionEmbeddings.Open(emb, keys ())
+                | None, None -> null
+
             new HiMar.Runtime.Training.Trainer(
                 config,
                 latents,
                 HiMar.Runtime.Data.VaeTokenizer vae,
                 options,
                 args.Contains Resume,
-                comm
+                comm,
+                captions
             )
         | None ->
             let data =
@@ -887,10 +956,15 @@ let private train (args: ParseResults<TrainArgs>) =
 
             // Text models on Fashion-MNIST read captions made from the labels ("a photo of a sneaker").
             let captions: HiMar.Runtime.Text.ICaptionSource | null =
-                if config.Conditioning = HiMar.Model.Conditioning.Text then
+                match args.TryGetResult TrainArgs.Embeddings with
+                | Some emb ->
+                    HiMar.Runtime.Text.CaptionEmbeddings.Open(
+                        emb,
+                        HiMar.Runtime.Text.CaptionTexts.FashionMnistKeys data.Count
+                    )
+                | None when config.Conditioning = HiMar.Model.Conditioning.Text ->
                     HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
-                else
-                    null
+                | None -> null
 
             new HiMar.Runtime.Training.Trainer(
                 config,
@@ -935,8 +1009,14 @@ let private train (args: ParseResults<TrainArgs>) =
 let private cache (args: ParseResults<CacheArgs>) =
     TorchNative.EnsureLoaded()
 
+    let size = args.GetResult(Size, defaultValue = 256)
+
     let folder =
-        HiMar.Runtime.Data.ImageFolder(args.GetResult CacheArgs.Data, args.GetResult(Size, defaultValue = 256))
+        match args.TryGetResult CacheArgs.Captions with
+        | Some file ->
+            let coco = HiMar.Runtime.Text.CocoCaptions.Load file
+            HiMar.Runtime.Data.ImageFolder.FromFiles(args.GetResult CacheArgs.Data, coco.Files, size)
+        | None -> HiMar.Runtime.Data.ImageFolder(args.GetResult CacheArgs.Data, size)
 
     use vae =
         HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae(args.GetResult CacheArgs.Vae)
@@ -970,6 +1050,73 @@ let private cache (args: ParseResults<CacheArgs>) =
         out
         warnings.Count
 
+    0
+
+let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
+    TorchNative.EnsureLoaded()
+    let dev = device (args.GetResult(EmbedCaptionsArgs.Device, defaultValue = "cpu"))
+    let encoderPath = args.GetResult EmbedCaptionsArgs.Text_Encoder
+
+    let keys, captions =
+        match args.TryGetResult EmbedCaptionsArgs.Captions, args.Contains EmbedCaptionsArgs.Fashion with
+        | Some file, false ->
+            let coco = HiMar.Runtime.Text.CocoCaptions.Load file
+
+            if coco.WithoutCaptions > 0 then
+                eprintfn "warning: %s: %d images have no caption and are left out" file coco.WithoutCaptions
+
+            coco.Files, coco.Captions
+        | None, true ->
+            let data =
+                HiMar.Runtime.Data.IdxDataset.FashionMnist(
+                    args.GetResult(
+                        EmbedCaptionsArgs.Data,
+                        defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir
+                    )
+                )
+
+            let texts = HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
+
+            HiMar.Runtime.Text.CaptionTexts.FashionMnistKeys data.Count,
+            ResizeArray(
+                [
+                    for e in 0 .. data.Count - 1 ->
+                        ResizeArray [ for k in 0 .. texts.CaptionsOf e - 1 -> nonNull (texts.Text(e, k)) ]
+                        :> Collections.Generic.IReadOnlyList<string>
+                ]
+            )
+            :> Collections.Generic.IReadOnlyList<_>
+        | _ -> raise (CliError "give one of --captions FILE or --fashion")
+
+    use encoder = HiMar.Runtime.Text.TextEncoders.Load(encoderPath, dev)
+    let out = args.GetResult EmbedCaptionsArgs.Out
+    let total = captions |> Seq.sumBy (fun c -> c.Count)
+
+    let manifest =
+        (progressBar ())
+            .Start(fun ctx ->
+                let task = ctx.AddTask(sprintf "embedding %d captions" total, maxValue = float total)
+
+                HiMar.Runtime.Text.CaptionEmbeddings.Build(
+                    keys,
+                    captions,
+                    encoder,
+                    nonNull (IO.Path.GetFileName(IO.Path.GetFullPath(encoderPath).TrimEnd('/'))),
+                    out,
+                    not (args.Contains EmbedCaptionsArgs.Float32),
+                    batchSize = args.GetResult(EmbedCaptionsArgs.Batch, defaultValue = 64),
+                    progress = fun d _ -> task.Value <- float d
+                ))
+
+    printfn
+        "embedded %d captions of %d images (%d x %d each) in %s"
+        total
+        keys.Count
+        encoder.ContextLength
+        encoder.Width
+        out
+
+    ignore manifest
     0
 
 let private benchTrain (args: ParseResults<BenchTrainArgs>) =
@@ -1338,6 +1485,7 @@ let main argv =
             | Eval a -> eval a
             | Fid_Stats a -> fidStats a
             | Ablation a -> ablation a
+            | Embed_Captions a -> embedCaptions a
             | Bench b ->
                 match b.GetSubCommand() with
                 | BenchArgs.Sample a -> benchSample a

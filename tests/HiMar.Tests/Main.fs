@@ -30,6 +30,7 @@ let main argv =
                 TextTests.tokenizerTests
                 TextTests.modelTests
                 TextTests.encoderTests
+                TextToImageTests.tests
                 InceptionTests.tests
                 DistributedTests.tests
             ])

@@ -33,6 +33,28 @@ public sealed class ImageFolder : IImageDataset
             throw new InvalidDataException($"{root}: no JPEG or PNG images in class subfolders.");
     }
 
+    ImageFolder(string root, IReadOnlyList<string> relativeFiles, int imageSize)
+    {
+        if (!System.IO.Directory.Exists(root))
+            throw new DirectoryNotFoundException($"{root}: no such images folder.");
+        Root = root;
+        ImageSize = imageSize;
+        Classes = ["image"];
+        foreach (var f in relativeFiles)
+            files.Add((Path.Combine(root, f), 0));
+        var missing = files.Where(f => !File.Exists(f.Path)).Select(f => f.Path).ToList();
+        if (missing.Count > 0)
+            throw new FileNotFoundException($"{missing[0]}: no such image ({missing.Count} of the {files.Count} listed are missing).", missing[0]);
+        if (files.Count == 0)
+            throw new InvalidDataException($"{root}: no images listed.");
+    }
+
+    /// <summary>Listed images of one folder (COCO's train2017/ and a captions file): one class, label 0.</summary>
+    public static ImageFolder FromFiles(string root, IReadOnlyList<string> relativeFiles, int imageSize = 256) => new(root, relativeFiles, imageSize);
+
+    /// <summary>The path of image <paramref name="index"/> relative to <see cref="Root"/>, '/'-separated (its key).</summary>
+    public string Key(int index) => Path.GetRelativePath(Root, files[index].Path).Replace('\\', '/');
+
     /// <summary>The folder.</summary>
     public string Root { get; }
 

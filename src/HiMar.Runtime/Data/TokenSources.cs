@@ -90,6 +90,9 @@ public sealed class LatentCache : ITokenSource, IDisposable
     /// <summary>The cache folder.</summary>
     public string Directory { get; }
 
+    /// <summary>Each example's image path relative to the image folder (caches made before this was kept have none).</summary>
+    public IReadOnlyList<string>? Files => Manifest["files"]?.AsArray().Select(f => f!.GetValue<string>()).ToList();
+
     /// <summary>The latent scale factor applied to samples.</summary>
     public double ScaleFactor => Manifest["scale_factor"]!.GetValue<double>();
 
@@ -168,6 +171,8 @@ public sealed class LatentCache : ITokenSource, IDisposable
                 ["classes"] = new JsonArray(folder.Classes.Select(c => (JsonNode)c).ToArray()),
                 ["shards"] = new JsonArray("shard-00000.safetensors"),
                 ["skipped"] = new JsonArray(folder.Skipped.Select(c => (JsonNode)c).ToArray()),
+                // Each example's image, so captions and caption embeddings can be matched to it.
+                ["files"] = new JsonArray(kept.Select(i => (JsonNode)JsonValue.Create(folder.Key(i))).ToArray()),
             };
             foreach (var t in tensors.Values)
                 t.Dispose();

@@ -29,7 +29,11 @@ public static class ReferenceArgs
                     d[k] = value.GetValue<bool>();
                     break;
                 case JsonValueKind.Number:
-                    d[k] = value.TryGetValue<long>(out var l) ? l : value.GetValue<double>();
+                    // Parsed numbers convert freely; values built in memory keep their .NET type.
+                    d[k] = value.TryGetValue<long>(out var l) ? l
+                        : value.TryGetValue<int>(out var i) ? i
+                        : value.TryGetValue<double>(out var x) ? x
+                        : Convert.ToDouble(value.GetValue<object>(), System.Globalization.CultureInfo.InvariantCulture);
                     break;
             }
         }

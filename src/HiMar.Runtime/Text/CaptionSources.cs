@@ -68,6 +68,9 @@ public sealed class CaptionTexts(IReadOnlyList<IReadOnlyList<string>> captions, 
         }
     }
 
+    /// <summary>The image keys of Fashion-MNIST's training examples ("train/0", "train/1", ...), as in caption embeddings.</summary>
+    public static IReadOnlyList<string> FashionMnistKeys(int count) => Enumerable.Range(0, count).Select(i => $"train/{i}").ToList();
+
     /// <summary>Fashion-MNIST captions from the labels and the training templates: five per image.</summary>
     public static CaptionTexts FashionMnist(IReadOnlyList<long> labels) =>
         new(labels.Select((l, i) => (IReadOnlyList<string>)FashionCaptions.ForImage(i, (int)l)).ToList());

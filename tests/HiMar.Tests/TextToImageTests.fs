@@ -1,0 +1,446 @@
+/// Tests of the text-to-image path: word vocabulary and Fashion-MNIST captions, text configs and their JSON,
+/// the model's text conditioning (built-in encoder, external context, null contexts, caption dropout, Beta(4, 1)
+/// mask ratios), prompt sampling, caption training with exact resume, COCO captions and caption embeddings.
+module HiMar.Tests.TextToImageTests
+
+open System
+open System.IO
+open System.Text.Json.Nodes
+open Expecto
+open TorchSharp
+open HiMar.Model
+open HiMar.Runtime.Checkpoints
+open HiMar.Runtime.Data
+open HiMar.Runtime.Parity
+open HiMar.Runtime.Sampling
+open HiMar.Runtime.Text
+open HiMar.Runtime.Training
+open HiMar.Tests.TestUtil
+
+/// The training tests' tiny model, conditioned on captions through a tiny built-in encoder.
+let tinyText =
+    { TrainingTests.tinyConfig with
+        BufferSize = 12
+        Conditioning = Conditioning.Text
+        TextEncoder = TextEncoderKind.Builtin
+        NullContext = NullContextKind.Empty
+        MaskRatio = MaskRatioRule.Beta41
+        TextVocab = FashionCaptions.vocabulary
+        TextWidth = 16
+        TextDepth = 1
+        TextHeads = 2
+    }
+
+/// The same with an external encoder's 12 x 16 context.
+let tinyExternal =
+    { tinyText with
+        TextEncoder = TextEncoderKind.External
+        ContextDim = 16
+        TextVocab = [||]
+        TextWidth = 0
+        TextDepth = 0
+        TextHeads = 0
+    }
+
+let private build (config: HiMarConfig) =
+    torch.manual_seed 3L |> ignore
+    let m = new HiMAR(config)
+    Init.himar m
+    m
+
+let private ids (m: HiMAR) (captions: string list) =
+    match Prompts.Encode(m, ResizeArray captions) with
+    | Condition.Tokens t -> t
+    | _ -> failtest "expected word ids"
+
+let private options dir steps =
+    TrainOptions(
+        OutDir = dir,
+        Steps = steps,
+        BatchSize = 8,
+        BaseLr = 0.01,
+        WarmupSteps = 2,
+        EmaRate = 0.9,
+        CheckpointEvery = 2,
+        LogEvery = 1,
+        Seed = 9L
+    )
+
+let private quick =
+    SamplerOptions(
+        Phase1Steps = Nullable 2,
+        Phase2Steps = 2,
+        Cfg = 2.0,
+        ReCfg = 2.0,
+        MlpHeadSteps = "ddim3",
+        DitHeadSteps = "ddim3"
+    )
+
+let tests =
+    testList
+        "TextToImage"
+        [
+            test "captions split into lower-case words; ids pad with 0; unknown and excess words are named" {
+                Expect.equal
+                    (WordVocabulary.words "A Photo of a T-shirt!")
+                    [| "a"; "photo"; "of"; "a"; "t-shirt" |]
+                    "words"
+
+                let vocab = [| "a"; "boot"; "photo" |]
+
+                match WordVocabulary.tryEncode vocab 5 "a BOOT" with
+                | Ok v -> Expect.equal v [| 1L; 2L; 0L; 0L; 0L |] "ids"
+                | Error e -> failtest e
+
+                match WordVocabulary.tryEncode vocab 5 "a red boot" with
+                | Error e ->
+                    Expect.stringContains e "does not know the word 'red'" "unknown word"
+                    Expect.stringContains e "It knows these 3 words: a boot photo" "vocabulary listed"
+                | Ok _ -> failtest "unknown word accepted"
+
+                match WordVocabulary.tryEncode vocab 2 "a photo boot" with
+                | Error e -> Expect.stringContains e "has 3 words; this model reads at most 2" "too long"
+                | Ok _ -> failtest "too long accepted"
+            }
+
+            test "Fashion-MNIST captions: five distinct per image naming its class; held-out phrasings are new" {
+                let caps = FashionCaptions.forImage 17 9
+                Expect.equal caps.Length 5 "five captions"
+                Expect.equal (Array.distinct caps).Length 5 "distinct"
+
+                for c in caps do
+                    Expect.isTrue
+                        (FashionCaptions.classPhrases.[9] |> Array.exists (fun p -> c.EndsWith p))
+                        (sprintf "'%s' names an ankle boot" c)
+
+                Expect.equal (FashionCaptions.fill "a photo of {a} {x}" "ankle boot") "a photo of an ankle boot" "article"
+                Expect.equal (FashionCaptions.forImage 17 9) caps "the same in every run"
+
+                for t in FashionCaptions.heldOutTemplates do
+                    Expect.isFalse (Array.contains t FashionCaptions.trainTemplates) t
+
+                Expect.isLessThanOrEqual FashionCaptions.maxWords HiMarConfig.fashionText.BufferSize "fits the context"
+
+                Expect.equal
+                    FashionCaptions.vocabulary.Length
+                    42
+                    "42 distinct words over the training and held-out captions"
+            }
+
+            test "a text config survives its JSON; class configs write no text keys" {
+                let json = ReferenceImport.ToJson HiMarConfig.fashionText
+                let back = HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson json)
+                Expect.equal back HiMarConfig.fashionText "fashion-text round trip"
+                let s = ReferenceImport.ToJson HiMarConfig.hiMarS
+                let backS = HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson s)
+                Expect.equal backS HiMarConfig.hiMarS "hi-mar-s round trip"
+                let b = ReferenceImport.ToJson HiMarConfig.hiMarB
+                Expect.isNull b.["conditioning"] "no text keys for class models"
+                Expect.isNull b.["mask_ratio"] "no mask-ratio key for the reference rule"
+
+                let bad = JsonObject()
+                bad.["conditioning"] <- JsonValue.Create "audio"
+
+                let e =
+                    catchT<ArgumentException> (fun () ->
+                        HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson bad)
+                        |> ignore)
+
+                Expect.stringContains e.Message "conditioning must be one of class, text, not 'audio'" "message"
+            }
+
+            test "parameter counts: hi-mar-s 95,080,752 (documented); fashion-text 4,270,576" {
+                // fashion-text = fashion (4,155,952) - class_emb and fake_latent (1,408) + 8 more buffer positions in
+                // the encoder and decoder tables (4,096) + context_proj 64 -> 128 (8,320) + the text encoder
+                // (words 43 x 64 + positions 12 x 64 + 2 blocks of 49,984 + final norm 128 = 103,616).
+                let _, s = Anatomy.parameterCounts HiMarConfig.hiMarS
+                let _, f = Anatomy.parameterCounts HiMarConfig.fashionText
+                Expect.equal s 95080752L "hi-mar-s"
+                Expect.equal f 4270576L "fashion-text"
+            }
+
+            test "a built-in text model: keys, context shapes, the empty caption as null, labels refused" {
+                use m = build tinyText
+                let keys = Weights.stateDict m |> Seq.map (fun kv -> kv.Key) |> Set.ofSeq
+                Expect.isTrue (keys.Contains "text_encoder.token_embed.weight") "text encoder"
+                Expect.isTrue (keys.Contains "context_proj.weight") "context projection"
+                Expect.isFalse (keys.Contains "class_emb.weight") "no class embedding"
+                Expect.isFalse (keys.Contains "fake_latent") "no null class"
+                use t = ids m [ "a sandal"; "" ]
+                Expect.equal t.shape [| 2L; 12L |] "ids"
+                use emb = m.ConditionEmbedding(Condition.Tokens t)
+                Expect.equal emb.shape [| 2L; 12L; 32L |] "(B, L, E)"
+                use nul = m.NullEmbedding 2L
+                Expect.equal nul.shape [| 2L; 12L; 32L |] "null (B, L, E)"
+                Expect.isLessThan (maxAbsDiff emb.[1] nul.[0]) 1e-6 "the empty caption is the null context"
+                Expect.isGreaterThan (maxAbsDiff emb.[0] nul.[0]) 1e-3 "a caption differs from the null"
+                use labels = torch.tensor [| 1L |]
+
+                let e =
+                    catchT<ArgumentException> (fun () -> m.ConditionEmbedding(Condition.Labels labels) |> ignore)
+
+                Expect.stringContains e.Message "conditioned on captions, not class labels" "message"
+            }
+
+            test "external context: a fixed, untrained empty context, or a learned null" {
+                use m = build tinyExternal
+                let p = m.named_parameters () |> Seq.find (fun struct (n, _) -> n = "empty_context")
+                let struct (_, empty) = p
+                Expect.isFalse empty.requires_grad "not trained"
+                use ctx = torch.randn (1L, 12L, 16L)
+                m.SetEmptyContext ctx
+                use nul = m.NullEmbedding 1L
+                use direct = m.ConditionEmbedding(Condition.Context ctx)
+                Expect.isLessThan (maxAbsDiff nul direct) 1e-6 "null = projected empty context"
+                use wrong = torch.randn (2L, 12L, 8L)
+
+                let e =
+                    catchT<ArgumentException> (fun () -> m.ConditionEmbedding(Condition.Context wrong) |> ignore)
+
+                Expect.stringContains e.Message "expected (B, 12, 16)" "shape named"
+
+                use learned =
+                    build
+                        { tinyExternal with
+                            NullContext = NullContextKind.Learned
+                        }
+
+                let names =
+                    learned.named_parameters () |> Seq.map (fun struct (n, _) -> n) |> Set.ofSeq
+
+                Expect.isTrue (names.Contains "fake_context") "learned null context"
+                Expect.isFalse (names.Contains "empty_context") "no fixed one"
+            }
+
+            test "caption dropout replaces the whole context with the null context" {
+                // Default (not zeroed) head init, so that the context reaches the loss.
+                let loss (cfg: HiMarConfig) (captions: string list) =
+                    torch.manual_seed 3L |> ignore
+                    use m = new HiMAR(cfg)
+                    m.train ()
+                    use g = new torch.Generator(2UL)
+                    use tokens = torch.randn ([| 4L; 64L; 16L |], generator = g)
+                    use cond = torch.randn ([| 4L; 16L; 16L |], generator = g)
+                    use c = ids m captions
+                    torch.manual_seed 11L |> ignore
+                    let r = m.TrainingLosses(tokens, cond, Condition.Tokens c, 5.0)
+                    r.Total.item<float32> () |> float
+
+                let captions = [ "a sandal"; "a coat"; "the bag"; "a boot" ]
+                let empty = [ ""; ""; ""; "" ]
+                let dropAll = { tinyText with LabelDropProb = 1.0 }
+                let keepAll = { tinyText with LabelDropProb = 0.0 }
+                Expect.equal (loss dropAll captions) (loss dropAll empty) "every caption dropped: the text is ignored"
+                Expect.isGreaterThan (abs (loss keepAll captions - loss keepAll empty)) 1e-6 "kept: the text matters"
+                Expect.isGreaterThan (abs (loss dropAll captions - loss keepAll captions)) 1e-6 "dropping changes the loss"
+            }
+
+            test "Beta(4, 1) mask ratios: mean 0.8, P(r < 0.5) = 1/16, never 0" {
+                torch.manual_seed 5L |> ignore
+                let rs = Array.init 4000 (fun _ -> Masking.betaRate 4.0)
+                Expect.floatClose { absolute = 0.01; relative = 0.0 } (Array.average rs) 0.8 "mean"
+                let below = rs |> Array.filter (fun r -> r < 0.5) |> Array.length
+                Expect.floatClose { absolute = 0.012; relative = 0.0 } (float below / 4000.0) 0.0625 "CDF at 0.5"
+                Expect.isTrue (rs |> Array.forall (fun r -> r > 0.0 && r <= 1.0)) "in (0, 1]"
+            }
+
+            test "prompt sampling: shapes, the same image for a seed, guidance on, captions change the image" {
+                // Default init (Init.himar zeroes the heads' modulations, which would hide the condition).
+                torch.manual_seed 3L |> ignore
+                use m = new HiMAR(tinyText)
+
+                let run (captions: string list) =
+                    use c = Prompts.Encode(m, ResizeArray captions)
+                    use noise = new SeededNoise(4L, 0, captions.Length)
+                    HiMarSampler.Sample(m, c, noise, quick)
+
+                use a = run [ "a sandal"; "a coat" ]
+                use b = run [ "a sandal"; "a coat" ]
+                use c = run [ "a bag"; "a coat" ]
+                Expect.equal a.BigTokens.shape [| 2L; 16L; 8L; 8L |] "dense tokens"
+                Expect.equal (maxAbsDiff a.BigTokens b.BigTokens) 0.0 "deterministic"
+                Expect.isGreaterThan (maxAbsDiff a.BigTokens.[0] c.BigTokens.[0]) 1e-4 "the prompt matters"
+            }
+
+            test "the sample job names files after prompts and refuses an unknown word before any work" {
+                withTempDir (fun dir ->
+                    use m = build tinyText
+
+                    let req (prompts: string list) =
+                        SampleRequest(
+                            Prompts = ResizeArray prompts,
+                            OutDir = dir,
+                            Options = SamplerOptions(Phase1Steps = Nullable 1, Phase2Steps = 1, MlpHeadSteps = "ddim2", DitHeadSteps = "ddim2")
+                        )
+
+                    let out = SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a sandal"; "an ankle boot" ])
+
+                    Expect.equal
+                        (out.Images |> Seq.map Path.GetFileName |> List.ofSeq)
+                        [ "0000-a-sandal.png"; "0001-an-ankle-boot.png" ]
+                        "files"
+
+                    let e =
+                        catchT<PromptException> (fun () ->
+                            SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a coat"; "a purple hat" ]) |> ignore)
+
+                    Expect.stringContains e.Message "does not know the words 'purple', 'hat'" "message"
+
+                    let labelled =
+                        catchT<PromptException> (fun () ->
+                            SampleJob.Run(m, PixelPatchTokenizer.Fashion, SampleRequest(Labels = ResizeArray [ 1L ], OutDir = dir))
+                            |> ignore)
+
+                    Expect.stringContains labelled.Message "give prompts" "labels on a text model")
+            }
+
+            test "caption training resumes exactly and draws its captions from the run seed" {
+                withTempDir (fun dir ->
+                    let data = TrainingTests.SyntheticData()
+                    let caps () = CaptionTexts.FashionMnist((data :> IImageDataset).Labels)
+                    let straight = Path.Combine(dir, "a")
+                    let split = Path.Combine(dir, "b")
+
+                    use a =
+                        new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options straight 4, captions = caps ())
+
+                    a.Run()
+
+                    use b =
+                        new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options split 2, captions = caps ())
+
+                    b.Run()
+
+                    use c =
+                        new Trainer(
+                            tinyText,
+                            data,
+                            PixelPatchTokenizer.Fashion,
+                            options split 4,
+                            resume = true,
+                            captions = caps ()
+                        )
+
+                    c.Run()
+                    let wa, wc = Weights.stateDict a.Model, Weights.stateDict c.Model
+
+                    for KeyValue(k, t) in wa do
+                        Expect.equal (maxAbsDiff t wc.[k]) 0.0 k
+
+                    Expect.isTrue (wa.ContainsKey "text_encoder.blocks.0.attn.qkv.weight") "the encoder is trained too"
+
+                    let noCaptions =
+                        catchT<ArgumentException> (fun () ->
+                            new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options (Path.Combine(dir, "c")) 1)
+                            |> ignore)
+
+                    Expect.stringContains noCaptions.Message "trains on captions" "captions required"
+
+                    let bad =
+                        CaptionTexts(ResizeArray [ for i in 0..47 -> ResizeArray [ (if i = 7 then "a red coat" else "a coat") ] :> Collections.Generic.IReadOnlyList<string> ])
+
+                    let unknown =
+                        catchT<PromptException> (fun () ->
+                            new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options (Path.Combine(dir, "d")) 1, captions = bad)
+                            |> ignore)
+
+                    Expect.stringContains unknown.Message "caption 7" "the caption is named before training")
+            }
+
+            test "COCO captions: images in file order with their captions; malformed files are named" {
+                withTempDir (fun dir ->
+                    let path = Path.Combine(dir, "captions.json")
+
+                    File.WriteAllText(
+                        path,
+                        """{"images":[{"id":5,"file_name":"b.jpg"},{"id":2,"file_name":"a.jpg"},{"id":9,"file_name":"c.jpg"}],
+                            "annotations":[{"image_id":2,"caption":"a cat "},{"image_id":5,"caption":"a dog"},{"image_id":2,"caption":"the cat"}]}"""
+                    )
+
+                    let coco = CocoCaptions.Load path
+                    Expect.equal (List.ofSeq coco.Files) [ "b.jpg"; "a.jpg" ] "files, uncaptioned left out"
+                    Expect.equal (List.ofSeq coco.Captions.[1]) [ "a cat"; "the cat" ] "captions"
+                    Expect.equal coco.WithoutCaptions 1 "c.jpg has none"
+                    File.WriteAllText(path, """{"images":[{"id":1,"file_name":"a.jpg"}],"annotations":[{"image_id":4,"caption":"x"}]}""")
+                    let e = catchT<InvalidDataException> (fun () -> CocoCaptions.Load path |> ignore)
+                    Expect.stringContains e.Message "annotations[0] names image 4, which `images` does not list" "message"
+                    Expect.stringContains e.Message path "file named"
+                    File.WriteAllText(path, """{"annotations":[]}""")
+                    let e2 = catchT<InvalidDataException> (fun () -> CocoCaptions.Load path |> ignore)
+                    Expect.stringContains e2.Message "no `images` list" "message")
+            }
+
+            test "caption embeddings: shards give back the encoder's rows, in the data's order; training reads them" {
+                withTempDir (fun dir ->
+                    use textModel = build tinyText
+                    use encoder = new ModelTextEncoder(textModel)
+                    let keys = ResizeArray [ for i in 0..47 -> sprintf "train/%d" i ]
+
+                    let captions =
+                        ResizeArray [ for i in 0..47 -> FashionCaptions.forImage i (i % 10) |> Array.take 2 :> Collections.Generic.IReadOnlyList<string> ]
+
+                    let out = Path.Combine(dir, "emb")
+
+                    CaptionEmbeddings.Build(keys, captions, encoder, "tiny", out, float16 = false, shardRows = 40, batchSize = 16)
+                    |> ignore
+
+                    Expect.equal (Directory.GetFiles(out, "shard-*.safetensors").Length) 3 "96 rows in shards of 40"
+                    use emb = CaptionEmbeddings.Open out
+                    Expect.equal emb.Count 48 "images"
+                    Expect.equal (emb.CaptionsOf 5) 2 "captions per image"
+                    Expect.equal (emb.Text(5, 1)) captions.[5].[1] "text kept"
+                    use got = emb.Batch(textModel, [| 45; 3 |], [| 1; 0 |])
+                    use want = encoder.Encode(ResizeArray [ captions.[45].[1]; captions.[3].[0] ])
+                    Expect.isLessThan (maxAbsDiff got.Tensor want) 1e-6 "rows"
+                    use e0 = encoder.EncodeEmpty()
+                    use e1 = nonNull emb.EmptyContext
+                    Expect.isLessThan (maxAbsDiff e0 e1) 1e-6 "empty caption"
+                    use reordered = CaptionEmbeddings.Open(out, ResizeArray [ "train/3"; "train/45" ])
+                    use r = reordered.Batch(textModel, [| 1 |], [| 1 |])
+                    use w = encoder.Encode(ResizeArray [ captions.[45].[1] ])
+                    Expect.isLessThan (maxAbsDiff r.Tensor w) 1e-6 "aligned to the data's keys"
+
+                    let missing =
+                        catchT<InvalidDataException> (fun () ->
+                            CaptionEmbeddings.Open(out, ResizeArray [ "train/99" ]) |> ignore)
+
+                    Expect.stringContains missing.Message "no embeddings for image 'train/99'" "missing key named"
+
+                    // float16 storage: the same rows to half precision
+                    let out16 = Path.Combine(dir, "emb16")
+                    CaptionEmbeddings.Build(keys, captions, encoder, "tiny", out16) |> ignore
+                    use emb16 = CaptionEmbeddings.Open out16
+                    use h = emb16.Batch(textModel, [| 45 |], [| 1 |])
+                    Expect.isLessThan (maxAbsDiff h.Tensor (want.narrow (0L, 0L, 1L))) 5e-3 "float16"
+
+                    // An external-encoder model trains on them and keeps their empty caption as its null context.
+                    use t =
+                        new Trainer(
+                            tinyExternal,
+                            TrainingTests.SyntheticData(),
+                            PixelPatchTokenizer.Fashion,
+                            options (Path.Combine(dir, "run")) 2,
+                            captions = CaptionEmbeddings.Open out
+                        )
+
+                    t.Run()
+
+                    Expect.isLessThan
+                        (maxAbsDiff (Weights.stateDict t.Model).["empty_context"] e0)
+                        1e-6
+                        "the null context is the encoder's empty caption"
+
+                    let wrong =
+                        catchT<ArgumentException> (fun () ->
+                            new Trainer(
+                                { tinyExternal with ContextDim = 8 },
+                                TrainingTests.SyntheticData(),
+                                PixelPatchTokenizer.Fashion,
+                                options (Path.Combine(dir, "run2")) 1,
+                                captions = CaptionEmbeddings.Open out
+                            )
+                            |> ignore)
+
+                    Expect.stringContains wrong.Message "embeddings are 12 x 16, the model reads 12 (buffer_size) x 8" "message")
+            }
+        ]
