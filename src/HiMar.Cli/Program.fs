@@ -130,12 +130,15 @@ type EvalArgs =
     | Images of dir: string
     | Ref_Stats of npz: string
     | Ref_Images of dir: string
+    | Text_Encoder of dir: string
     | Device of name: string
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Preset _ -> "the shipped model to evaluate (fashion)."
+            | Preset _ ->
+                "the shipped model to evaluate (fashion, or fashion-text: prompted with held-out caption templates)."
+            | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
             | Checkpoint _ -> "a Fashion-MNIST model folder or training checkpoint instead."
             | Weights _ -> "ema (default) or model."
             | N _ -> "class-balanced samples (default 1000); images already in the output folder are reused."
@@ -297,8 +300,7 @@ type TrainArgs =
                 "text models with the built-in encoder on a latent cache: the COCO captions JSON of its images (one caption drawn per image and step)."
             | Embeddings _ ->
                 "text models with an external encoder: caption embeddings from `himar embed-captions` (matched to the cache's images, or to Fashion-MNIST's)."
-            | Preset _ ->
-                "a model preset (default fashion; fashion-text trains on captions made from the labels)."
+            | Preset _ -> "a model preset (default fashion; fashion-text trains on captions made from the labels)."
             | Config _ -> "a JSON file of reference arguments instead of a preset."
             | Data _ ->
                 "the IDX folder (default /usr/share/datasets/fashion-mnist, from apt-get install dataset-fashion-mnist)."
@@ -753,7 +755,11 @@ let private sample (args: ParseResults<SampleArgs>) =
     let request =
         HiMar.Runtime.Sampling.SampleRequest(
             Labels = ResizeArray labels,
-            Prompts = (if textModel then (ResizeArray prompts :> Collections.Generic.IReadOnlyList<string> | null) else null),
+            Prompts =
+                (if textModel then
+                     (ResizeArray prompts :> Collections.Generic.IReadOnlyList<string> | null)
+                 else
+                     null),
             TextEncoder = textEncoder,
             Seed = seed,
             BatchSize = args.GetResult(SampleArgs.Batch, defaultValue = (if pixelModel then 64 else 8)),
@@ -1069,10 +1075,7 @@ let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
         | None, true ->
             let data =
                 HiMar.Runtime.Data.IdxDataset.FashionMnist(
-                    args.GetResult(
-                        EmbedCaptionsArgs.Data,
-                        defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir
-                    )
+                    args.GetResult(EmbedCaptionsArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
                 )
 
             let texts = HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
@@ -1095,7 +1098,8 @@ let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
     let manifest =
         (progressBar ())
             .Start(fun ctx ->
-                let task = ctx.AddTask(sprintf "embedding %d captions" total, maxValue = float total)
+                let task =
+                    ctx.AddTask(sprintf "embedding %d captions" total, maxValue = float total)
 
                 HiMar.Runtime.Text.CaptionEmbeddings.Build(
                     keys,
@@ -1237,6 +1241,13 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
     let count = args.GetResult(EvalArgs.N, defaultValue = 1000)
     let out = args.GetResult(EvalArgs.Out, defaultValue = IO.Path.Combine("eval", name))
 
+    let textEncoder: HiMar.Model.ITextEncoder | null =
+        match args.TryGetResult EvalArgs.Text_Encoder with
+        | Some dir -> HiMar.Runtime.Text.TextEncoders.Load dir
+        | None -> null
+
+    use _ = textEncoder
+
     let result =
         (progressBar ())
             .Start(fun ctx ->
@@ -1253,7 +1264,8 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
                     args.GetResult(EvalArgs.Seed, defaultValue = 0L),
                     out,
                     args.GetResult(EvalArgs.Batch, defaultValue = 50),
-                    fun d _ -> task.Value <- float d
+                    (fun d _ -> task.Value <- float d),
+                    textEncoder
                 ))
 
     let metrics = nonNull result.Report.["metrics"]
@@ -1268,6 +1280,10 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
     |> ignore
 
     table.AddRow("images", sprintf "%d (%d reused)" count result.Reused) |> ignore
+
+    if model.Config.Conditioning = HiMar.Model.Conditioning.Text then
+        table.AddRow("prompts", "held-out caption templates") |> ignore
+
     AnsiConsole.Write table
     printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
     0

@@ -6,7 +6,8 @@ open System.Text.RegularExpressions
 /// The built-in text encoder's word-level tokenization: lower-case words (letters and digits, joined by inner
 /// hyphens or apostrophes: "t-shirt", "men's"), id = position in the vocabulary + 1, 0 = padding.
 module WordVocabulary =
-    let private word = Regex(@"[\p{L}\p{N}]+(?:['\-][\p{L}\p{N}]+)*", RegexOptions.Compiled)
+    let private word =
+        Regex(@"[\p{L}\p{N}]+(?:['\-][\p{L}\p{N}]+)*", RegexOptions.Compiled)
 
     /// The words of a caption, lower-cased, in order.
     [<CompiledName("Words")>]
@@ -98,8 +99,10 @@ module FashionCaptions =
     /// Every caption of a class under some templates.
     [<CompiledName("All")>]
     let all (templates: string[]) (label: int) =
-        [| for t in templates do
-               for p in classPhrases.[label] -> fill t p |]
+        [|
+            for t in templates do
+                for p in classPhrases.[label] -> fill t p
+        |]
 
     /// The five captions of training image `index` of class `label` (COCO gives five per image): distinct
     /// template and phrase pairs picked by a hash of the index, the same in every run.

@@ -175,10 +175,12 @@ module AblationNames =
         [ "external", TextEncoderKind.External; "builtin", TextEncoderKind.Builtin ]
 
     [<CompiledName("NullContexts")>]
-    let nullContexts = [ "empty", NullContextKind.Empty; "learned", NullContextKind.Learned ]
+    let nullContexts =
+        [ "empty", NullContextKind.Empty; "learned", NullContextKind.Learned ]
 
     [<CompiledName("MaskRatios")>]
-    let maskRatios = [ "reference", MaskRatioRule.Reference; "beta_4_1", MaskRatioRule.Beta41 ]
+    let maskRatios =
+        [ "reference", MaskRatioRule.Reference; "beta_4_1", MaskRatioRule.Beta41 ]
 
     /// The JSON name of a switch value.
     [<CompiledName("NameOf")>]
@@ -464,6 +466,7 @@ module HiMarConfig =
                 | TextEncoderKind.Builtin ->
                     if c.TextVocab.Length = 0 then
                         "the built-in text encoder needs a vocabulary (text_vocab)"
+
                     if c.TextWidth < 1 || c.TextHeads < 1 || c.TextWidth % c.TextHeads <> 0 then
                         sprintf "text width %d is not divisible by %d heads" c.TextWidth c.TextHeads
                 | _ ->

@@ -99,9 +99,11 @@ type HiMAR(config: HiMarConfig) as this =
     // The null context: the empty caption's embedding, fixed for an external encoder (set from the encoder or
     // the embedding shards; not trained), or a learned one.
     let empty_context: Parameter | null =
-        if isText
-           && config.TextEncoder = TextEncoderKind.External
-           && config.NullContext = NullContextKind.Empty then
+        if
+            isText
+            && config.TextEncoder = TextEncoderKind.External
+            && config.NullContext = NullContextKind.Empty
+        then
             this.Param("empty_context", torch.zeros (1L, buf, int64 config.ContextDim), requiresGrad = false)
         else
             null
@@ -111,6 +113,7 @@ type HiMAR(config: HiMarConfig) as this =
             this.Param("fake_context", normal [| 1L; buf; e |])
         else
             null
+
     let z_proj = this.Child("z_proj", Linear(c, e))
     let z_proj_ln = this.Child("z_proj_ln", LayerNorm(e, eps = 1e-6))
 
@@ -249,7 +252,13 @@ type HiMAR(config: HiMarConfig) as this =
             if this.training && config.LabelDropProb > 0.0 then
                 use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
                 use drop0 = u.lt (scalar config.LabelDropProb)
-                use drop = if classEmb.dim () = 3L then drop0.reshape (b, 1L, 1L) else drop0.unsqueeze 1L
+
+                use drop =
+                    if classEmb.dim () = 3L then
+                        drop0.reshape (b, 1L, 1L)
+                    else
+                        drop0.unsqueeze 1L
+
                 use nullEmb = this.NullEmbedding b
                 torch.where (drop, nullEmb, classEmb)
             else
@@ -260,6 +269,7 @@ type HiMAR(config: HiMarConfig) as this =
                 classEmb.alias ()
             else
                 classEmb.unsqueeze(1L).expand (b, buf, e)
+
         use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
         use pos = encoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
         use added = withBuf + pos
@@ -282,7 +292,8 @@ type HiMAR(config: HiMarConfig) as this =
     member _.Config = config
 
     /// The unconditional class embedding (1, E) (class models).
-    member _.FakeLatent = required "class conditioning (fake_latent)" (Option.ofObj fake_latent)
+    member _.FakeLatent =
+        required "class conditioning (fake_latent)" (Option.ofObj fake_latent)
 
     /// The device of the weights.
     member _.Device = mask_token.device
@@ -320,14 +331,14 @@ type HiMAR(config: HiMarConfig) as this =
         | _, Some proj ->
             use ctx = this.ContextOf condition
 
-            if ctx.dim () <> 3L || ctx.shape.[1] <> buf || ctx.shape.[2] <> int64 config.ContextWidth then
+            if
+                ctx.dim () <> 3L
+                || ctx.shape.[1] <> buf
+                || ctx.shape.[2] <> int64 config.ContextWidth
+            then
                 invalidArg
                     "condition"
-                    (sprintf
-                        "context of shape %A, expected (B, %d, %d)"
-                        ctx.shape
-                        buf
-                        config.ContextWidth)
+                    (sprintf "context of shape %A, expected (B, %d, %d)" ctx.shape buf config.ContextWidth)
 
             proj.call ctx
 

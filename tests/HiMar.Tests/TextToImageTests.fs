@@ -113,7 +113,11 @@ let tests =
                         (FashionCaptions.classPhrases.[9] |> Array.exists (fun p -> c.EndsWith p))
                         (sprintf "'%s' names an ankle boot" c)
 
-                Expect.equal (FashionCaptions.fill "a photo of {a} {x}" "ankle boot") "a photo of an ankle boot" "article"
+                Expect.equal
+                    (FashionCaptions.fill "a photo of {a} {x}" "ankle boot")
+                    "a photo of an ankle boot"
+                    "article"
+
                 Expect.equal (FashionCaptions.forImage 17 9) caps "the same in every run"
 
                 for t in FashionCaptions.heldOutTemplates do
@@ -129,10 +133,16 @@ let tests =
 
             test "a text config survives its JSON; class configs write no text keys" {
                 let json = ReferenceImport.ToJson HiMarConfig.fashionText
-                let back = HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson json)
+
+                let back =
+                    HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson json)
+
                 Expect.equal back HiMarConfig.fashionText "fashion-text round trip"
                 let s = ReferenceImport.ToJson HiMarConfig.hiMarS
-                let backS = HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson s)
+
+                let backS =
+                    HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson s)
+
                 Expect.equal backS HiMarConfig.hiMarS "hi-mar-s round trip"
                 let b = ReferenceImport.ToJson HiMarConfig.hiMarB
                 Expect.isNull b.["conditioning"] "no text keys for class models"
@@ -232,7 +242,11 @@ let tests =
                 let keepAll = { tinyText with LabelDropProb = 0.0 }
                 Expect.equal (loss dropAll captions) (loss dropAll empty) "every caption dropped: the text is ignored"
                 Expect.isGreaterThan (abs (loss keepAll captions - loss keepAll empty)) 1e-6 "kept: the text matters"
-                Expect.isGreaterThan (abs (loss dropAll captions - loss keepAll captions)) 1e-6 "dropping changes the loss"
+
+                Expect.isGreaterThan
+                    (abs (loss dropAll captions - loss keepAll captions))
+                    1e-6
+                    "dropping changes the loss"
             }
 
             test "Beta(4, 1) mask ratios: mean 0.8, P(r < 0.5) = 1/16, never 0" {
@@ -270,10 +284,17 @@ let tests =
                         SampleRequest(
                             Prompts = ResizeArray prompts,
                             OutDir = dir,
-                            Options = SamplerOptions(Phase1Steps = Nullable 1, Phase2Steps = 1, MlpHeadSteps = "ddim2", DitHeadSteps = "ddim2")
+                            Options =
+                                SamplerOptions(
+                                    Phase1Steps = Nullable 1,
+                                    Phase2Steps = 1,
+                                    MlpHeadSteps = "ddim2",
+                                    DitHeadSteps = "ddim2"
+                                )
                         )
 
-                    let out = SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a sandal"; "an ankle boot" ])
+                    let out =
+                        SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a sandal"; "an ankle boot" ])
 
                     Expect.equal
                         (out.Images |> Seq.map Path.GetFileName |> List.ofSeq)
@@ -282,13 +303,18 @@ let tests =
 
                     let e =
                         catchT<PromptException> (fun () ->
-                            SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a coat"; "a purple hat" ]) |> ignore)
+                            SampleJob.Run(m, PixelPatchTokenizer.Fashion, req [ "a coat"; "a purple hat" ])
+                            |> ignore)
 
                     Expect.stringContains e.Message "does not know the words 'purple', 'hat'" "message"
 
                     let labelled =
                         catchT<PromptException> (fun () ->
-                            SampleJob.Run(m, PixelPatchTokenizer.Fashion, SampleRequest(Labels = ResizeArray [ 1L ], OutDir = dir))
+                            SampleJob.Run(
+                                m,
+                                PixelPatchTokenizer.Fashion,
+                                SampleRequest(Labels = ResizeArray [ 1L ], OutDir = dir)
+                            )
                             |> ignore)
 
                     Expect.stringContains labelled.Message "give prompts" "labels on a text model")
@@ -297,12 +323,21 @@ let tests =
             test "caption training resumes exactly and draws its captions from the run seed" {
                 withTempDir (fun dir ->
                     let data = TrainingTests.SyntheticData()
-                    let caps () = CaptionTexts.FashionMnist((data :> IImageDataset).Labels)
+
+                    let caps () =
+                        CaptionTexts.FashionMnist((data :> IImageDataset).Labels)
+
                     let straight = Path.Combine(dir, "a")
                     let split = Path.Combine(dir, "b")
 
                     use a =
-                        new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options straight 4, captions = caps ())
+                        new Trainer(
+                            tinyText,
+                            data,
+                            PixelPatchTokenizer.Fashion,
+                            options straight 4,
+                            captions = caps ()
+                        )
 
                     a.Run()
 
@@ -331,20 +366,95 @@ let tests =
 
                     let noCaptions =
                         catchT<ArgumentException> (fun () ->
-                            new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options (Path.Combine(dir, "c")) 1)
+                            new Trainer(
+                                tinyText,
+                                data,
+                                PixelPatchTokenizer.Fashion,
+                                options (Path.Combine(dir, "c")) 1
+                            )
                             |> ignore)
 
                     Expect.stringContains noCaptions.Message "trains on captions" "captions required"
 
                     let bad =
-                        CaptionTexts(ResizeArray [ for i in 0..47 -> ResizeArray [ (if i = 7 then "a red coat" else "a coat") ] :> Collections.Generic.IReadOnlyList<string> ])
+                        CaptionTexts(
+                            ResizeArray
+                                [
+                                    for i in 0..47 ->
+                                        ResizeArray [ (if i = 7 then "a red coat" else "a coat") ]
+                                        :> Collections.Generic.IReadOnlyList<string>
+                                ]
+                        )
 
                     let unknown =
                         catchT<PromptException> (fun () ->
-                            new Trainer(tinyText, data, PixelPatchTokenizer.Fashion, options (Path.Combine(dir, "d")) 1, captions = bad)
+                            new Trainer(
+                                tinyText,
+                                data,
+                                PixelPatchTokenizer.Fashion,
+                                options (Path.Combine(dir, "d")) 1,
+                                captions = bad
+                            )
                             |> ignore)
 
                     Expect.stringContains unknown.Message "caption 7" "the caption is named before training")
+            }
+
+            test "text evaluation prompts with held-out templates and reports accuracy per class" {
+                withTempDir (fun dir ->
+                    let models = Path.Combine(repoRoot, "models")
+                    use m = build tinyText
+
+                    use clf =
+                        HiMar.Runtime.Evaluation.ClassifierRuns.Load(Path.Combine(models, "fashion-classifier"))
+
+                    let stats = Path.Combine(models, "fashion-classifier", "train-stats.npz")
+                    let ckpt = Path.Combine(dir, "ckpt")
+                    Directory.CreateDirectory ckpt |> ignore
+                    ModelFiles.Save(m, Path.Combine(ckpt, "weights.safetensors"))
+
+                    let options =
+                        SamplerOptions(
+                            Phase1Steps = Nullable 1,
+                            Phase2Steps = 1,
+                            MlpHeadSteps = "2",
+                            DitHeadSteps = "2",
+                            ClipDenoised = true
+                        )
+
+                    let r =
+                        HiMar.Runtime.Evaluation.EvalJob.Run(
+                            m,
+                            ckpt,
+                            true,
+                            clf,
+                            stats,
+                            20,
+                            options,
+                            0L,
+                            Path.Combine(dir, "eval")
+                        )
+
+                    let report = r.Report
+                    let node (n: JsonNode | null) = nonNull n
+                    Expect.equal ((node report.["conditioning"]).GetValue<string>()) "text" "conditioning"
+
+                    let prompts =
+                        (node report.["example_prompts"]).AsArray()
+                        |> Seq.map (fun p -> (node p).GetValue<string>())
+                        |> List.ofSeq
+
+                    Expect.equal prompts.[0] "the t-shirt" "image 0: class 0, first held-out template"
+                    Expect.equal prompts.[19] "a picture of the ankle boot" "image 19: class 9, second template"
+
+                    Expect.equal
+                        (HiMar.Runtime.Evaluation.EvalJob.HeldOutPrompt 59)
+                        "the boot"
+                        "templates, then phrases"
+
+                    Expect.equal ((node report.["class_accuracy_per_class"]).AsObject().Count) 10 "ten classes"
+                    let acc = (node (node report.["metrics"]).["class_accuracy"]).GetValue<float>()
+                    Expect.isTrue (acc >= 0.0 && acc <= 1.0) "accuracy in [0, 1]")
             }
 
             test "COCO captions: images in file order with their captions; malformed files are named" {
@@ -361,9 +471,19 @@ let tests =
                     Expect.equal (List.ofSeq coco.Files) [ "b.jpg"; "a.jpg" ] "files, uncaptioned left out"
                     Expect.equal (List.ofSeq coco.Captions.[1]) [ "a cat"; "the cat" ] "captions"
                     Expect.equal coco.WithoutCaptions 1 "c.jpg has none"
-                    File.WriteAllText(path, """{"images":[{"id":1,"file_name":"a.jpg"}],"annotations":[{"image_id":4,"caption":"x"}]}""")
+
+                    File.WriteAllText(
+                        path,
+                        """{"images":[{"id":1,"file_name":"a.jpg"}],"annotations":[{"image_id":4,"caption":"x"}]}"""
+                    )
+
                     let e = catchT<InvalidDataException> (fun () -> CocoCaptions.Load path |> ignore)
-                    Expect.stringContains e.Message "annotations[0] names image 4, which `images` does not list" "message"
+
+                    Expect.stringContains
+                        e.Message
+                        "annotations[0] names image 4, which `images` does not list"
+                        "message"
+
                     Expect.stringContains e.Message path "file named"
                     File.WriteAllText(path, """{"annotations":[]}""")
                     let e2 = catchT<InvalidDataException> (fun () -> CocoCaptions.Load path |> ignore)
@@ -377,11 +497,25 @@ let tests =
                     let keys = ResizeArray [ for i in 0..47 -> sprintf "train/%d" i ]
 
                     let captions =
-                        ResizeArray [ for i in 0..47 -> FashionCaptions.forImage i (i % 10) |> Array.take 2 :> Collections.Generic.IReadOnlyList<string> ]
+                        ResizeArray
+                            [
+                                for i in 0..47 ->
+                                    FashionCaptions.forImage i (i % 10) |> Array.take 2
+                                    :> Collections.Generic.IReadOnlyList<string>
+                            ]
 
                     let out = Path.Combine(dir, "emb")
 
-                    CaptionEmbeddings.Build(keys, captions, encoder, "tiny", out, float16 = false, shardRows = 40, batchSize = 16)
+                    CaptionEmbeddings.Build(
+                        keys,
+                        captions,
+                        encoder,
+                        "tiny",
+                        out,
+                        float16 = false,
+                        shardRows = 40,
+                        batchSize = 16
+                    )
                     |> ignore
 
                     Expect.equal (Directory.GetFiles(out, "shard-*.safetensors").Length) 3 "96 rows in shards of 40"
@@ -441,6 +575,9 @@ let tests =
                             )
                             |> ignore)
 
-                    Expect.stringContains wrong.Message "embeddings are 12 x 16, the model reads 12 (buffer_size) x 8" "message")
+                    Expect.stringContains
+                        wrong.Message
+                        "embeddings are 12 x 16, the model reads 12 (buffer_size) x 8"
+                        "message")
             }
         ]

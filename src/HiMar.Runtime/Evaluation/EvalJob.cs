@@ -20,7 +20,9 @@ public sealed record EvalResult(JsonObject Report, int Reused);
 /// <summary>
 /// Evaluates a Fashion-MNIST model: N class-balanced samples (seeded; images already in the output folder are
 /// reused, so an interrupted evaluation resumes), then FD-FMNIST against the training set's statistics and the
-/// classifier's accuracy on the intended classes.
+/// classifier's accuracy on the intended classes. A text model is prompted with captions from the held-out
+/// templates (<see cref="FashionCaptions.HeldOutTemplates"/>: the training words in phrasings never trained on),
+/// image i asking for class i mod 10, so its accuracy measures whether it draws what the caption names.
 /// </summary>
 public static class EvalJob
 {
@@ -38,6 +40,17 @@ public static class EvalJob
         return Convert.ToHexString(sha.Hash!).ToLowerInvariant()[..16];
     }
 
+    /// <summary>The held-out prompt of evaluation image <paramref name="i"/>: class i mod 10, then every template
+    /// and phrase in turn.</summary>
+    public static string HeldOutPrompt(int i, int classes = 10)
+    {
+        var label = i % classes;
+        var templates = FashionCaptions.HeldOutTemplates;
+        var phrases = FashionCaptions.ClassPhrases[label];
+        var round = i / classes;
+        return FashionCaptions.Fill(templates[round % templates.Length], phrases[round / templates.Length % phrases.Length]);
+    }
+
     static Tensor ReadGrey(string path)
     {
         using var img = Image.Load<L8>(path);
@@ -49,10 +62,12 @@ public static class EvalJob
 
     /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json).</summary>
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
-        long seed, string outDir, int batch = 50, Action<int, int>? progress = null)
+        long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null)
     {
-        var classes = model.Config.ClassNum;
+        var text = model.Config.Conditioning == Conditioning.Text;
+        var classes = text ? FashionCaptions.ClassPhrases.Length : model.Config.ClassNum;
         var labels = Enumerable.Range(0, count).Select(i => (long)(i % classes)).ToArray();
+        var prompts = text ? Enumerable.Range(0, count).Select(i => HeldOutPrompt(i, classes)).ToArray() : null;
         var imagesDir = Path.Combine(outDir, "images");
         Directory.CreateDirectory(outDir);
         // Images on disk are only reused when they come from the same checkpoint, weights, seed and settings.
@@ -62,6 +77,7 @@ public static class EvalJob
             ["weights"] = ema ? "ema" : "model",
             ["seed"] = seed,
             ["settings"] = SamplerSettings.Describe(options, model.Config),
+            ["prompts"] = text ? "held-out templates" : null,
         }.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
         var identityPath = Path.Combine(outDir, "sampling.json");
         if (File.Exists(identityPath) && Directory.Exists(imagesDir) && Directory.EnumerateFiles(imagesDir, "*.png").Any())
@@ -85,7 +101,10 @@ public static class EvalJob
                 var idx = run.Skip(start).Take(batch).ToList();
                 using var scope = torch.NewDisposeScope();
                 using var noise = new SeededNoise(seed, idx[0], idx.Count);
-                using var r = HiMarSampler.Sample(model, torch.tensor(idx.Select(i => labels[i]).ToArray()), noise, options);
+                using var condition = text
+                    ? Text.Prompts.Encode(model, idx.Select(i => prompts![i]).ToList(), textEncoder)
+                    : Condition.NewLabels(torch.tensor(idx.Select(i => labels[i]).ToArray()));
+                using var r = HiMarSampler.Sample(model, condition, noise, options);
                 var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.BigTokens));
                 for (var k = 0; k < idx.Count; k++)
                 {
@@ -101,10 +120,23 @@ public static class EvalJob
         using var gen = FeatureStats.Of(features);
         using var train = Metrics.ReadNpz(statsPath);
         var fd = Metrics.FrechetDistance(gen, train);
-        var acc = probs.argmax(1).eq(torch.tensor(labels)).to(ScalarType.Float64).mean().item<double>();
+        var correct = probs.argmax(1).eq(torch.tensor(labels)).to(ScalarType.Float64);
+        var acc = correct.mean().item<double>();
+        var hits = correct.data<double>().ToArray();
+        var perClass = new JsonObject();
+        for (var c = 0; c < classes; c++)
+        {
+            var rows = Enumerable.Range(0, count).Where(i => labels[i] == c).ToList();
+            if (rows.Count > 0)
+                perClass[c < IdxDataset.FashionClasses.Count ? IdxDataset.FashionClasses[c] : $"class {c}"] = rows.Average(i => hits[i]);
+        }
         var report = new JsonObject
         {
             ["metrics"] = new JsonObject { ["fd_fmnist"] = fd, ["class_accuracy"] = acc },
+            ["class_accuracy_per_class"] = perClass,
+            ["conditioning"] = text ? "text" : "class",
+            ["prompt_templates"] = text ? new JsonArray(FashionCaptions.HeldOutTemplates.Select(t => (JsonNode)JsonValue.Create(t)).ToArray()) : null,
+            ["example_prompts"] = text ? new JsonArray(prompts!.Take(Math.Min(count, 20)).Select(p => (JsonNode)JsonValue.Create(p)).ToArray()) : null,
             ["images"] = count,
             ["checkpoint"] = checkpoint,
             ["checkpoint_hash"] = Hash(checkpoint),
