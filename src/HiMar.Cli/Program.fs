@@ -748,7 +748,13 @@ let private sample (args: ParseResults<SampleArgs>) =
         )
 
     let out =
-        args.GetResult(SampleArgs.Out, defaultValue = (if preset.IsSome then "fashion.png" else "samples"))
+        args.GetResult(
+            SampleArgs.Out,
+            defaultValue =
+                (match preset with
+                 | Some p -> p.ToLowerInvariant() + ".png"
+                 | None -> "samples")
+        )
 
     let gridOnly = out.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
 
