@@ -683,14 +683,26 @@ let private sample (args: ParseResults<SampleArgs>) =
     let textModel = model.Config.Conditioning = HiMar.Model.Conditioning.Text
     let promptsGiven = args.GetResults SampleArgs.Prompt
 
-    if textModel && promptsGiven.IsEmpty then
-        raise (CliError "this is a text-to-image model: give a caption with --prompt \"...\"")
+    // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
+    let promptsGiven =
+        if textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
+            [ for phrases in HiMar.Model.FashionCaptions.classPhrases -> HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0] ]
+        elif textModel && promptsGiven.IsEmpty then
+            raise (CliError "this is a text-to-image model: give a caption with --prompt \"...\"")
+        else
+            promptsGiven
 
     if not textModel && not promptsGiven.IsEmpty then
         raise (CliError "this model is conditioned on class labels, not captions: use --classes or --n")
 
     let perPrompt =
-        args.GetResult(SampleArgs.N, defaultValue = (if preset.IsSome then 8 else 1))
+        args.GetResult(
+            SampleArgs.N,
+            defaultValue =
+                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then 6
+                 elif preset.IsSome then 8
+                 else 1)
+        )
 
     let prompts =
         [
