@@ -56,7 +56,7 @@ public static class TextEncoders
     public static ITextEncoder Load(string path, Device? device = null)
     {
         var config = Path.Combine(path, ReferenceImport.ConfigFile);
-        if (Directory.Exists(path) && File.Exists(config) && File.ReadAllText(config).Contains("\"text_encoder\": \"builtin\"", StringComparison.Ordinal))
+        if (Directory.Exists(path) && File.Exists(config) && ModelConfigs.Resolve(config) is { Conditioning: Conditioning.Text, TextEncoder: TextEncoderKind.Builtin })
         {
             var m = ReferenceImport.LoadModel(path);
             if (device != null)
