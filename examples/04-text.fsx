@@ -37,7 +37,7 @@ match WordVocabulary.tryEncode config.TextVocab config.ContextLength "a red boot
 //    its width and puts them where a class model keeps its class embedding.
 let encoder = new ModelTextEncoder(model)
 let context = encoder.Encode(ResizeArray [ prompt ])
-printfn "context %A, mean norm %.2f" context.shape (context.norm(dim = -1L).mean().item<float32> ())
+printfn "context %A, mean norm %.2f" context.shape (context.norm(dim = -1).mean().item<float32> ())
 
 // Captions that name the same thing in other words land close together; different garments further apart.
 let cosine (a: string) (b: string) =
@@ -52,14 +52,22 @@ let options =
     SamplerOptions(Cfg = 3.0, ReCfg = 3.0, Temperature = 0.9, ClipDenoised = true)
 
 let prompts =
-    [ for p in [ "a sandal"; "a pair of trousers"; "a handbag" ] do
-          for _ in 1..4 -> p ]
+    [
+        for p in [ "a sandal"; "a pair of trousers"; "a handbag" ] do
+            for _ in 1..4 -> p
+    ]
 
 let output =
     SampleJob.Run(
         model,
         HiMar.Runtime.Data.PixelPatchTokenizer.Fashion,
-        SampleRequest(Prompts = ResizeArray prompts, Seed = 0L, OutDir = "samples-text-fsi", Columns = 4, Options = options)
+        SampleRequest(
+            Prompts = ResizeArray prompts,
+            Seed = 0L,
+            OutDir = "samples-text-fsi",
+            Columns = 4,
+            Options = options
+        )
     )
 
 printfn "%d images in %.1f s; grid: %s" output.Images.Count output.Seconds output.Grid

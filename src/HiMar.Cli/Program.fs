@@ -686,7 +686,10 @@ let private sample (args: ParseResults<SampleArgs>) =
     // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
     let promptsGiven =
         if textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
-            [ for phrases in HiMar.Model.FashionCaptions.classPhrases -> HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0] ]
+            [
+                for phrases in HiMar.Model.FashionCaptions.classPhrases ->
+                    HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
+            ]
         elif textModel && promptsGiven.IsEmpty then
             raise (CliError "this is a text-to-image model: give a caption with --prompt \"...\"")
         else
@@ -699,9 +702,12 @@ let private sample (args: ParseResults<SampleArgs>) =
         args.GetResult(
             SampleArgs.N,
             defaultValue =
-                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then 6
-                 elif preset.IsSome then 8
-                 else 1)
+                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
+                     6
+                 elif preset.IsSome then
+                     8
+                 else
+                     1)
         )
 
     let prompts =
