@@ -954,18 +954,7 @@ let private train (args: ParseResults<TrainArgs>) =
                 match args.TryGetResult TrainArgs.Captions, args.TryGetResult TrainArgs.Embeddings with
                 | Some _, Some _ -> raise (CliError "give --captions or --embeddings, not both")
                 | Some file, None ->
-                    let coco = HiMar.Runtime.Text.CocoCaptions.Load file
-                    let byFile = Seq.zip coco.Files coco.Captions |> dict
-
-                    let aligned =
-                        keys ()
-                        |> Seq.map (fun k ->
-                            match byFile.TryGetValue k with
-                            | true, c -> c
-                            | _ -> raise (CliError(sprintf "%s: no captions for the cached image '%s'" file k)))
-                        |> ResizeArray
-
-                    HiMar.Runtime.Text.CaptionTexts(aligned)
+                    HiMar.Runtime.Text.CaptionTexts.ForKeys(HiMar.Runtime.Text.CocoCaptions.Load file, keys (), file)
                 | None, Some emb -> HiMar.Runtime.Text.CaptionEmbeddings.Open(emb, keys ())
                 | None, None -> null
 

@@ -530,6 +530,90 @@ let tests =
                     Expect.stringContains e2.Message "no `images` list" "message")
             }
 
+            test "a COCO-style folder caches with its file names and trains on captions or on their embeddings" {
+                withTempDir (fun dir ->
+                    let images = Path.Combine(dir, "train2017")
+                    Directory.CreateDirectory images |> ignore
+
+                    for i in 1..3 do
+                        use img =
+                            new SixLabors.ImageSharp.Image<SixLabors.ImageSharp.PixelFormats.Rgb24>(70, 64)
+
+                        img.[10 * i, 9] <- SixLabors.ImageSharp.PixelFormats.Rgb24(250uy, 20uy, 20uy)
+                        SixLabors.ImageSharp.ImageExtensions.SaveAsPng(img, Path.Combine(images, sprintf "%03d.png" i))
+
+                    let captionsFile = Path.Combine(dir, "captions.json")
+
+                    File.WriteAllText(
+                        captionsFile,
+                        """{"images":[{"id":3,"file_name":"003.png"},{"id":1,"file_name":"001.png"},{"id":2,"file_name":"002.png"}],
+                            "annotations":[{"image_id":1,"caption":"a coat"},{"image_id":3,"caption":"a bag"},{"image_id":3,"caption":"the bag"},
+                                           {"image_id":2,"caption":"a boot"}]}"""
+                    )
+
+                    let coco = CocoCaptions.Load captionsFile
+                    let folder = ImageFolder.FromFiles(images, coco.Files, 64)
+                    use fixture = ParityFixture.Open tinyFixture
+                    use vae = VaeParityCases.Build fixture
+                    let out = Path.Combine(dir, "cache")
+                    LatentCache.Build(folder, vae, out, 2) |> ignore
+                    use cache = LatentCache.Open out
+
+                    Expect.equal
+                        (List.ofSeq (nonNull cache.Files))
+                        [ "003.png"; "001.png"; "002.png" ]
+                        "keys in caption order"
+
+                    let captions = CaptionTexts.ForKeys(coco, nonNull cache.Files, captionsFile)
+                    Expect.equal (captions.Text(0, 1)) "the bag" "aligned"
+
+                    let config =
+                        { tinyText with
+                            ImgSize = 64
+                            VaeStride = 16
+                            CondScale = 2
+                        }
+
+                    use t =
+                        new Trainer(config, cache, null, options (Path.Combine(dir, "run")) 2, captions = captions)
+
+                    t.Run()
+                    Expect.equal t.Step 2 "trained on captions"
+
+                    let missing =
+                        catchT<InvalidDataException> (fun () ->
+                            CaptionTexts.ForKeys(coco, ResizeArray [ "004.png" ], captionsFile) |> ignore)
+
+                    Expect.stringContains missing.Message "no captions for the image '004.png'" "named"
+
+                    // Embeddings made from the captions file train a model with an external encoder on the same cache.
+                    use encoder = new ModelTextEncoder(t.Model)
+                    let emb = Path.Combine(dir, "emb")
+
+                    CaptionEmbeddings.Build(coco.Files, coco.Captions, encoder, "builtin", emb)
+                    |> ignore
+
+                    let external =
+                        { tinyExternal with
+                            ImgSize = 64
+                            VaeStride = 16
+                            CondScale = 2
+                            ContextDim = 16
+                        }
+
+                    use t2 =
+                        new Trainer(
+                            external,
+                            cache,
+                            null,
+                            options (Path.Combine(dir, "run2")) 2,
+                            captions = CaptionEmbeddings.Open(emb, nonNull cache.Files)
+                        )
+
+                    t2.Run()
+                    Expect.equal t2.Step 2 "trained on embeddings")
+            }
+
             test "caption embeddings: shards give back the encoder's rows, in the data's order; training reads them" {
                 withTempDir (fun dir ->
                     use textModel = build tinyText

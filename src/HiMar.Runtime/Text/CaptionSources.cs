@@ -68,6 +68,16 @@ public sealed class CaptionTexts(IReadOnlyList<IReadOnlyList<string>> captions, 
         }
     }
 
+    /// <summary>COCO captions in the order of a data set's image keys (a latent cache's `files`); an image without
+    /// captions is an error naming it and <paramref name="captionsFile"/>.</summary>
+    public static CaptionTexts ForKeys(CocoCaptions coco, IReadOnlyList<string> keys, string captionsFile)
+    {
+        var byFile = new Dictionary<string, IReadOnlyList<string>>(StringComparer.Ordinal);
+        for (var i = 0; i < coco.Files.Count; i++)
+            byFile[coco.Files[i]] = coco.Captions[i];
+        return new(keys.Select(k => byFile.TryGetValue(k, out var c) ? c : throw new InvalidDataException($"{captionsFile}: no captions for the image '{k}' of the training data.")).ToList());
+    }
+
     /// <summary>The image keys of Fashion-MNIST's training examples ("train/0", "train/1", ...), as in caption embeddings.</summary>
     public static IReadOnlyList<string> FashionMnistKeys(int count) => Enumerable.Range(0, count).Select(i => $"train/{i}").ToList();
 
