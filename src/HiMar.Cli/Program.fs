@@ -727,7 +727,7 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     let textEncoder: HiMar.Model.ITextEncoder | null =
         match args.TryGetResult SampleArgs.Text_Encoder with
-        | Some dir when textModel -> HiMar.Runtime.Text.ClipTextEncoder.Load(dir, device = dev)
+        | Some dir when textModel -> HiMar.Runtime.Text.TextEncoders.Load(dir, dev)
         | Some _ -> raise (CliError "--text-encoder is for text models")
         | None -> null
 

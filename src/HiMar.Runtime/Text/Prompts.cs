@@ -32,7 +32,7 @@ public static class Prompts
             return Condition.NewTokens(tensor(ids, [captions.Count, c.ContextLength], device: model.Device));
         }
         if (encoder == null)
-            throw new PromptException($"this model reads an external text encoder's {c.ContextLength} x {c.ContextDim} context; give the encoder (e.g. --clip DIR with CLIP ViT-L/14 weights)");
+            throw new PromptException($"this model reads an external text encoder's {c.ContextLength} x {c.ContextDim} context; give the encoder (--text-encoder DIR: a CLIP text-model folder, or the himar model whose built-in encoder made the embeddings)");
         if (encoder.ContextLength != c.ContextLength || encoder.Width != c.ContextDim)
             throw new PromptException($"the text encoder gives {encoder.ContextLength} x {encoder.Width} context, the model reads {c.ContextLength} x {c.ContextDim}");
         var ctx = encoder.Encode(captions);
