@@ -30,10 +30,14 @@ public static class SampleBenchmark
         var labels = Enumerable.Range(0, images).Select(i => (long)(i % model.Config.ClassNum)).ToArray();
         double Once(int run)
         {
-            using var l = torch.tensor(labels);
+            // Class models sample classes 0, 1, ...; text models a random caption (words or context) per image.
+            torch.manual_seed(seed);
+            using var condition = model.Config.Conditioning == Conditioning.Text
+                ? Condition.Random(model.Config, images)
+                : Condition.NewLabels(torch.tensor(labels));
             using var noise = new SeededNoise(seed + run, 0, images);
             var sw = Stopwatch.StartNew();
-            using var r = HiMarSampler.Sample(model, l, noise, options);
+            using var r = HiMarSampler.Sample(model, condition, noise, options);
             return sw.Elapsed.TotalSeconds;
         }
         var warmup = Once(-1);

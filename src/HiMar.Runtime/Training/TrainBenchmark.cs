@@ -40,10 +40,10 @@ public static class TrainBenchmark
                 using var scope = torch.NewDisposeScope();
                 var tokens = torch.randn(batch, config.DenseTokens, config.TokenEmbedDim);
                 var pivots = torch.randn(batch, config.PivotTokens, config.CondDim);
-                var labels = torch.randint(0, config.ClassNum, [batch]);
+                var condition = Condition.Random(config, batch);
                 var sw = Stopwatch.StartNew();
                 optimizer.ZeroGrad();
-                var losses = model.TrainingLosses(tokens, pivots, labels, config.StepWarmup);
+                var losses = model.TrainingLosses(tokens, pivots, condition, config.StepWarmup);
                 losses.Total.backward();
                 var reduceStart = sw.Elapsed.TotalSeconds;
                 if (together)
