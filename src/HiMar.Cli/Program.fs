@@ -131,6 +131,7 @@ type EvalArgs =
     | Ref_Stats of npz: string
     | Ref_Images of dir: string
     | Text_Encoder of dir: string
+    | Training_Templates
     | Device of name: string
 
     interface IArgParserTemplate with
@@ -139,6 +140,8 @@ type EvalArgs =
             | Preset _ ->
                 "the shipped model to evaluate (fashion, or fashion-text: prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
+            | Training_Templates ->
+                "text models: prompt with the training caption templates instead of the held-out ones (the gap shows how well phrasing generalises)."
             | Checkpoint _ -> "a Fashion-MNIST model folder or training checkpoint instead."
             | Weights _ -> "ema (default) or model."
             | N _ -> "class-balanced samples (default 1000); images already in the output folder are reused."
@@ -1278,7 +1281,8 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
                     out,
                     args.GetResult(EvalArgs.Batch, defaultValue = 50),
                     (fun d _ -> task.Value <- float d),
-                    textEncoder
+                    textEncoder,
+                    args.Contains Training_Templates
                 ))
 
     let metrics = nonNull result.Report.["metrics"]
@@ -1295,7 +1299,14 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
     table.AddRow("images", sprintf "%d (%d reused)" count result.Reused) |> ignore
 
     if model.Config.Conditioning = HiMar.Model.Conditioning.Text then
-        table.AddRow("prompts", "held-out caption templates") |> ignore
+        table.AddRow(
+            "prompts",
+            (if args.Contains Training_Templates then
+                 "training caption templates"
+             else
+                 "held-out caption templates")
+        )
+        |> ignore
 
     AnsiConsole.Write table
     printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))

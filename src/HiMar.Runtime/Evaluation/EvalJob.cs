@@ -42,10 +42,12 @@ public static class EvalJob
 
     /// <summary>The held-out prompt of evaluation image <paramref name="i"/>: class i mod 10, then every template
     /// and phrase in turn.</summary>
-    public static string HeldOutPrompt(int i, int classes = 10)
+    public static string HeldOutPrompt(int i, int classes = 10) => Prompt(FashionCaptions.HeldOutTemplates, i, classes);
+
+    /// <summary>The prompt of evaluation image <paramref name="i"/> under <paramref name="templates"/>.</summary>
+    public static string Prompt(string[] templates, int i, int classes = 10)
     {
         var label = i % classes;
-        var templates = FashionCaptions.HeldOutTemplates;
         var phrases = FashionCaptions.ClassPhrases[label];
         var round = i / classes;
         return FashionCaptions.Fill(templates[round % templates.Length], phrases[round / templates.Length % phrases.Length]);
@@ -62,12 +64,14 @@ public static class EvalJob
 
     /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json).</summary>
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
-        long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null)
+        long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null, bool trainingTemplates = false)
     {
         var text = model.Config.Conditioning == Conditioning.Text;
         var classes = text ? FashionCaptions.ClassPhrases.Length : model.Config.ClassNum;
         var labels = Enumerable.Range(0, count).Select(i => (long)(i % classes)).ToArray();
-        var prompts = text ? Enumerable.Range(0, count).Select(i => HeldOutPrompt(i, classes)).ToArray() : null;
+        var templates = trainingTemplates ? FashionCaptions.TrainTemplates : FashionCaptions.HeldOutTemplates;
+        var templateName = trainingTemplates ? "training templates" : "held-out templates";
+        var prompts = text ? Enumerable.Range(0, count).Select(i => Prompt(templates, i, classes)).ToArray() : null;
         var imagesDir = Path.Combine(outDir, "images");
         Directory.CreateDirectory(outDir);
         // Images on disk are only reused when they come from the same checkpoint, weights, seed and settings.
@@ -77,7 +81,7 @@ public static class EvalJob
             ["weights"] = ema ? "ema" : "model",
             ["seed"] = seed,
             ["settings"] = SamplerSettings.Describe(options, model.Config),
-            ["prompts"] = text ? "held-out templates" : null,
+            ["prompts"] = text ? templateName : null,
         }.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
         var identityPath = Path.Combine(outDir, "sampling.json");
         if (File.Exists(identityPath) && Directory.Exists(imagesDir) && Directory.EnumerateFiles(imagesDir, "*.png").Any())
@@ -135,7 +139,8 @@ public static class EvalJob
             ["metrics"] = new JsonObject { ["fd_fmnist"] = fd, ["class_accuracy"] = acc },
             ["class_accuracy_per_class"] = perClass,
             ["conditioning"] = text ? "text" : "class",
-            ["prompt_templates"] = text ? new JsonArray(FashionCaptions.HeldOutTemplates.Select(t => (JsonNode)JsonValue.Create(t)).ToArray()) : null,
+            ["prompts"] = text ? templateName : null,
+            ["prompt_templates"] = text ? new JsonArray(templates.Select(t => (JsonNode)JsonValue.Create(t)).ToArray()) : null,
             ["example_prompts"] = text ? new JsonArray(prompts!.Take(Math.Min(count, 20)).Select(p => (JsonNode)JsonValue.Create(p)).ToArray()) : null,
             ["images"] = count,
             ["checkpoint"] = checkpoint,
