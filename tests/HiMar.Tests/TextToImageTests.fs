@@ -452,6 +452,11 @@ let tests =
                         "the boot"
                         "templates, then phrases"
 
+                    Expect.equal
+                        (HiMar.Runtime.Evaluation.EvalJob.Prompt(FashionCaptions.trainTemplates, 10))
+                        "a photo of a t-shirt"
+                        "--training-templates"
+
                     Expect.equal ((node report.["class_accuracy_per_class"]).AsObject().Count) 10 "ten classes"
                     let acc = (node (node report.["metrics"]).["class_accuracy"]).GetValue<float>()
                     Expect.isTrue (acc >= 0.0 && acc <= 1.0) "accuracy in [0, 1]")
