@@ -349,7 +349,7 @@ module HiMarConfig =
         }
 
     /// Hi-MAR-S for text-to-image at 256x256 (the paper's MS-COCO model, "in the spirit of" U-ViT-S/2 (Deep):
-    /// width 512, 16 Transformer blocks in all, 8 heads): 8 + 8 blocks of width 512, MLP head 3 x 1024,
+    /// width 512, 8 heads, 17 blocks): 8 + 8 blocks of width 512, MLP head 3 x 1024,
     /// Transformer head 4 x 512 (8 heads), conditioned on CLIP ViT-L/14 text features (77 x 768, external:
     /// precomputed with `himar embed-captions`), the empty caption as null context, Beta(4, 1) mask ratios.
     [<CompiledName("Small")>]
