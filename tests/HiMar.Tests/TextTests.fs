@@ -455,7 +455,7 @@ let private tinyVocab =
     [ "c a"; "ca t</w>" ]
 
 /// Writes `model` as model.safetensors (plus `extra` tensors), the tiny tokenizer and a config.json with 4 heads.
-let private writeFolder (dir: string) (model: ClipTextModel) (extra: (string * torch.Tensor) list) (drop: string list) =
+let writeFolder (dir: string) (model: ClipTextModel) (extra: (string * torch.Tensor) list) (drop: string list) =
     let state = Dictionary<string, torch.Tensor>(Weights.stateDict model)
 
     for k, t in extra do

@@ -619,6 +619,39 @@ let tests =
                     Expect.equal t2.Step 2 "trained on embeddings")
             }
 
+            test "embed-captions reads a CLIP folder too: its 77-token context goes into the shards" {
+                withTempDir (fun dir ->
+                    let clipDir = Path.Combine(dir, "clip")
+                    Directory.CreateDirectory clipDir |> ignore
+                    torch.manual_seed 1L |> ignore
+                    use clip = new ClipTextModel(TextTests.tiny)
+                    TextTests.writeFolder clipDir clip [] []
+                    use encoder = TextEncoders.Load clipDir
+                    Expect.isTrue (encoder :? ClipTextEncoder) "a CLIP folder loads CLIP"
+                    let out = Path.Combine(dir, "emb")
+
+                    let captions =
+                        ResizeArray [ ResizeArray [ "a cat"; "cat" ] :> Collections.Generic.IReadOnlyList<string> ]
+
+                    CaptionEmbeddings.Build(ResizeArray [ "cat.jpg" ], captions, encoder, "clip", out, float16 = false)
+                    |> ignore
+
+                    use emb = CaptionEmbeddings.Open out
+                    Expect.equal (emb.ContextLength, emb.Width) (77, 32) "CLIP's 77 x width"
+                    use want = encoder.Encode(ResizeArray [ "cat" ])
+
+                    let model =
+                        { tinyExternal with
+                            BufferSize = 77
+                            ContextDim = 32
+                        }
+
+                    emb.CheckFits model
+                    use m = build model
+                    use got = emb.Batch(m, [| 0 |], [| 1 |])
+                    Expect.isLessThan (maxAbsDiff got.Tensor want) 1e-6 "the encoder's context")
+            }
+
             test "caption embeddings: shards give back the encoder's rows, in the data's order; training reads them" {
                 withTempDir (fun dir ->
                     use textModel = build tinyText

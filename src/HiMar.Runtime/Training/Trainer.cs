@@ -474,18 +474,23 @@ public sealed class Trainer : IDisposable
         try
         {
             var count = captions == null ? labels.Length : Math.Min(10 * perClass, captions.Count);
-            var examples = Enumerable.Range(0, count).ToArray();
+            // Text models: the first caption of the first example of each label (one garment per class on
+            // Fashion-MNIST), then of the next examples.
+            var firstOfLabel = Enumerable.Range(0, data.Count).GroupBy(i => data.Labels[i]).Select(g => g.First()).Take(count);
+            var examples = firstOfLabel.Concat(Enumerable.Range(0, data.Count)).Distinct().Take(count).ToArray();
             using var condition = captions == null
                 ? Condition.NewLabels(torch.tensor(labels))
-                : captions.Batch(ema, examples, new int[count]);
+                : captions.Batch(ema, examples, examples.Select(Shortest).ToArray());
             var names = captions == null
                 ? labels.Select(x => $"class {x}").ToList()
-                : examples.Select(e => captions.Text(e, 0) ?? $"example {e}").ToList();
+                : examples.Select(e => captions.Text(e, Shortest(e)) ?? $"example {e}").ToList();
             using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
             using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer });
             using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens);
-            var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, 56)).ToList();
+            // Captions need wider tiles than class numbers to be legible.
+            var side = captions == null ? 56 : 84;
+            var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, side)).ToList();
             using var grid = Imaging.Images.Grid(tiles, names, Math.Min(10, count));
             Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
             Imaging.Images.SavePng(grid, path);
@@ -500,6 +505,10 @@ public sealed class Trainer : IDisposable
             model.train();
         }
     }
+
+    /// <summary>The example's shortest caption (the most legible under a preview tile); 0 when the texts are unknown.</summary>
+    int Shortest(int example) =>
+        Enumerable.Range(0, captions!.CaptionsOf(example)).OrderBy(k => captions.Text(example, k)?.Length ?? 0).First();
 
     /// <summary>Disposes the models and the optimiser.</summary>
     public void Dispose()
