@@ -53,18 +53,7 @@ let private ids (m: HiMAR) (captions: string list) =
     | Condition.Tokens t -> t
     | _ -> failtest "expected word ids"
 
-let private options dir steps =
-    TrainOptions(
-        OutDir = dir,
-        Steps = steps,
-        BatchSize = 8,
-        BaseLr = 0.01,
-        WarmupSteps = 2,
-        EmaRate = 0.9,
-        CheckpointEvery = 2,
-        LogEvery = 1,
-        Seed = 9L
-    )
+let private options = TrainingTests.options
 
 let private quick =
     SamplerOptions(

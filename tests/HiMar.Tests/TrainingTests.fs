@@ -50,7 +50,8 @@ type SyntheticData(?nan: bool) =
             else
                 b
 
-let private options dir steps =
+/// Training options of the tests: batch 8, a short warm-up, a fast EMA, checkpoints every 3 steps.
+let options dir steps =
     TrainOptions(
         OutDir = dir,
         Steps = steps,
