@@ -1094,17 +1094,8 @@ let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
                     args.GetResult(EmbedCaptionsArgs.Data, defaultValue = HiMar.Runtime.Data.IdxDataset.FashionMnistDir)
                 )
 
-            let texts = HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
-
             HiMar.Runtime.Text.CaptionTexts.FashionMnistKeys data.Count,
-            ResizeArray(
-                [
-                    for e in 0 .. data.Count - 1 ->
-                        ResizeArray [ for k in 0 .. texts.CaptionsOf e - 1 -> nonNull (texts.Text(e, k)) ]
-                        :> Collections.Generic.IReadOnlyList<string>
-                ]
-            )
-            :> Collections.Generic.IReadOnlyList<_>
+            (HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels).Captions
         | _ -> raise (CliError "give one of --captions FILE or --fashion")
 
     use encoder = HiMar.Runtime.Text.TextEncoders.Load(encoderPath, dev)

@@ -28,6 +28,13 @@ type Condition =
         | Tokens t
         | Context t -> t
 
+    /// Rows [start, start + count) of the condition (a view of the same tensor).
+    member c.Narrow(start: int64, count: int64) =
+        match c with
+        | Labels t -> Labels(t.narrow (0L, start, count))
+        | Tokens t -> Tokens(t.narrow (0L, start, count))
+        | Context t -> Context(t.narrow (0L, start, count))
+
     /// A random condition of `batch` rows for a configuration (benchmarks, smoke runs): labels, word ids or
     /// context vectors, from torch's generator.
     static member Random(config: HiMarConfig, batch: int64) =

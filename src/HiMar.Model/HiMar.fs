@@ -234,9 +234,11 @@ type HiMAR(config: HiMarConfig) as this =
         torch.cat ([| z; mask |], 1L)
 
     /// The shared encoder: x (B, N, C) dense tokens, first (B, S, E) pivot block, mask (B, L),
-    /// classEmb (B, E) -> (B, buf + known, E). Label drops are drawn for the global batch's rows.
+    /// classEmb (B, E) -> (B, buf + known, E). Label drops are drawn for the global batch's rows and take
+    /// `nullEmb` (made here when None; a training step makes it once for both phases).
     let encodeRows
         (rows: RowWindow)
+        (nullEmb: torch.Tensor option)
         (first: torch.Tensor)
         (x: torch.Tensor)
         (mask: torch.Tensor)
@@ -259,8 +261,11 @@ type HiMAR(config: HiMarConfig) as this =
                     else
                         drop0.unsqueeze 1L
 
-                use nullEmb = this.NullEmbedding b
-                torch.where (drop, nullEmb, classEmb)
+                match nullEmb with
+                | Some nul -> torch.where (drop, nul, classEmb)
+                | None ->
+                    use nul = this.NullEmbedding b
+                    torch.where (drop, nul, classEmb)
             else
                 classEmb.alias ()
 
@@ -286,7 +291,7 @@ type HiMAR(config: HiMarConfig) as this =
         encoder_norm.call h
 
     let encode (first: torch.Tensor) (x: torch.Tensor) =
-        encodeRows (RowWindow.Whole x.shape.[0]) first x
+        encodeRows (RowWindow.Whole x.shape.[0]) None first x
 
     /// The configuration.
     member _.Config = config
@@ -454,6 +459,20 @@ type HiMAR(config: HiMarConfig) as this =
         let dt = tokens.dtype
         let mul = int64 config.DiffusionBatchMul
         use classEmb = this.ConditionEmbedding condition
+
+        // The null embedding of caption/label dropout, made once for both phases' encoder passes.
+        let nullEmb =
+            if this.training && config.LabelDropProb > 0.0 then
+                Some(this.NullEmbedding b)
+            else
+                None
+
+        use _ =
+            { new IDisposable with
+                member _.Dispose() =
+                    nullEmb |> Option.iter (fun t -> t.Dispose())
+            }
+
         use orders = Masking.randomOrdersOf rows s n dev
 
         // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
@@ -470,7 +489,7 @@ type HiMAR(config: HiMarConfig) as this =
                 use m = Masking.maskByOrder k orders l dt
                 m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
                 use first1 = (required "pivots" cond_proj).call cond
-                use enc = encodeRows rows first1 tokens m classEmb 0L
+                use enc = encodeRows rows nullEmb first1 tokens m classEmb 0L
                 use dec = this.Decoder(enc, m, 0L)
                 use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
                 use target = cond.reshape(b * s, c).repeat (mul, 1L)
@@ -526,7 +545,7 @@ type HiMAR(config: HiMarConfig) as this =
                 use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
                 usePlaceholder * placeholder + (1.0 - usePlaceholder) * seen
 
-        use enc2 = encodeRows rows first tokens bigMask classEmb 1L
+        use enc2 = encodeRows rows nullEmb first tokens bigMask classEmb 1L
         use dec2 = this.Decoder(enc2, bigMask, 1L)
         use z2 = dec2.narrow (1L, s, n) // (B, N, D)
         use denseMask = bigMask.narrow (1L, s, n)

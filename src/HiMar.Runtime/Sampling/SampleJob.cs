@@ -68,11 +68,13 @@ public static class SampleJob
             throw new Text.PromptException("this model is conditioned on class labels, not captions (use --class)");
         if (request.Count == 0)
             throw new ArgumentException("nothing to sample: no labels or prompts");
-        if (text)
-            Text.Prompts.Encode(model, request.Prompts!.Distinct().ToList(), request.TextEncoder).Tensor.Dispose(); // every prompt checked before any work
         foreach (var l in request.Labels)
             if (l < 0 || l > model.Config.ClassNum)
                 throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
+        // The whole request's condition, made (and every prompt checked) once, before any work; batches take rows of it.
+        using var all = text
+            ? Text.Prompts.Encode(model, request.Prompts!, request.TextEncoder)
+            : Condition.NewLabels(torch.tensor(request.Labels.ToArray(), device: model.Device));
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var imagesDir = Path.Combine(request.OutDir, "images");
         if (request.GridPath == null)
@@ -80,7 +82,6 @@ public static class SampleJob
         var explainDir = Path.Combine(request.OutDir, "explain");
         if (request.Explain)
             Directory.CreateDirectory(explainDir);
-        var device = model.Device;
         var paths = new List<string>();
         var explanations = new List<string>();
         var tiles = new List<Image<Rgb24>>();
@@ -92,9 +93,7 @@ public static class SampleJob
                 var count = Math.Min(request.BatchSize, request.Count - start);
                 using var scope = torch.NewDisposeScope();
                 using var noise = new SeededNoise(request.Seed, start, count);
-                var condition = text
-                    ? Text.Prompts.Encode(model, request.Prompts!.Skip(start).Take(count).ToList(), request.TextEncoder)
-                    : Condition.NewLabels(torch.tensor(request.Labels.Skip(start).Take(count).ToArray(), device: device));
+                var condition = all.Narrow(start, count);
                 var done = start;
                 using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
                 var images = Images.FromTensor(vae.Decode(result.BigTokens));

@@ -49,7 +49,7 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
         };
         var allKeys = manifest["images"]?.AsArray().Select(k => k!.GetValue<string>()).ToList() ?? throw new InvalidDataException(Where("no images list"));
         var allTexts = manifest["captions"]?.AsArray().Select(a => (IReadOnlyList<string>?)a!.AsArray().Select(c => c!.GetValue<string>()).ToList()).ToList();
-        var perImage = new List<(int, long)>[allKeys.Count];
+        var perImage = new List<(int Caption, int Shard, long Row)>[allKeys.Count];
         for (var i = 0; i < perImage.Length; i++)
             perImage[i] = [];
         var shardList = manifest["shards"]?.AsArray() ?? throw new InvalidDataException(Where("no shards list"));
@@ -61,18 +61,17 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
             if (header["context"]?["dtype"]?.GetValue<string>() != (storage == ScalarType.Float16 ? "F16" : "F32"))
                 throw new InvalidDataException($"{file}: `context` is not stored as {manifest["dtype"]}.");
             shards.Add((stream, dataStart + header["context"]!["data_offsets"]![0]!.GetValue<long>()));
-            var m = Shape(header, "context", file)[0];
             var shape = Shape(header, "context", file);
             if (shape.Length != 3 || shape[1] != ContextLength || shape[2] != Width)
                 throw new InvalidDataException($"{file}: context of shape ({string.Join(", ", shape)}), the manifest says (M, {ContextLength}, {Width}).");
             var image = ReadWhole(stream, dataStart, header, "image", file);
             var caption = ReadWhole(stream, dataStart, header, "caption", file);
-            for (long r = 0; r < m; r++)
+            for (long r = 0; r < shape[0]; r++)
             {
                 var e = image[r];
                 if (e < 0 || e >= allKeys.Count)
                     throw new InvalidDataException($"{file}: row {r} names image {e}, outside the {allKeys.Count} keys.");
-                perImage[e].Add(((int)caption[r], shardIndex * (1L << 40) + r));
+                perImage[e].Add(((int)caption[r], shardIndex, r));
             }
         }
         var ordered = order ?? Enumerable.Range(0, allKeys.Count).ToArray();
@@ -80,10 +79,9 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
         texts = ordered.Select(i => allTexts?[i]).ToList();
         rows = ordered.Select(i =>
         {
-            var list = perImage[i].OrderBy(x => x.Item1).ToList();
-            if (list.Count == 0)
+            if (perImage[i].Count == 0)
                 throw new InvalidDataException(Where($"image '{allKeys[i]}' has no embedded caption."));
-            return list.Select(x => ((int)(x.Item2 >> 40), x.Item2 & ((1L << 40) - 1))).ToArray();
+            return perImage[i].OrderBy(x => x.Caption).Select(x => (x.Shard, x.Row)).ToArray();
         }).ToArray();
         var emptyFile = SafeTensors.Load(Path.Combine(dir, "empty.safetensors"));
         try

@@ -35,6 +35,9 @@ public sealed class CaptionTexts(IReadOnlyList<IReadOnlyList<string>> captions, 
     /// <inheritdoc/>
     public int Count => captions.Count;
 
+    /// <summary>The captions of every example.</summary>
+    public IReadOnlyList<IReadOnlyList<string>> Captions => captions;
+
     /// <inheritdoc/>
     public int CaptionsOf(int example) => captions[example].Count;
 

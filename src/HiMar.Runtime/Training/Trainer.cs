@@ -465,8 +465,8 @@ public sealed class Trainer : IDisposable
         torch.set_rng_state(rngTensor);
     }
 
-    /// <summary>Samples one image per class (text models: the first caption of the first examples) with the EMA
-    /// model and writes a labelled grid.</summary>
+    /// <summary>Samples one image per class (text models: the shortest caption of the first example of each label,
+    /// then of the next examples) with the EMA model and writes a labelled grid.</summary>
     public void SamplePreview(string path, int perClass = 1)
     {
         var labels = Enumerable.Range(0, model.Config.ClassNum).SelectMany(c => Enumerable.Repeat((long)c, perClass)).ToArray();
@@ -474,10 +474,14 @@ public sealed class Trainer : IDisposable
         try
         {
             var count = captions == null ? labels.Length : Math.Min(10 * perClass, captions.Count);
-            // Text models: the first caption of the first example of each label (one garment per class on
-            // Fashion-MNIST), then of the next examples.
-            var firstOfLabel = Enumerable.Range(0, data.Count).GroupBy(i => data.Labels[i]).Select(g => g.First()).Take(count);
-            var examples = firstOfLabel.Concat(Enumerable.Range(0, data.Count)).Distinct().Take(count).ToArray();
+            int[] examples = [];
+            if (captions != null)
+            {
+                // One garment per class on Fashion-MNIST; data sets with one label fill up with the next examples.
+                var dataLabels = data.Labels;
+                var firstOfLabel = Enumerable.Range(0, data.Count).GroupBy(i => dataLabels[i]).Select(g => g.First()).Take(count);
+                examples = firstOfLabel.Concat(Enumerable.Range(0, data.Count)).Distinct().Take(count).ToArray();
+            }
             using var condition = captions == null
                 ? Condition.NewLabels(torch.tensor(labels))
                 : captions.Batch(ema, examples, examples.Select(Shortest).ToArray());
