@@ -1525,7 +1525,7 @@ let main argv =
         with
         | :? TorchLoadException as e ->
             eprintfn "himar: %s" e.Message
-            TorchLoadException.ExitCode
+            e.ExitCode
         | :? IO.FileNotFoundException as e ->
             eprintfn "himar: %s" e.Message
             2
@@ -1541,18 +1541,12 @@ let main argv =
         | :? ArgumentException as e ->
             eprintfn "himar: %s" e.Message
             2
-        | :? HiMar.Runtime.Training.NonFiniteException as e ->
-            eprintfn "himar: %s" e.Message
-            4
         | :? HiMar.Model.WeightMismatchException as e ->
             eprintfn "himar: %s" e.Message
             2
-        | :? HiMar.Runtime.Checkpoints.CheckpointFormatException as e ->
+        | :? HiMar.Runtime.HiMarException as e ->
             eprintfn "himar: %s" e.Message
-            HiMar.Runtime.Checkpoints.CheckpointFormatException.ExitCode
-        | :? HiMar.Runtime.Distributed.MpiException as e ->
-            eprintfn "himar: %s" e.Message
-            5
+            e.ExitCode
 
     // MPI_Finalize after success; MPI_Abort after a failure, so ranks waiting in a collective end too.
     HiMar.Runtime.Distributed.Communicators.Finish code

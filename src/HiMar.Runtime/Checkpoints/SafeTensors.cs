@@ -8,11 +8,7 @@ using static TorchSharp.torch;
 namespace HiMar.Runtime.Checkpoints;
 
 /// <summary>A checkpoint or weight file could not be read or does not fit; the message names the file and the problem.</summary>
-public sealed class CheckpointFormatException(string message, Exception? inner = null) : Exception(message, inner)
-{
-    /// <summary>The process exit code the command line uses for unreadable or mismatched checkpoints.</summary>
-    public const int ExitCode = 2;
-}
+public sealed class CheckpointFormatException(string message, Exception? inner = null) : BadInputException(message, inner);
 
 /// <summary>
 /// Reads and writes the safetensors format: an 8-byte little-endian header length, a JSON header mapping each

@@ -4,7 +4,7 @@ using System.Text;
 namespace HiMar.Runtime.Distributed;
 
 /// <summary>MPI failed: the library could not be found or loaded, or a call returned an error.</summary>
-public sealed class MpiException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class MpiException(string message, Exception? inner = null) : EnvironmentException(message, inner);
 
 /// <summary>
 /// Thin bindings to Open MPI's C API (libmpi.so.40), loaded at run time through <see cref="NativeLibrary"/>, so a

@@ -5,11 +5,7 @@ using TorchSharp;
 namespace HiMar.Runtime.Native;
 
 /// <summary>libtorch could not be loaded; <see cref="Exception.Message"/> is one sentence saying why and how to fix it.</summary>
-public sealed class TorchLoadException(string message, Exception? inner = null) : Exception(message, inner)
-{
-    /// <summary>The process exit code the command line uses for this failure.</summary>
-    public const int ExitCode = 3;
-}
+public sealed class TorchLoadException(string message, Exception? inner = null) : EnvironmentException(message, inner);
 
 /// <summary>Where the TorchSharp glue library is, and what its libstdc++ version needs look like.</summary>
 /// <param name="Path">The `libLibTorchSharp.so` this process would load, or null if none was found.</param>

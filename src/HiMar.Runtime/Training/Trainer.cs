@@ -104,7 +104,7 @@ public sealed record TrainOptions
 public readonly record struct TrainProgress(int Step, double Epoch, double Loss, double Phase1, double Phase2, double Lr, double GradNorm, double ImagesPerSecond);
 
 /// <summary>Training stopped on a non-finite loss or gradient; the message names the term and the first module.</summary>
-public sealed class NonFiniteException(string message) : Exception(message);
+public sealed class NonFiniteException(string message) : NumericalException(message);
 
 /// <summary>
 /// The training loop: AdamW, warm-up and constant or cosine learning rate, gradient clipping, EMA, gradient
