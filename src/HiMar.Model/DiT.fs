@@ -11,7 +11,7 @@ type PatchEmbed(inChannels: int64, embedDim: int64, patchSize: int64) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("PatchEmbed")
 
     let proj =
-        this.Child("proj", Conv2d(inChannels, embedDim, patchSize, stride = patchSize))
+        this.Child("proj", new Mixed.Conv2d(inChannels, embedDim, patchSize, stride = patchSize))
 
     override _.forward x =
         use y = proj.call x
@@ -106,7 +106,8 @@ type DiT(inChannels: int64, grid: int64, cChannels: int64, hidden: int64, depth:
         let h =
             Seq.fold (fun (h: torch.Tensor) (blk: DiTBlock) -> blk.call (h, c)) hx blocks
 
-        use o = final_layer.call (h, c)
+        // The head's output in the input's dtype: under mixed precision the diffusion arithmetic stays fp32.
+        use o = final_layer.call (h, c) |> castTo x.dtype
         // (B, T, C) -> (B, g, g, C) -> (B, C, g, g)
         o.reshape(b, grid, grid, inChannels).permute (0L, 3L, 1L, 2L)
 

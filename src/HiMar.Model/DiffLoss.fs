@@ -29,9 +29,9 @@ type ResBlock(channels: int64) as this =
         this.Child(
             "mlp",
             Sequential(
-                Linear(channels, channels) :> Module<torch.Tensor, torch.Tensor>,
+                new Mixed.Linear(channels, channels) :> Module<torch.Tensor, torch.Tensor>,
                 SiLU(),
-                Linear(channels, channels)
+                new Mixed.Linear(channels, channels)
             )
         )
 
@@ -45,7 +45,7 @@ type ResBlock(channels: int64) as this =
 type FinalLayer(channels: int64, outChannels: int64) as this =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor>("FinalLayer")
     let norm_final = LayerNorm(channels, eps = 1e-6, elementwise_affine = false)
-    let linear = this.Child("linear", Linear(channels, outChannels))
+    let linear = this.Child("linear", new Mixed.Linear(channels, outChannels))
     let adaLN_modulation = this.Child("adaLN_modulation", AdaLN.modulation channels 2L)
 
     override _.forward(x, c) =
@@ -58,8 +58,12 @@ type SimpleMLPAdaLN(inChannels: int64, modelChannels: int64, outChannels: int64,
     =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("SimpleMLPAdaLN")
     let time_embed = this.Child("time_embed", new TimestepEmbedder(modelChannels, 256L))
-    let cond_embed = this.Child("cond_embed", Linear(zChannels, modelChannels))
-    let input_proj = this.Child("input_proj", Linear(inChannels, modelChannels))
+
+    let cond_embed =
+        this.Child("cond_embed", new Mixed.Linear(zChannels, modelChannels))
+
+    let input_proj =
+        this.Child("input_proj", new Mixed.Linear(inChannels, modelChannels))
 
     let res_blocks =
         this.Child("res_blocks", ModuleList<ResBlock>([| for _ in 1..numResBlocks -> new ResBlock(modelChannels) |]))
@@ -76,7 +80,8 @@ type SimpleMLPAdaLN(inChannels: int64, modelChannels: int64, outChannels: int64,
         let h =
             Seq.fold (fun (h: torch.Tensor) (blk: ResBlock) -> blk.call (h, y)) (input_proj.call x) res_blocks
 
-        final_layer.call (h, y)
+        // The head's output in the input's dtype: under mixed precision the diffusion arithmetic stays fp32.
+        final_layer.call (h, y) |> castTo x.dtype
 
     /// Classifier-free guidance: rows [cond; uncond] of c share the first half of x; only the noise channels
     /// are guided (uncond + s (cond - uncond)), and each half keeps its own variance channels.

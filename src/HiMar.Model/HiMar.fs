@@ -75,7 +75,7 @@ type HiMAR(config: HiMarConfig) as this =
     // Text models: the context (B, L, ContextWidth) is projected to the encoder width, one vector per buffer slot.
     let context_proj =
         if isText then
-            Some(this.Child("context_proj", Linear(int64 config.ContextWidth, e)))
+            Some(this.Child("context_proj", new Mixed.Linear(int64 config.ContextWidth, e)))
         else
             None
 
@@ -114,18 +114,18 @@ type HiMAR(config: HiMarConfig) as this =
         else
             null
 
-    let z_proj = this.Child("z_proj", Linear(c, e))
+    let z_proj = this.Child("z_proj", new Mixed.Linear(c, e))
     let z_proj_ln = this.Child("z_proj_ln", LayerNorm(e, eps = 1e-6))
 
     let cond_z_proj =
         if hasPivots then
-            Some(this.Child("cond_z_proj", Linear(d, e)))
+            Some(this.Child("cond_z_proj", new Mixed.Linear(d, e)))
         else
             None
 
     let cond_proj =
         if hasPivots then
-            Some(this.Child("cond_proj", Linear(int64 config.CondDim, e)))
+            Some(this.Child("cond_proj", new Mixed.Linear(int64 config.CondDim, e)))
         else
             None
 
@@ -145,7 +145,7 @@ type HiMAR(config: HiMarConfig) as this =
     let encoder_task_emb = this.Child("encoder_task_emb", Embedding(2L, e))
     let encoder_blocks_ada = this.Child("encoder_blocks_ada", AdaLN.modulation e 4L)
     let encoder_norm = this.Child("encoder_norm", LayerNorm(e, eps = eps))
-    let decoder_embed = this.Child("decoder_embed", Linear(e, d))
+    let decoder_embed = this.Child("decoder_embed", new Mixed.Linear(e, d))
 
     let decoder_blocks =
         this.Child(
@@ -246,7 +246,7 @@ type HiMAR(config: HiMarConfig) as this =
         (task: int64)
         =
         let b = x.shape.[0]
-        use dense = z_proj.call x
+        use dense = z_proj.call x |> castTo x.dtype
         use seq = torch.cat ([| first; dense |], 1L) // (B, L, E)
 
         // Class models: (B, E), repeated over the buffer slots; text models: (B, buf, E), one per slot.
@@ -345,7 +345,7 @@ type HiMAR(config: HiMarConfig) as this =
                     "condition"
                     (sprintf "context of shape %A, expected (B, %d, %d)" ctx.shape buf config.ContextWidth)
 
-            proj.call ctx
+            proj.call ctx |> castTo mask_token.dtype
 
     /// The unconditional embedding of `rows` rows: fake_latent (B, E) for class models; for text models the
     /// projected empty caption or the learned null context (B, L, E).
@@ -362,7 +362,10 @@ type HiMAR(config: HiMarConfig) as this =
                     enc.call ids
                 | None -> (nonNull empty_context).alias ()
 
-            use projected = (required "text conditioning" context_proj).call empty
+            use projected =
+                (required "text conditioning" context_proj).call empty
+                |> castTo mask_token.dtype
+
             projected.expand (rows, buf, e)
 
     /// Sets the fixed empty-caption context (1, L, ContextDim) of a model with an external text encoder.
@@ -385,7 +388,7 @@ type HiMAR(config: HiMarConfig) as this =
     /// Phase-1 encoder (task 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
     /// in practice. -> (B, buf + known, E).
     member _.EncoderPhase1(tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor) =
-        use first = (required "pivots" cond_proj).call cond
+        use first = (required "pivots" cond_proj).call cond |> castTo tokens.dtype
         encode first tokens mask classEmb 0L
 
     /// Phase-2 encoder (task 1), evaluation branch: the pivots enter as cond_z_proj(smallZ (B, S, D)) (Hi-MAR)
@@ -397,9 +400,9 @@ type HiMAR(config: HiMarConfig) as this =
             if not hasPivots then
                 torch.zeros (tokens.shape.[0], 0L, e, dtype = tokens.dtype, device = tokens.device)
             elif config.Pivots = PivotSource.ConditionalTokens && not (isNull (box smallZ)) then
-                (required "pivots" cond_z_proj).call smallZ
+                (required "pivots" cond_z_proj).call smallZ |> castTo tokens.dtype
             else
-                (required "pivots" cond_proj).call cond
+                (required "pivots" cond_proj).call cond |> castTo tokens.dtype
 
         encode first tokens mask classEmb 1L
 
@@ -407,7 +410,7 @@ type HiMAR(config: HiMarConfig) as this =
     /// masked positions filled with the phase's mask tokens, buffer dropped, diffusion positions added.
     member _.Decoder(x: torch.Tensor, mask: torch.Tensor, task: int64) =
         let b = x.shape.[0]
-        use xe = decoder_embed.call x
+        use xe = decoder_embed.call x |> castTo x.dtype
         use mwb = withBuffer mask
         use cols = knownColumns mwb
         use tokens = mask_token.narrow(1L, task * l, l).expand (b, l, e)
@@ -488,7 +491,7 @@ type HiMAR(config: HiMarConfig) as this =
 
                 use m = Masking.maskByOrder k orders l dt
                 m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
-                use first1 = (required "pivots" cond_proj).call cond
+                use first1 = (required "pivots" cond_proj).call cond |> castTo dt
                 use enc = encodeRows rows nullEmb first1 tokens m classEmb 0L
                 use dec = this.Decoder(enc, m, 0L)
                 use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
@@ -530,12 +533,13 @@ type HiMAR(config: HiMarConfig) as this =
                 // reference's `small_z is None` branch, which applies the same dropout).
                 use placeholder =
                     (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (b, -1L, -1L))
+                    |> castTo dt
 
                 use seen =
                     if config.Pivots = PivotSource.LowResTokens then
-                        (required "pivots" cond_proj).call cond
+                        (required "pivots" cond_proj).call cond |> castTo dt
                     else
-                        use states = (required "pivots" cond_z_proj).call smallZ
+                        use states = (required "pivots" cond_z_proj).call smallZ |> castTo dt
                         use sm = smallMask.unsqueeze (-1L)
                         sm * placeholder + (1.0 - sm) * states
 
@@ -625,10 +629,10 @@ module Init =
 
         for struct (name, m) in model.named_modules () do
             match m with
-            | :? Linear as lin ->
-                torch.nn.init.xavier_uniform_ lin.weight |> ignore
+            | :? Mixed.Linear as lin ->
+                torch.nn.init.xavier_uniform_ lin.Weight |> ignore
 
-                match lin.bias with
+                match lin.Bias with
                 | null -> ()
                 | b -> b.zero_ () |> ignore
             | :? LayerNorm as ln ->
@@ -637,15 +641,12 @@ module Init =
                 match ln.bias with
                 | null -> ()
                 | b -> b.zero_ () |> ignore
-            | :? Conv2d as conv when name.EndsWith "proj" ->
+            | :? Mixed.Conv2d as conv when name.EndsWith "proj" ->
                 // xavier on the (out, in * k * k) view of the kernel, as DiT does for its patch embedding
-                let w = conv.weight
+                let w = conv.Weight
                 use flat = w.view (w.shape.[0], -1L)
                 torch.nn.init.xavier_uniform_ flat |> ignore
-
-                match conv.bias with
-                | null -> ()
-                | b -> b.zero_ () |> ignore
+                conv.Bias.zero_ () |> ignore
             | _ -> ()
 
         for struct (name, p) in model.named_parameters () do

@@ -55,6 +55,213 @@ type Layer<'T1, 'T2, 'T3, 'R>(name: string) =
 
     override _.RegisterComponents() = ()
 
+/// The number format the matmul-heavy layers (Linear, convolutions and the attention they feed) compute in.
+/// Parameters stay in their own dtype (fp32 master weights); only the products are taken in bf16.
+type Precision =
+    /// Products in the parameters' own dtype (fp32, or fp64 in the float64 tests).
+    | Fp32 = 0
+    /// Products in bfloat16 (8 mantissa bits, fp32's range): the bf16 units of the CPU (AVX512-BF16, AMX) or GPU.
+    | Bf16 = 1
+
+/// A layer that can take its products in a lower precision than its parameters: inputs, weights and bias are
+/// cast to `ComputeType` inside `forward`, and the product comes out in that dtype (as under PyTorch's autocast,
+/// so autograd gives the fp32 parameters fp32 gradients through the cast). `Freeze` keeps cast copies of the
+/// weights for inference, where casting them on every call would cost as much as the product itself.
+type IMixedPrecision =
+    /// The dtype the products are computed in; None for the parameters' own.
+    abstract ComputeType: torch.ScalarType option with get, set
+    /// Keeps (true) or drops (false) cast copies of the weights; only valid while the weights do not change.
+    abstract Freeze: bool -> unit
+
+/// Mixed-precision versions of the torch.nn layers whose products dominate the cost. Each keeps the torch.nn
+/// layer's keys (`weight`, `bias`) and its initialisation (drawn by a torch.nn layer of the same shape, so seeded
+/// runs draw the same numbers as before), and computes in `ComputeType` (see `IMixedPrecision`).
+module Mixed =
+    /// A weight and an optional bias held in the compute dtype for inference.
+    type private Frozen =
+        {
+            W: torch.Tensor
+            B: torch.Tensor | null
+        }
+
+    /// Casts an optional parameter (a fresh tensor; null stays null).
+    let private castOpt (dtype: torch.ScalarType) (p: torch.Tensor | null) : torch.Tensor | null =
+        match p with
+        | null -> null
+        | t -> t.``to`` dtype
+
+    let private disposeOpt (t: torch.Tensor | null) =
+        match t with
+        | null -> ()
+        | t -> t.Dispose()
+
+    /// The product `f x w b` in `computeType`: the frozen copies of w and b when there are, else casts made and
+    /// freed here. Without a compute type, or when it is the parameters' own, f runs on the parameters as they are.
+    let private compute
+        (computeType: torch.ScalarType option)
+        (frozen: Frozen option)
+        (w: torch.Tensor)
+        (b: torch.Tensor | null)
+        (f: torch.Tensor -> torch.Tensor -> torch.Tensor | null -> torch.Tensor)
+        (x: torch.Tensor)
+        =
+        match computeType with
+        | Some ct when ct <> w.dtype ->
+            use xc = x.``to`` ct
+
+            match frozen with
+            | Some fr when fr.W.dtype = ct -> f xc fr.W fr.B
+            | _ ->
+                use wc = w.``to`` ct
+                let bc = castOpt ct b
+
+                try
+                    f xc wc bc
+                finally
+                    disposeOpt bc
+        | _ -> f x w b
+
+    /// Frees old frozen copies and makes new ones (outside any dispose scope) when `keep` and a compute type
+    /// other than the parameters' own is set.
+    let private refreeze (old: Frozen option) (keep: bool) (computeType: torch.ScalarType option) (w: torch.Tensor) b =
+        old
+        |> Option.iter (fun fr ->
+            fr.W.Dispose()
+            disposeOpt fr.B)
+
+        match computeType with
+        | Some ct when keep && ct <> w.dtype ->
+            use _ = torch.no_grad ()
+            let fw = w.``to``(ct).DetachFromDisposeScope()
+
+            let fb =
+                match castOpt ct b with
+                | null -> null
+                | t -> t.DetachFromDisposeScope()
+
+            Some { W = fw; B = fb }
+        | _ -> None
+
+    /// torch.nn `Linear` (keys `weight`, `bias`) computing in its `ComputeType`.
+    type Linear(inFeatures: int64, outFeatures: int64, ?hasBias: bool) as this =
+        inherit Layer<torch.Tensor, torch.Tensor>("Linear")
+        let hasBias = defaultArg hasBias true
+        // The initial values come from torch.nn's own Linear: kaiming-uniform weight, uniform bias.
+        let init = torch.nn.Linear(inFeatures, outFeatures, hasBias)
+        let weight = this.Param("weight", init.weight.detach().clone ())
+
+        let bias: Parameter | null =
+            match init.bias with
+            | null -> null
+            | b -> this.Param("bias", b.detach().clone ())
+
+        do init.Dispose()
+        let mutable computeType: torch.ScalarType option = None
+        let mutable frozen: Frozen option = None
+
+        let linear (x: torch.Tensor) (w: torch.Tensor) (b: torch.Tensor | null) = torch.nn.functional.linear (x, w, b)
+
+        /// The weight (out, in).
+        member _.Weight: Parameter = weight
+
+        /// The bias (out), or null.
+        member _.Bias: Parameter | null = bias
+
+        override _.forward x =
+            compute computeType frozen weight bias linear x
+
+        interface IMixedPrecision with
+            member _.ComputeType
+                with get () = computeType
+                and set v = computeType <- v
+
+            member _.Freeze keep =
+                frozen <- refreeze frozen keep computeType weight bias
+
+    /// torch.nn `Conv2d` with a square kernel, stride and padding (keys `weight`, `bias`) computing in its
+    /// `ComputeType`.
+    type Conv2d(inChannels: int64, outChannels: int64, kernel: int64, ?stride: int64, ?padding: int64) as this =
+        inherit Layer<torch.Tensor, torch.Tensor>("Conv2d")
+        let stride = defaultArg stride 1L
+        let padding = defaultArg padding 0L
+        // The initial values come from torch.nn's own Conv2d.
+        let init =
+            torch.nn.Conv2d(inChannels, outChannels, kernel, stride = stride, padding = padding)
+
+        let weight = this.Param("weight", init.weight.detach().clone ())
+        let bias = this.Param("bias", (nonNull init.bias).detach().clone ())
+        do init.Dispose()
+        let mutable computeType: torch.ScalarType option = None
+        let mutable frozen: Frozen option = None
+
+        let conv (x: torch.Tensor) (w: torch.Tensor) (b: torch.Tensor | null) =
+            torch.nn.functional.conv2d (x, w, b, strides = [| stride; stride |], padding = [| padding; padding |])
+
+        /// The kernel (out, in, k, k).
+        member _.Weight: Parameter = weight
+
+        /// The bias (out).
+        member _.Bias: Parameter = bias
+
+        override _.forward x =
+            compute computeType frozen weight bias conv x
+
+        interface IMixedPrecision with
+            member _.ComputeType
+                with get () = computeType
+                and set v = computeType <- v
+
+            member _.Freeze keep =
+                frozen <- refreeze frozen keep computeType weight bias
+
+/// Sets the precision of every mixed-precision layer of a model, for a scope: training casts inside each call
+/// (the fp32 master weights change every step), inference keeps cast copies of the weights while the scope lasts.
+/// Disposing the scope puts the layers back as they were (products in the parameters' dtype, no copies).
+type MixedPrecisionScope internal (layers: IMixedPrecision list, previous: torch.ScalarType option list) =
+    /// The layers the scope changed.
+    member _.Count = layers.Length
+
+    interface System.IDisposable with
+        member _.Dispose() =
+            for layer, p in List.zip layers previous do
+                layer.Freeze false
+                layer.ComputeType <- p
+
+/// Entry points for mixed precision (see `Precision`, `IMixedPrecision`).
+module MixedPrecision =
+    /// The dtype products are computed in for a precision (None: the parameters' own).
+    [<CompiledName("ComputeType")>]
+    let computeType (p: Precision) =
+        match p with
+        | Precision.Bf16 -> Some torch.ScalarType.BFloat16
+        | _ -> None
+
+    let private apply (m: torch.nn.Module) (p: Precision) (freeze: bool) =
+        let layers =
+            [
+                for struct (_, sub) in m.named_modules () do
+                    match box sub with
+                    | :? IMixedPrecision as l -> yield l
+                    | _ -> ()
+            ]
+
+        let previous = layers |> List.map (fun l -> l.ComputeType)
+
+        for l in layers do
+            l.ComputeType <- computeType p
+            l.Freeze freeze
+
+        new MixedPrecisionScope(layers, previous)
+
+    /// Training: products in `p`, weights cast inside each call (gradients reach the fp32 parameters).
+    [<CompiledName("ForTraining")>]
+    let forTraining (m: torch.nn.Module) (p: Precision) = apply m p false
+
+    /// Inference: products in `p`, with cast copies of the weights kept until the scope is disposed (the weights
+    /// must not change meanwhile).
+    [<CompiledName("ForInference")>]
+    let forInference (m: torch.nn.Module) (p: Precision) = apply m p true
+
 /// The combinators the layers are written with.
 [<AutoOpen>]
 module Combinators =
@@ -67,6 +274,15 @@ module Combinators =
                 shift, scale
 
         x * (scale + 1.0) + shift
+
+    /// `t` in `dtype`: `t` itself when it already is, else a cast copy (and `t` is disposed). Brings the product
+    /// of a mixed-precision layer back into the fp32 stream where the next operation needs matching dtypes.
+    let castTo (dtype: torch.ScalarType) (t: torch.Tensor) =
+        if t.dtype = dtype then
+            t
+        else
+            use t = t
+            t.``to`` dtype
 
     /// x * (1 + scale): the shift-free modulation of Hi-MAR's scale-aware blocks.
     let modulateScale (scale: torch.Tensor) (x: torch.Tensor) = x * (scale + 1.0)
@@ -128,7 +344,7 @@ module Combinators =
 module AdaLN =
     /// SiLU then a Linear from `dim` to `n * dim`.
     let modulation (dim: int64) (n: int64) =
-        Sequential(SiLU() :> Module<torch.Tensor, torch.Tensor>, Linear(dim, n * dim))
+        Sequential(SiLU() :> Module<torch.Tensor, torch.Tensor>, new Mixed.Linear(dim, n * dim))
 
     /// The initial `adaLN_shift` of a scale-aware block: chunks [0 | 1 | 0 | 1] of `dim` for each task.
     let identityShift (numTasks: int64) (dim: int64) =
@@ -140,8 +356,8 @@ module AdaLN =
 /// timm `Mlp`: fc1, activation, dropout, fc2, dropout (keys `fc1.*`, `fc2.*`).
 type Mlp(inFeatures: int64, hidden: int64, approximateGelu: bool, drop: float) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Mlp")
-    let fc1 = this.Child("fc1", Linear(inFeatures, hidden))
-    let fc2 = this.Child("fc2", Linear(hidden, inFeatures))
+    let fc1 = this.Child("fc1", new Mixed.Linear(inFeatures, hidden))
+    let fc2 = this.Child("fc2", new Mixed.Linear(hidden, inFeatures))
 
     let act (x: torch.Tensor) =
         if approximateGelu then
@@ -161,8 +377,8 @@ type Mlp(inFeatures: int64, hidden: int64, approximateGelu: bool, drop: float) a
 type Attention(dim: int64, numHeads: int64, attnDrop: float, projDrop: float) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Attention")
     let headDim = dim / numHeads
-    let qkv = this.Child("qkv", Linear(dim, 3L * dim))
-    let proj = this.Child("proj", Linear(dim, dim))
+    let qkv = this.Child("qkv", new Mixed.Linear(dim, 3L * dim))
+    let proj = this.Child("proj", new Mixed.Linear(dim, dim))
 
     override this.forward x =
         let b, n = x.shape.[0], x.shape.[1]
@@ -189,9 +405,9 @@ type TimestepEmbedder(hidden: int64, frequencySize: int64) as this =
         this.Child(
             "mlp",
             Sequential(
-                Linear(frequencySize, hidden) :> Module<torch.Tensor, torch.Tensor>,
+                new Mixed.Linear(frequencySize, hidden) :> Module<torch.Tensor, torch.Tensor>,
                 SiLU(),
-                Linear(hidden, hidden)
+                new Mixed.Linear(hidden, hidden)
             )
         )
 

@@ -64,10 +64,11 @@ module internal VaeOps =
     let swish (x: torch.Tensor) = x * torch.sigmoid x
 
     /// A 3x3 convolution with padding 1.
-    let conv3 (cin: int64) (cout: int64) = Conv2d(cin, cout, 3L, padding = 1L)
+    let conv3 (cin: int64) (cout: int64) =
+        new Mixed.Conv2d(cin, cout, 3L, padding = 1L)
 
     /// A 1x1 convolution.
-    let conv1 (cin: int64) (cout: int64) = Conv2d(cin, cout, 1L)
+    let conv1 (cin: int64) (cout: int64) = new Mixed.Conv2d(cin, cout, 1L)
 
 /// models/vae.py `ResnetBlock` without timestep embedding (temb_channels 0, so no `temb_proj`) and with
 /// dropout 0: keys `norm1`, `conv1`, `norm2`, `conv2`, and `nin_shortcut` (1x1) when the width changes.
@@ -126,7 +127,7 @@ type AttnBlock(channels: int64) as this =
 /// stride-2 convolution without padding (key `conv`). (B, C, H, W) -> (B, C, H/2, W/2).
 type Downsample(channels: int64) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Downsample")
-    let conv = this.Child("conv", Conv2d(channels, channels, 3L, stride = 2L))
+    let conv = this.Child("conv", new Mixed.Conv2d(channels, channels, 3L, stride = 2L))
 
     override _.forward x =
         // (B, C, H, W) -> (B, C, H+1, W+1): pad (left 0, right 1, top 0, bottom 1)
@@ -250,7 +251,13 @@ type Encoder(cfg: VaeConfig) as this =
         let h =
             Seq.fold (fun (h: torch.Tensor) (lvl: VaeLevel) -> lvl.call h) (conv_in.call x) down
 
-        h |> mid.call |> norm_out.call |> VaeOps.swish |> conv_out.call
+        // The moments in the image's dtype (bf16 products under mixed precision).
+        h
+        |> mid.call
+        |> norm_out.call
+        |> VaeOps.swish
+        |> conv_out.call
+        |> castTo x.dtype
 
 /// models/vae.py `Decoder` with its default `attn_resolutions=()`: `conv_in`, `mid`, then `up.{level}` for
 /// level = last..0 (NumResBlocks + 1 ResnetBlocks each, an Upsample except at level 0; the reference
@@ -290,7 +297,8 @@ type Decoder(cfg: VaeConfig) as this =
     override _.forward z =
         let h = z |> conv_in.call |> mid.call
         let h = Seq.foldBack (fun (lvl: VaeLevel) (h: torch.Tensor) -> lvl.call h) up h
-        h |> norm_out.call |> VaeOps.swish |> conv_out.call
+        // Under mixed precision the convolutions' products are bf16; the image comes back in the latents' dtype.
+        h |> norm_out.call |> VaeOps.swish |> conv_out.call |> castTo z.dtype
 
 /// models/vae.py `DiagonalGaussianDistribution` over moments (B, 2z, h, w): mean and log-variance are the
 /// two halves of dim 1, the log-variance clamped to [-30, 20]. Sampling takes its noise explicitly (the
