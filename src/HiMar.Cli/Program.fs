@@ -19,7 +19,7 @@ type InfoArgs =
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Probe_Seconds _ -> "how long the fp32 matmul probe runs (default 2)."
+            | Probe_Seconds _ -> "how long each matmul probe (fp32, then bf16) runs (default 2)."
             | No_Probe -> "skip the matmul probe."
             | Model _ ->
                 "print the parameter count per module of a model: hi-mar-b, hi-mar-l, hi-mar-h, or a JSON file of reference arguments."
@@ -28,11 +28,14 @@ type InfoArgs =
 type VerifyParityArgs =
     | [<MainCommand; ExactlyOnce>] Dir of dir: string
     | Kind of kind: string
+    | Bf16
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
             | Dir _ -> "a parity fixture folder (manifest.json, weights and cases; see shared/fixtures/parity)."
+            | Bf16 ->
+                "run every case a second time with bf16 products and report its error against the same reference, allowed 2^-5 of the output's scale (failures count)."
             | Kind _ -> "run only the cases of this kind (e.g. mlp_head_forward)."
 
 /// Arguments of `himar import`.
@@ -68,6 +71,7 @@ type SampleArgs =
     | Dit_Steps of respacing: string
     | Seed of seed: int64
     | Batch of size: int
+    | Precision of precision: string
     | Device of device: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Explain
@@ -103,6 +107,8 @@ type SampleArgs =
             | Mlp_Steps _ -> "respacing of the MLP head's diffusion (default: the model's, 100)."
             | Dit_Steps _ -> "respacing of the Transformer head's diffusion (default: the model's, 250)."
             | Seed _ -> "run seed (default 0); image i is the same for a seed whatever the batch size."
+            | Precision _ ->
+                "fp32, bf16 or auto: the precision of the networks' products (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units (default fp32)."
             | Batch _ -> "images per batch (default 8)."
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "output folder (default samples/), or a .png path to write only the grid."
@@ -125,6 +131,7 @@ type EvalArgs =
     | Dit_Steps of respacing: string
     | Seed of seed: int64
     | Batch of size: int
+    | Precision of precision: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Inception of file: string
     | Images of dir: string
@@ -153,6 +160,8 @@ type EvalArgs =
             | Mlp_Steps _ -> "MLP-head respacing (default the model's)."
             | Dit_Steps _ -> "Transformer-head respacing (default the model's)."
             | Seed _ -> "run seed (default 0)."
+            | Precision _ ->
+                "fp32, bf16 or auto: the precision of the networks' products (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units (default fp32)."
             | Batch _ -> "images per sampler batch (default 50)."
             | Out _ -> "output folder (default eval/<model>, or eval/<images folder>): eval.json (and images/)."
             | Inception _ ->
@@ -186,6 +195,7 @@ type AblationArgs =
     | [<AltCommandLine("-o")>] Out of dir: string
     | Steps of count: int
     | Batch of size: int
+    | Precision of precision: string
     | Blr of rate: float
     | Warmup of steps: int
     | Ema of rate: float
@@ -209,6 +219,8 @@ type AblationArgs =
             | Data _ -> "the Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)."
             | Out _ -> "the run folder (default runs/ablation); an interrupted run resumes from it."
             | Steps _ -> "optimiser steps of every training run (default 1200)."
+            | Precision _ ->
+                "fp32, bf16 or auto: the precision of every run's training and sampling (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units (default fp32)."
             | Batch _ -> "images per step of every training run (default 32)."
             | Blr _ -> "base learning rate, lr = blr x batch / 256 (default 8e-3: 1e-3 at batch 32)."
             | Warmup _ -> "linear warm-up steps (default 50)."
@@ -279,6 +291,7 @@ type TrainArgs =
     | [<AltCommandLine("-o")>] Out of dir: string
     | Steps of count: int
     | Batch of size: int
+    | Precision of precision: string
     | Accumulation of micro_batches: int
     | Blr of rate: float
     | Warmup of steps: int
@@ -312,6 +325,8 @@ type TrainArgs =
             | Vae _ -> "the VAE the cache was made with."
             | Out _ -> "the run folder (default runs/<preset>): checkpoints/, samples/, metrics.jsonl, loss.png."
             | Steps _ -> "optimiser steps in total (default 4000); a resumed run continues up to this."
+            | Precision _ ->
+                "fp32, bf16 or auto: the precision of the networks' products (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units; weights, AdamW, EMA and checkpoints stay fp32, and a run resumes in either precision (default fp32)."
             | Batch _ ->
                 "images per step and process (default 64); under mpirun -np N the global batch is N times this."
             | Accumulation _ -> "micro-batches per step (default 1)."
@@ -341,6 +356,7 @@ type BenchSampleArgs =
     | Mlp_Steps of respacing: string
     | Dit_Steps of respacing: string
     | Device of device: string
+    | Precision of precision: string
     | [<AltCommandLine("-o")>] Out of file: string
 
     interface IArgParserTemplate with
@@ -355,6 +371,8 @@ type BenchSampleArgs =
             | Num_Iter _ -> "phase-2 steps (default 4)."
             | Mlp_Steps _ -> "MLP-head respacing (default ddim10)."
             | Dit_Steps _ -> "Transformer-head respacing (default ddim10)."
+            | Precision _ ->
+                "fp32, bf16, auto, or a comma list run one after the other in this process to compare them (default fp32,bf16: both, with the bf16 speed-up)."
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "also write the JSON report to this file."
 
@@ -362,6 +380,7 @@ type BenchSampleArgs =
 type BenchTrainArgs =
     | [<AltCommandLine("-m"); ExactlyOnce>] Model of model: string
     | Batch of size: int
+    | Precision of precision: string
     | Steps of count: int
     | [<AltCommandLine("-o")>] Out of file: string
 
@@ -369,6 +388,8 @@ type BenchTrainArgs =
         member this.Usage =
             match this with
             | Model _ -> "hi-mar-b|l|h|fashion, a config JSON, or a parity fixture folder (its model_config)."
+            | Precision _ ->
+                "fp32, bf16, auto, or a comma list run one after the other in this process to compare them (default fp32,bf16: both, with the bf16 speed-up)."
             | Batch _ -> "images per step and process (default 8)."
             | Steps _ -> "timed steps after one warm-up (default 3); the median is reported."
             | Out _ -> "also write the JSON report to this file."
@@ -510,12 +531,33 @@ let private info (args: ParseResults<InfoArgs>) =
         if not (args.Contains No_Probe) then
             let seconds = args.GetResult(Probe_Seconds, defaultValue = 2.0)
 
-            let gflops =
+            let probe (name: string) dtype =
                 AnsiConsole
                     .Status()
-                    .Start("fp32 matmul probe (1024 x 1024)...", fun _ -> TorchNative.MatmulGflops(seconds))
+                    .Start(
+                        sprintf "%s matmul probe (1024 x 1024)..." name,
+                        fun _ -> TorchNative.MatmulGflops(seconds, dtype = dtype)
+                    )
 
-            AnsiConsole.MarkupLine(sprintf "matmul fp32   [bold]%.1f GFLOP/s[/] on cpu, %d threads" gflops e.Threads)
+            let fp32 = probe "fp32" TorchSharp.torch.ScalarType.Float32
+            let bf16 = probe "bf16" TorchSharp.torch.ScalarType.BFloat16
+            AnsiConsole.MarkupLine(sprintf "matmul fp32   [bold]%.1f GFLOP/s[/] on cpu, %d threads" fp32 e.Threads)
+            AnsiConsole.MarkupLine(sprintf "matmul bf16   [bold]%.1f GFLOP/s[/] on cpu (%.1fx fp32)" bf16 (bf16 / fp32))
+
+        let auto =
+            HiMar.Runtime.Native.Precisions.Decide(HiMar.Runtime.Native.PrecisionChoice.Auto, TorchSharp.torch.CPU)
+
+        AnsiConsole.MarkupLine(
+            Markup.Escape(
+                sprintf
+                    "precision auto picks %s on cpu (bf16 units: %s)"
+                    auto.Name
+                    (if auto.Bf16Units then
+                         auto.Reason
+                     else
+                         "none; " + auto.Reason)
+            )
+        )
 
         0
 
@@ -527,28 +569,47 @@ let private verifyParity (args: ParseResults<VerifyParityArgs>) =
     let mutable failed = 0
     let mutable passed = 0
     let mutable pending = 0
-    printfn "%-28s %-24s %12s %12s  %s" "case" "kind" "worst error" "allowed" "result"
 
-    for c in fixture.Cases do
-        if only.IsNone || only = Some c.Kind then
-            let r = HiMar.Runtime.Parity.ParityRunner.Run(fixture, c)
+    let runAll (precision: HiMar.Model.Precision) =
+        fixture.Precision <- precision
+        printfn "%-28s %-24s %12s %12s  %s" "case" "kind" "worst error" "allowed" "result"
 
-            let status =
-                match r.Status with
-                | HiMar.Runtime.Parity.ParityStatus.Pass ->
-                    passed <- passed + 1
-                    "pass"
-                | HiMar.Runtime.Parity.ParityStatus.Pending ->
-                    pending <- pending + 1
-                    "pending"
-                | _ ->
-                    failed <- failed + 1
-                    "FAIL"
+        for c in fixture.Cases do
+            if only.IsNone || only = Some c.Kind then
+                let r = HiMar.Runtime.Parity.ParityRunner.Run(fixture, c)
 
-            let num (x: float) =
-                if Double.IsNaN x then "-" else x.ToString("0.000e+00")
+                let status =
+                    match r.Status with
+                    | HiMar.Runtime.Parity.ParityStatus.Pass ->
+                        passed <- passed + 1
+                        "pass"
+                    | HiMar.Runtime.Parity.ParityStatus.Pending ->
+                        pending <- pending + 1
+                        "pending"
+                    | _ ->
+                        failed <- failed + 1
+                        "FAIL"
 
-            printfn "%-28s %-24s %12s %12s  %-7s %s" r.Name r.Kind (num r.WorstError) (num r.Allowed) status r.Detail
+                let num (x: float) =
+                    if Double.IsNaN x then "-" else x.ToString("0.000e+00")
+
+                printfn
+                    "%-28s %-24s %12s %12s  %-7s %s"
+                    r.Name
+                    r.Kind
+                    (num r.WorstError)
+                    (num r.Allowed)
+                    status
+                    r.Detail
+
+    runAll HiMar.Model.Precision.Fp32
+
+    if args.Contains Bf16 then
+        printfn
+            "\nbf16 products (allowed: atol + max(rtol, %.4f) x max |reference|; see ParityRunner.Bf16Rtol)"
+            HiMar.Runtime.Parity.ParityRunner.Bf16Rtol
+
+        runAll HiMar.Model.Precision.Bf16
 
     printfn "%d passed, %d failed, %d pending" passed failed pending
     if failed > 0 then 1 else 0
@@ -575,6 +636,22 @@ let private device (name: string) =
     | "cpu" -> TorchSharp.torch.CPU
     | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
     | other -> raise (CliError(sprintf "unknown device '%s' (cpu, cuda, cuda:N)" other))
+
+/// The precision `--precision` asks for on a device; `auto` says what it found and picked.
+let private precisionOn (text: string) (dev: TorchSharp.torch.Device) =
+    let choice = HiMar.Runtime.Native.Precisions.Parse text
+    let decision = HiMar.Runtime.Native.Precisions.Decide(choice, dev)
+
+    if choice = HiMar.Runtime.Native.PrecisionChoice.Auto then
+        printfn "precision %s (auto; %s)" decision.Name decision.Reason
+
+    decision.Precision
+
+/// The precisions a benchmark compares: a comma list of fp32, bf16 and auto.
+let private precisionsOn (text: string) (dev: TorchSharp.torch.Device) =
+    text.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+    |> Array.map (fun t -> precisionOn t dev)
+    |> Array.distinct
 
 /// A setting from the model folder's sampling.json, or the fallback.
 let private modelDefault (modelDir: string) =
@@ -765,7 +842,8 @@ let private sample (args: ParseResults<SampleArgs>) =
             ReCfgSchedule =
                 (match args.TryGetResult SampleArgs.Re_Schedule with
                  | Some text -> Nullable(parseSchedule "--re-schedule" text)
-                 | None -> Nullable())
+                 | None -> Nullable()),
+            Precision = precisionOn (args.GetResult(SampleArgs.Precision, defaultValue = "fp32")) dev
         )
 
     let out =
@@ -850,9 +928,11 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
     TorchNative.EnsureLoaded()
     let name = args.GetResult BenchSampleArgs.Model
     use model = HiMar.Runtime.Sampling.SampleBenchmark.LoadForTiming name
+    let dev = device (args.GetResult(BenchSampleArgs.Device, defaultValue = "cpu"))
+    model.``to`` dev |> ignore
 
-    model.``to`` (device (args.GetResult(BenchSampleArgs.Device, defaultValue = "cpu")))
-    |> ignore
+    let precisions =
+        precisionsOn (args.GetResult(BenchSampleArgs.Precision, defaultValue = "fp32,bf16")) dev
 
     let options =
         HiMar.Runtime.Sampling.SamplerOptions(
@@ -864,12 +944,18 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
         )
 
     let report =
-        HiMar.Runtime.Sampling.SampleBenchmark.Run(
-            model,
-            name,
-            options,
-            args.GetResult(Images, defaultValue = 1),
-            args.GetResult(BenchSampleArgs.Repeat, defaultValue = 3)
+        HiMar.Runtime.Native.PrecisionComparison.Run(
+            precisions,
+            dev,
+            "seconds_per_image",
+            fun p ->
+                HiMar.Runtime.Sampling.SampleBenchmark.Run(
+                    model,
+                    name,
+                    options.WithPrecision p,
+                    args.GetResult(Images, defaultValue = 1),
+                    args.GetResult(BenchSampleArgs.Repeat, defaultValue = 3)
+                )
         )
 
     printReport report (args.TryGetResult BenchSampleArgs.Out)
@@ -908,7 +994,8 @@ let private train (args: ParseResults<TrainArgs>) =
             CheckpointEvery = args.GetResult(Checkpoint_Every, defaultValue = 250),
             KeepLast = args.GetResult(Keep, defaultValue = 3),
             SampleEvery = args.GetResult(Sample_Every, defaultValue = 500),
-            LogEvery = args.GetResult(Log_Every, defaultValue = 10)
+            LogEvery = args.GetResult(Log_Every, defaultValue = 10),
+            Precision = precisionOn (args.GetResult(TrainArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU
         )
 
     let comm = HiMar.Runtime.Distributed.Communicators.Create "auto"
@@ -1138,13 +1225,23 @@ let private benchTrain (args: ParseResults<BenchTrainArgs>) =
     let comm = HiMar.Runtime.Distributed.Communicators.Create "auto"
     HiMar.Runtime.Distributed.Communicators.ShareCores() |> ignore
 
+    let precisions =
+        precisionsOn (args.GetResult(BenchTrainArgs.Precision, defaultValue = "fp32,bf16")) TorchSharp.torch.CPU
+
     let report =
-        HiMar.Runtime.Training.TrainBenchmark.Run(
-            config,
-            name,
-            args.GetResult(BenchTrainArgs.Batch, defaultValue = 8),
-            args.GetResult(BenchTrainArgs.Steps, defaultValue = 3),
-            communicator = comm
+        HiMar.Runtime.Native.PrecisionComparison.Run(
+            precisions,
+            TorchSharp.torch.CPU,
+            "seconds_per_step",
+            fun p ->
+                HiMar.Runtime.Training.TrainBenchmark.Run(
+                    config,
+                    name,
+                    args.GetResult(BenchTrainArgs.Batch, defaultValue = 8),
+                    args.GetResult(BenchTrainArgs.Steps, defaultValue = 3),
+                    communicator = comm,
+                    precision = p
+                )
         )
 
     if comm.Rank = 0 then
@@ -1242,7 +1339,8 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
             Phase1Steps = (args.TryGetResult EvalArgs.Phase1_Steps |> Option.toNullable),
             MlpHeadSteps = (args.TryGetResult EvalArgs.Mlp_Steps |> Option.toObj),
             DitHeadSteps = (args.TryGetResult EvalArgs.Dit_Steps |> Option.toObj),
-            ClipDenoised = true
+            ClipDenoised = true,
+            Precision = precisionOn (args.GetResult(EvalArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU
         )
 
     let count = args.GetResult(EvalArgs.N, defaultValue = 1000)
@@ -1359,7 +1457,9 @@ let private ablation (args: ParseResults<AblationArgs>) =
                     Phase2Steps = args.GetResult(AblationArgs.Num_Iter, defaultValue = 4),
                     MlpHeadSteps = args.GetResult(AblationArgs.Mlp_Steps, defaultValue = "25"),
                     DitHeadSteps = args.GetResult(AblationArgs.Dit_Steps, defaultValue = "25"),
-                    ClipDenoised = true
+                    ClipDenoised = true,
+                    Precision =
+                        precisionOn (args.GetResult(AblationArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU
                 )
         )
 

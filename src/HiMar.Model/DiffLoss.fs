@@ -78,7 +78,11 @@ type SimpleMLPAdaLN(inChannels: int64, modelChannels: int64, outChannels: int64,
         use y = time_embed.call t + cond_embed.call c
 
         let h =
-            Seq.fold (fun (h: torch.Tensor) (blk: ResBlock) -> blk.call (h, y)) (input_proj.call x) res_blocks
+            // The residual stream stays in x's dtype (fp32): the LayerNorms never see a bf16 input.
+            Seq.fold
+                (fun (h: torch.Tensor) (blk: ResBlock) -> blk.call (h, y))
+                (input_proj.call x |> castTo x.dtype)
+                res_blocks
 
         // The head's output in the input's dtype: under mixed precision the diffusion arithmetic stays fp32.
         final_layer.call (h, y) |> castTo x.dtype

@@ -56,9 +56,10 @@ module VaeConfig =
 
 /// The building blocks of the autoencoder: `Normalize` and `nonlinearity` of models/vae.py.
 module internal VaeOps =
-    /// GroupNorm with 32 groups, eps 1e-6 (not the 1e-5 default), affine.
+    /// GroupNorm with 32 groups, eps 1e-6 (not the 1e-5 default), affine, normalising in the weights' dtype
+    /// whatever the precision of the convolution before it.
     let normalize (channels: int64) =
-        GroupNorm(32L, channels, eps = 1e-6, affine = true)
+        new Mixed.GroupNorm(32L, channels, 1e-6)
 
     /// swish(x) = x * sigmoid(x).
     let swish (x: torch.Tensor) = x * torch.sigmoid x
@@ -112,11 +113,14 @@ type AttnBlock(channels: int64) as this =
     override _.forward x =
         let b, c, h, w = x.shape.[0], x.shape.[1], x.shape.[2], x.shape.[3]
         let hn = norm.call x
+        // The 1x1 projections take the layer's precision, the attention itself the norm's dtype (fp32), as in
+        // `Attention`: bf16 logits lose too much absolute precision for the softmax.
+        let project (p: Mixed.Conv2d) = p.call hn |> castTo hn.dtype
         // (B, C, H, W) -> (B, HW, C)
-        let qs = (q.call hn).reshape(b, c, h * w).permute (0L, 2L, 1L)
+        let qs = (project q).reshape(b, c, h * w).permute (0L, 2L, 1L)
         // (B, C, H, W) -> (B, C, HW)
-        let ks = (k.call hn).reshape (b, c, h * w)
-        let vs = (v.call hn).reshape (b, c, h * w)
+        let ks = (project k).reshape (b, c, h * w)
+        let vs = (project v).reshape (b, c, h * w)
         // weights[b, i, j] = softmax_j(sum_c q[b, c, i] k[b, c, j] / sqrt(C)): (B, HW, HW)
         let weights = (torch.bmm (qs, ks) * (1.0 / sqrt (float c))).softmax 2L
         // out[b, c, i] = sum_j v[b, c, j] weights[b, i, j]: (B, C, HW) -> (B, C, H, W)
@@ -292,7 +296,10 @@ type Decoder(cfg: VaeConfig) as this =
         )
 
     let norm_out = this.Child("norm_out", VaeOps.normalize ch)
-    let conv_out = this.Child("conv_out", VaeOps.conv3 ch (int64 cfg.OutCh))
+    // The pixels' own convolution stays fp32 under mixed precision: 3 output channels are ~1% of the decoder's
+    // products, and each pixel is a sum of 9 x ch terms whose bf16 rounding would show directly in the image.
+    let conv_out =
+        this.Child("conv_out", new Mixed.Conv2d(ch, int64 cfg.OutCh, 3L, padding = 1L, fullPrecision = true))
 
     override _.forward z =
         let h = z |> conv_in.call |> mid.call

@@ -17,6 +17,10 @@ public interface ITokenizer
 
     /// <summary>Images (B, ch, H, W) in [-1, 1] from a token grid (B, C, g, g): dense tokens or pivots.</summary>
     Tensor Decode(Tensor grid);
+
+    /// <summary>As <see cref="Decode(Tensor)"/> with the decoder's products in <paramref name="precision"/>;
+    /// tokenizers without a network ignore it.</summary>
+    Tensor Decode(Tensor grid, Precision precision) => Decode(grid);
 }
 
 /// <summary>
@@ -92,10 +96,14 @@ public sealed class VaeTokenizer(AutoencoderKL vae) : ITokenizer
     }
 
     /// <inheritdoc/>
-    public Tensor Decode(Tensor grid)
+    public Tensor Decode(Tensor grid) => Decode(grid, Precision.Fp32);
+
+    /// <inheritdoc/>
+    public Tensor Decode(Tensor grid, Precision precision)
     {
-        using var scope = torch.NewDisposeScope();
         using var noGrad = torch.no_grad();
+        using var mixed = MixedPrecision.ForInference(vae, precision);
+        using var scope = torch.NewDisposeScope();
         var z = grid.to(vae.parameters().First().device) / vae.Config.ScaleFactor;
         return vae.Decode(z).MoveToOuterDisposeScope();
     }

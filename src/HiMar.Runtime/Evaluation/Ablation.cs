@@ -261,6 +261,8 @@ public static class Ablation
             KeepLast = 1,
             SampleEvery = 0,
             LogEvery = 10,
+            // One precision for the whole ablation: the sampling settings' (fp32 unless asked otherwise).
+            Precision = plan.Sampling.Precision,
         };
         double seconds = 0;
         if (File.Exists(summaryPath))

@@ -142,16 +142,16 @@ public static class TorchNative
     }
 
     /// <summary>
-    /// Multiplies square fp32 matrices for about <paramref name="seconds"/> and returns the achieved GFLOP/s
-    /// (2 n^3 floating-point operations per product).
+    /// Multiplies square matrices of <paramref name="dtype"/> (fp32 by default) for about <paramref name="seconds"/>
+    /// and returns the achieved GFLOP/s (2 n^3 floating-point operations per product).
     /// </summary>
-    public static double MatmulGflops(double seconds = 2.0, long n = 1024, torch.Device? device = null)
+    public static double MatmulGflops(double seconds = 2.0, long n = 1024, torch.Device? device = null, torch.ScalarType dtype = torch.ScalarType.Float32)
     {
         EnsureLoaded();
         device ??= torch.CPU;
         using var scope = torch.NewDisposeScope();
-        var a = torch.randn(n, n, device: device);
-        var b = torch.randn(n, n, device: device);
+        var a = torch.randn(n, n, device: device).to(dtype);
+        var b = torch.randn(n, n, device: device).to(dtype);
         torch.matmul(a, b).Dispose(); // warm-up
         long count = 0;
         var sw = Stopwatch.StartNew();

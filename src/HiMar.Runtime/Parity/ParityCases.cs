@@ -115,6 +115,7 @@ public static class SamplerParityCases
             Schedule = c.Text("cfg_schedule", "linear") == "constant" ? Sampling.CfgSchedule.Constant : Sampling.CfgSchedule.Linear,
             MlpHeadSteps = c.Text("mlp_head_sampling_steps") is { Length: > 0 } m ? m : null,
             DitHeadSteps = c.Text("dit_head_sampling_steps") is { Length: > 0 } dd ? dd : null,
+            Precision = f.Precision,
         };
         var result = Sampling.HiMarSampler.Sample(f.Model, f.Tensor(c, "labels"), replay, options);
         var skippedTail = roles.Skip(replay.Position).Count(r => r != "p2_unused");

@@ -59,6 +59,10 @@ public sealed class ParityFixture : IDisposable
     /// <summary>The cases, in manifest order.</summary>
     public IReadOnlyList<ParityCase> Cases { get; }
 
+    /// <summary>The precision the cases compute their products in: fp32 (the parity check), or bf16 to measure
+    /// mixed precision's error against the same reference outputs (`himar verify-parity --bf16`).</summary>
+    public Precision Precision { get; set; } = Precision.Fp32;
+
     string ManifestPath => Path.Combine(Directory, "manifest.json");
 
     /// <summary>Reads a fixture folder's manifest; a missing or malformed one gives a message naming the file.</summary>

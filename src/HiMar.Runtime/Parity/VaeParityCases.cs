@@ -15,6 +15,7 @@ public static class VaeParityCases
     public static Dictionary<string, Tensor> Encode(ParityFixture fixture, ParityCase c)
     {
         using var vae = Build(fixture);
+        using var mixed = MixedPrecision.ForInference(vae, fixture.Precision);
         using var _ = torch.no_grad();
         return new() { ["moments"] = vae.Encode(fixture.Tensor(c, "image")) };
     }
@@ -23,6 +24,7 @@ public static class VaeParityCases
     public static Dictionary<string, Tensor> Decode(ParityFixture fixture, ParityCase c)
     {
         using var vae = Build(fixture);
+        using var mixed = MixedPrecision.ForInference(vae, fixture.Precision);
         using var _ = torch.no_grad();
         return new() { ["image"] = vae.Decode(fixture.Tensor(c, "latent")) };
     }

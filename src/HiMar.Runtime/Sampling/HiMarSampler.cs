@@ -53,6 +53,16 @@ public sealed record SamplerOptions
 
     /// <summary>Keep every step's tokens in <see cref="SampleResult.Intermediates"/>.</summary>
     public bool KeepIntermediates { get; init; }
+
+    /// <summary>
+    /// The precision of the networks' products (backbone, both heads, VAE decoder). The diffusion arithmetic
+    /// (schedules, posterior means, x_t updates, the guidance combination), the noise and the tokens between steps
+    /// stay in the model's own dtype (fp32) in either precision.
+    /// </summary>
+    public Precision Precision { get; init; } = Precision.Fp32;
+
+    /// <summary>A copy computing in <paramref name="precision"/>.</summary>
+    public SamplerOptions WithPrecision(Precision precision) => this with { Precision = precision };
 }
 
 /// <summary>Reports and defaults of sampler settings.</summary>
@@ -71,6 +81,7 @@ public static class SamplerSettings
         ["mlp_head_steps"] = o.MlpHeadSteps ?? c.NumSamplingSteps,
         ["dit_head_steps"] = o.DitHeadSteps ?? c.DitSamplingSteps,
         ["clip_denoised"] = o.ClipDenoised,
+        ["precision"] = o.Precision == Precision.Bf16 ? "bf16" : "fp32",
     };
 
     /// <summary>
@@ -149,6 +160,8 @@ public static class HiMarSampler
         try
         {
             using var noGrad = torch.no_grad();
+            // bf16 copies of the weights for this run, made before (and outliving) the run's dispose scope.
+            using var precision = MixedPrecision.ForInference(model, options.Precision);
             using var outer = torch.NewDisposeScope();
             var result = Run(model, condition, noise, options, progress);
             result.SmallTokens.MoveToOuterDisposeScope();

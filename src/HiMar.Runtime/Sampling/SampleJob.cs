@@ -96,7 +96,7 @@ public static class SampleJob
                 var condition = all.Narrow(start, count);
                 var done = start;
                 using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
-                var images = Images.FromTensor(vae.Decode(result.BigTokens));
+                var images = Images.FromTensor(vae.Decode(result.BigTokens, options.Precision));
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
@@ -146,8 +146,9 @@ public static class SampleJob
     {
         // Decode the pivots once (a plain MAR model has none) and the dense tokens after every phase-2 step.
         var hasPivots = result.SmallTokens.numel() > 0;
-        var pivots = hasPivots ? Images.FromTensor(vae.Decode(result.SmallTokens)) : [];
-        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(vae.Decode(x.Dense))).ToList();
+        var precision = request.Options.Precision;
+        var pivots = hasPivots ? Images.FromTensor(vae.Decode(result.SmallTokens, precision)) : [];
+        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(vae.Decode(x.Dense, precision))).ToList();
         try
         {
             for (var i = 0; i < count; i++)

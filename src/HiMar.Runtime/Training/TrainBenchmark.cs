@@ -19,7 +19,8 @@ public static class TrainBenchmark
 {
     /// <summary>Times <paramref name="steps"/> steps after <paramref name="warmup"/> untimed ones; returns the JSON
     /// report (collective when <paramref name="communicator"/> has several ranks).</summary>
-    public static JsonObject Run(HiMarConfig config, string name, int batch, int steps = 3, int warmup = 1, long seed = 0, ICommunicator? communicator = null)
+    public static JsonObject Run(HiMarConfig config, string name, int batch, int steps = 3, int warmup = 1, long seed = 0, ICommunicator? communicator = null,
+        Precision precision = Precision.Fp32)
     {
         var comm = communicator ?? SingleProcess.Instance;
         torch.manual_seed(seed);
@@ -43,8 +44,11 @@ public static class TrainBenchmark
                 var condition = Condition.Random(config, batch);
                 var sw = Stopwatch.StartNew();
                 optimizer.ZeroGrad();
-                var losses = model.TrainingLosses(tokens, pivots, condition, config.StepWarmup);
-                losses.Total.backward();
+                using (var mixed = MixedPrecision.ForTraining(model, precision))
+                {
+                    var losses = model.TrainingLosses(tokens, pivots, condition, config.StepWarmup);
+                    losses.Total.backward();
+                }
                 var reduceStart = sw.Elapsed.TotalSeconds;
                 if (together)
                     buckets.AllReduceAverage();
@@ -100,7 +104,8 @@ public static class TrainBenchmark
         }
         report["steps_timed"] = Math.Max(1, steps);
         report["diffusion_batch_mul"] = config.DiffusionBatchMul;
-        report["dtype"] = "float32";
+        report["precision"] = Native.Precisions.Name(precision);
+        report["weights_dtype"] = "float32";
         report["threads"] = torch.get_num_threads();
         return report;
     }

@@ -69,6 +69,13 @@ public sealed record TrainOptions
     /// <summary>The run folder: checkpoints/, samples/, metrics.jsonl, loss.png.</summary>
     public required string OutDir { get; init; }
 
+    /// <summary>
+    /// The precision of the forward and backward products (Linear, attention, convolutions). The master weights,
+    /// AdamW moments, EMA, gradient clipping, the all-reduce and the loss reductions stay fp32, and checkpoints are
+    /// fp32 safetensors, so a run resumes exactly in either precision.
+    /// </summary>
+    public Precision Precision { get; init; } = Precision.Fp32;
+
     /// <summary>A copy keeping <paramref name="keep"/> checkpoints.</summary>
     public TrainOptions WithKeep(int keep) => this with { KeepLast = keep };
 
@@ -314,6 +321,8 @@ public sealed class Trainer : IDisposable
     (double Loss, double P1, double P2, double GradNorm) TrainStep()
     {
         using var scope = torch.NewDisposeScope();
+        // Products in the run's precision for this step's forward and backward; the parameters stay fp32.
+        using var mixed = MixedPrecision.ForTraining(model, options.Precision);
         optimizer.ZeroGrad();
         double loss = 0, p1 = 0, p2 = 0;
         for (var micro = 0; micro < options.Accumulation; micro++)
@@ -374,6 +383,7 @@ public sealed class Trainer : IDisposable
             ["best_loss"] = double.IsFinite(bestLoss) ? bestLoss : null,
             ["rng_state"] = Convert.ToBase64String(RngState()),
             ["seed"] = options.Seed,
+            ["precision"] = options.Precision == Precision.Bf16 ? "bf16" : "fp32",
             ["data_position"] = new JsonObject
             {
                 ["epoch"] = dataEpoch,
@@ -490,8 +500,8 @@ public sealed class Trainer : IDisposable
                 : examples.Select(e => captions.Text(e, Shortest(e)) ?? $"example {e}").ToList();
             using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
-            using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer });
-            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens);
+            using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer, Precision = options.Precision });
+            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens, options.Precision);
             // Captions need wider tiles than class numbers to be legible.
             var side = captions == null ? 56 : 84;
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, side)).ToList();
