@@ -33,4 +33,5 @@ let main argv =
                 TextToImageTests.tests
                 InceptionTests.tests
                 DistributedTests.tests
+                PrecisionTests.tests
             ])

@@ -79,6 +79,9 @@ public sealed record TrainOptions
     /// <summary>A copy keeping <paramref name="keep"/> checkpoints.</summary>
     public TrainOptions WithKeep(int keep) => this with { KeepLast = keep };
 
+    /// <summary>A copy training in <paramref name="precision"/>.</summary>
+    public TrainOptions WithPrecision(Precision precision) => this with { Precision = precision };
+
     /// <summary>A copy checkpointing every <paramref name="steps"/> steps.</summary>
     public TrainOptions WithCheckpointEvery(int steps) => this with { CheckpointEvery = steps };
 
