@@ -261,8 +261,13 @@ module MixedPrecision =
         | _ -> None
 
     let private apply (m: torch.nn.Module) (p: Precision) (freeze: bool) =
+        // TorchSharp's named_modules lists the descendants only: the module itself is checked first.
         let layers =
             [
+                yield!
+                    (match box m with
+                     | :? IMixedPrecision as l -> [ l ]
+                     | _ -> [])
                 for struct (_, sub) in m.named_modules () do
                     match box sub with
                     | :? IMixedPrecision as l -> yield l

@@ -156,7 +156,9 @@ let tests =
                             Expect.equal p.dtype torch.ScalarType.Float32 k
 
                     let ckpt = Path.Combine(dir, "checkpoints", "step-00000003")
-                    let state = nonNull (JsonNode.Parse(File.ReadAllText(Path.Combine(ckpt, "state.json"))))
+
+                    let state =
+                        nonNull (JsonNode.Parse(File.ReadAllText(Path.Combine(ckpt, "state.json"))))
 
                     Expect.equal
                         ((nonNull state.["precision"]).GetValue<string>())
@@ -217,7 +219,10 @@ let tests =
                 Expect.equal results.Length 12 "cases"
 
                 for r in results do
-                    Expect.equal r.Status HiMar.Runtime.Parity.ParityStatus.Pass $"{r.Name}: {r.WorstError} > {r.Allowed}"
+                    Expect.equal
+                        r.Status
+                        HiMar.Runtime.Parity.ParityStatus.Pass
+                        $"{r.Name}: {r.WorstError} > {r.Allowed}"
 
                 let model = results |> List.filter (fun r -> r.Kind.StartsWith "backbone")
                 // the backbone's products really ran in bf16: errors far above the fp32 ones (~1e-6)
@@ -228,7 +233,11 @@ let tests =
                 let text =
                     "processor : 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor : 1\nflags : fpu avx2 avx512_bf16\n"
 
-                Expect.equal (List.ofSeq (Precisions.CpuBf16Flags text)) [ "amx_bf16"; "avx512_bf16" ] "both flags, once"
+                Expect.equal
+                    (List.ofSeq (Precisions.CpuBf16Flags text))
+                    [ "amx_bf16"; "avx512_bf16" ]
+                    "both flags, once"
+
                 Expect.isEmpty (Precisions.CpuBf16Flags "flags : fpu sse2 avx2 fma\n") "an AVX2-only CPU"
             }
 

@@ -80,6 +80,51 @@ public static class Checkpoint
 /// <summary>A loss curve as a PNG: the logged loss against the step, with a light grid and labelled axes.</summary>
 public static class LossCurve
 {
+    /// <summary>The (step, loss) points of a run folder's metrics.jsonl; bad input names the file and line.</summary>
+    public static IReadOnlyList<(int Step, double Loss)> Read(string runDir)
+    {
+        var path = File.Exists(runDir) ? runDir : Path.Combine(runDir, "metrics.jsonl");
+        if (!File.Exists(path))
+            throw new BadInputException($"{runDir}: no metrics.jsonl (give a run folder written by himar train, or the file itself).");
+        var points = new List<(int, double)>();
+        var lineNo = 0;
+        foreach (var line in File.ReadLines(path))
+        {
+            lineNo++;
+            if (line.Length == 0)
+                continue;
+            try
+            {
+                var o = System.Text.Json.Nodes.JsonNode.Parse(line)?.AsObject();
+                var step = o?["step"]?.GetValue<int>();
+                var loss = o?["loss"]?.GetValue<double>();
+                if (step is { } st && loss is { } l)
+                    points.Add((st, l));
+                else
+                    throw new BadInputException($"{path}:{lineNo}: a metrics line needs 'step' and 'loss'.");
+            }
+            catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or FormatException)
+            {
+                throw new BadInputException($"{path}:{lineNo}: not a metrics line ({e.Message.Split('\n')[0]}).");
+            }
+        }
+        if (points.Count < 2)
+            throw new BadInputException($"{path}: fewer than two loss points to draw.");
+        return points;
+    }
+
+    /// <summary>Several runs' loss curves overlaid in one chart (one colour and legend entry per run), x in steps.</summary>
+    public static void SaveOverlay(IReadOnlyList<(string Label, IReadOnlyList<(int Step, double Loss)> Points)> runs, string path)
+    {
+        Rgb24[] colors = [new(31, 90, 200), new(220, 110, 20), new(40, 150, 60), new(170, 40, 150), new(120, 120, 120)];
+        var series = runs.Select((r, i) => new Imaging.ChartSeries(r.Label, colors[i % colors.Length],
+            r.Points.Select(p => ((double)p.Step, p.Loss, 0.0)).ToList(), true)).ToList();
+        var last = runs.Max(r => r.Points[^1].Step);
+        var tick = Math.Max(1, (int)Math.Pow(10, Math.Floor(Math.Log10(Math.Max(1, last)))) / (last >= 5 * Math.Pow(10, Math.Floor(Math.Log10(Math.Max(1, last)))) ? 1 : 5));
+        var ticks = Enumerable.Range(0, last / tick + 1).Select(k => ((double)(k * tick), (k * tick).ToString())).ToList();
+        Imaging.Charts.Save(path, "training loss", "loss", series, ticks);
+    }
+
     /// <summary>Draws and saves the curve (log-scaled loss axis when it spans more than a factor of 10).</summary>
     public static void Save(IReadOnlyList<(int Step, double Loss)> points, string path, int width = 640, int height = 360)
     {
