@@ -79,10 +79,12 @@ type SampleArgs =
     | Weights of which: string
     | Prompt of text: string
     | Text_Encoder of dir: string
+    | Allow_Nonfinite
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Allow_Nonfinite -> "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
             | Prompt _ ->
@@ -140,10 +142,12 @@ type EvalArgs =
     | Text_Encoder of dir: string
     | Training_Templates
     | Device of name: string
+    | Allow_Nonfinite
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Allow_Nonfinite -> "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "the shipped model to evaluate (fashion, or fashion-text: prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
@@ -723,14 +727,21 @@ let private sample (args: ParseResults<SampleArgs>) =
         | "model" -> false
         | other -> raise (CliError(sprintf "--weights must be ema or model, not '%s'" other))
 
-    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
+    let allowNonFinite = args.Contains SampleArgs.Allow_Nonfinite
+    let warn = Action<string>(eprintfn "himar: warning: %s")
+
+    use model =
+        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma, allowNonFinite, warn)
+
     model.``to`` dev |> ignore
     let pixelModel = model.Config.ImgSize = 32 && model.Config.VaeStride = 4
 
     let tokenizer: HiMar.Runtime.Data.ITokenizer =
         match args.TryGetResult SampleArgs.Vae with
         | Some vaePath ->
-            let vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
+            let vae =
+                HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae(vaePath, allowNonFinite, warn)
+
             vae.``to`` dev |> ignore
             HiMar.Runtime.Data.VaeTokenizer vae
         | None when pixelModel -> HiMar.Runtime.Data.PixelPatchTokenizer.Fashion
@@ -1313,7 +1324,13 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
         args.GetResult(EvalArgs.Weights, defaultValue = "ema").ToLowerInvariant()
         <> "model"
 
-    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
+    use model =
+        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(
+            ckpt,
+            useEma,
+            args.Contains EvalArgs.Allow_Nonfinite,
+            Action<string>(eprintfn "himar: warning: %s")
+        )
 
     if
         model.Config.ImgSize <> 32

@@ -327,8 +327,10 @@ public static class ReferenceImport
         }
     }
 
-    /// <summary>A Hi-MAR model from an imported folder, a `.pth` checkpoint (EMA weights) or a parity fixture folder, in evaluation mode.</summary>
-    public static HiMAR LoadModel(string path, bool useEma = true)
+    /// <summary>A Hi-MAR model from an imported folder, a `.pth` checkpoint (EMA weights) or a parity fixture folder, in
+    /// evaluation mode. Weights holding NaN or infinity are refused unless <paramref name="allowNonFinite"/>, which
+    /// reports them to <paramref name="warn"/>.</summary>
+    public static HiMAR LoadModel(string path, bool useEma = true, bool allowNonFinite = false, Action<string>? warn = null)
     {
         if (File.Exists(path))
         {
@@ -336,6 +338,7 @@ public static class ReferenceImport
             var root = ckpt.Root as Dictionary<string, object?>;
             var state = ckpt.StateDict(root != null && root.ContainsKey("model_ema") && useEma ? "model_ema" : "model");
             var config = InferConfig(ckpt.Args(), state, path);
+            FiniteWeights.Require(state, path, allowNonFinite, warn);
             var m = new HiMAR(config);
             Weights.Load(m, state, true);
             m.eval();
@@ -350,13 +353,15 @@ public static class ReferenceImport
         var model = new HiMAR(c);
         // A training checkpoint folder holds EMA weights beside the raw ones: sample with those by default.
         var ema = Path.Combine(path, "ema.safetensors");
-        ModelFiles.Load(model, useEma && File.Exists(ema) ? ema : Path.Combine(path, WeightsFile));
+        ModelFiles.Load(model, useEma && File.Exists(ema) ? ema : Path.Combine(path, WeightsFile), true, allowNonFinite, warn);
         model.eval();
         return model;
     }
 
-    /// <summary>A KL autoencoder from an imported folder, MAR's `vae.ckpt`, or a safetensors file of its weights, in evaluation mode.</summary>
-    public static AutoencoderKL LoadVae(string path)
+    /// <summary>A KL autoencoder from an imported folder, MAR's `vae.ckpt`, or a safetensors file of its weights, in
+    /// evaluation mode. Weights holding NaN or infinity are refused unless <paramref name="allowNonFinite"/>, which
+    /// reports them to <paramref name="warn"/>.</summary>
+    public static AutoencoderKL LoadVae(string path, bool allowNonFinite = false, Action<string>? warn = null)
     {
         Dictionary<string, Tensor> state;
         TorchCheckpoint? ckpt = null;
@@ -373,6 +378,7 @@ public static class ReferenceImport
             }
             if (Detect(state, path) != CheckpointKind.Vae)
                 throw new CheckpointFormatException($"{path}: holds a Hi-MAR model, not a VAE.");
+            FiniteWeights.Require(state, path, allowNonFinite, warn);
             var vae = new AutoencoderKL(InferVaeConfig(state, path));
             Weights.Load(vae, state, true);
             vae.eval();

@@ -420,6 +420,7 @@ public sealed class Trainer : IDisposable
         var opt = SafeTensors.Load(Path.Combine(dir, Checkpoint.OptimizerFile));
         try
         {
+            FiniteWeights.Require(opt, Path.Combine(dir, Checkpoint.OptimizerFile));
             optimizer.LoadState(opt, stateJson["optimizer_steps"]!.GetValue<long>(), Path.Combine(dir, Checkpoint.OptimizerFile));
         }
         finally
