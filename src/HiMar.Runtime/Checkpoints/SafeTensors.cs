@@ -191,21 +191,36 @@ public static class SafeTensors
         long begin = offsetsNode[0].GetInt64(), end = offsetsNode[1].GetInt64();
         if (end < begin || end > dataLength)
             throw Bad($"has data offsets outside the file (truncated?): bytes {begin} to {end} of a {dataLength}-byte data section");
-        long bytes;
-        try
-        {
-            // Zero dimensions count as one here, so that a shape like [0, 2^62, 2^62] is refused as torch would.
-            bytes = checked(shape.Aggregate(1L, (a, d) => a * Math.Max(d, 1)) * type.Size);
-            if (shape.Contains(0))
-                bytes = 0;
-        }
-        catch (OverflowException)
-        {
+        if (!TryByteCount(shape, type.Size, out var bytes))
             throw Bad($"has shape {shown}: its byte count overflows 64 bits");
-        }
         if (end - begin != bytes)
             throw Bad($"has {end - begin} bytes for shape {shown} of {dtype}, which needs {bytes}");
         return new SafeTensorsEntry(name, dtype, type.Type, shape, begin, end);
+    }
+
+    /// <summary>
+    /// The bytes of a tensor of <paramref name="shape"/>, false when the count overflows 64 bits. Zero dimensions count as
+    /// one while multiplying, so that a shape like [0, 2^62, 2^62] is refused, as libtorch refuses it.
+    /// </summary>
+    internal static bool TryByteCount(IReadOnlyList<long> shape, int elementSize, out long bytes)
+    {
+        long product = elementSize;
+        var empty = false;
+        try
+        {
+            foreach (var d in shape)
+            {
+                empty |= d == 0;
+                product = checked(product * Math.Max(d, 1));
+            }
+        }
+        catch (OverflowException)
+        {
+            bytes = -1;
+            return false;
+        }
+        bytes = empty ? 0 : product;
+        return true;
     }
 
     static string Kind(JsonElement e) => e.ValueKind switch

@@ -89,6 +89,7 @@ internal sealed class SafeUnpickler(
     readonly List<object?> stack = [];
     readonly Stack<int> marks = new();
     readonly Dictionary<long, object?> memo = [];
+    readonly long length = data.Length - start;
     readonly long maxCells = (data.Length - start) * CellsPerByte + Slack;
     readonly long maxChars = (data.Length - start) * CharsPerByte + Slack;
     long cells;
@@ -485,14 +486,14 @@ internal sealed class SafeUnpickler(
     {
         cells += n;
         if (cells > maxCells)
-            throw Bad($"the pickle builds more than {maxCells} values, container slots and memo entries from its {data.Length - start} bytes (a container bomb?)");
+            throw Bad($"the pickle builds more than {maxCells} values, container slots and memo entries from its {length} bytes (a container bomb?)");
     }
 
     void SpendChars(long n)
     {
         chars += n;
         if (chars > maxChars)
-            throw Bad($"the pickle builds more than {maxChars} characters of strings and bytes from its {data.Length - start} bytes");
+            throw Bad($"the pickle builds more than {maxChars} characters of strings and bytes from its {length} bytes");
     }
 
     byte[] Bytes(int count)
@@ -630,6 +631,6 @@ internal sealed class SafeUnpickler(
     static object Long(ReadOnlySpan<byte> bytes)
     {
         var value = new BigInteger(bytes, isUnsigned: false, isBigEndian: false);
-        return value >= long.MinValue && value <= long.MaxValue ? (long)value : value;
+        return value >= long.MinValue && value <= long.MaxValue ? (object)(long)value : value;
     }
 }

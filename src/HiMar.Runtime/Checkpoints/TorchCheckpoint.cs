@@ -275,17 +275,10 @@ public sealed class TorchCheckpoint : IDisposable
             throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} sizes but {strides.Length} strides.");
         if (shape.Length > SafeTensors.MaxDimensions)
             throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} dimensions (at most {SafeTensors.MaxDimensions} are read).");
-        // The element count, with zero sizes counted as one so that [0, 2^62, 2^62] is refused as libtorch would.
-        long count;
-        try
-        {
-            count = checked(shape.Aggregate(1L, (a, n) => a * Math.Max(n, 1)) * storage.Type.ElementSize);
-        }
-        catch (OverflowException)
-        {
+        // The byte count, refused when it overflows (even with a zero size, as libtorch refuses [0, 2^62, 2^62]).
+        if (!SafeTensors.TryByteCount(shape, storage.Type.ElementSize, out var count))
             throw new CheckpointFormatException(
                 $"{path}: a tensor of storage '{storage.Key}' has shape [{string.Join(", ", shape)}], whose byte count overflows 64 bits.");
-        }
         Tensor tensor;
         if (shape.Contains(0))
             tensor = torch.empty(shape, storage.Type.DType);

@@ -1,3 +1,4 @@
+using System.Buffers.Binary;
 using System.IO.Compression;
 using HiMar.Runtime.Checkpoints;
 using TorchSharp;
@@ -94,6 +95,20 @@ public sealed class IdxDataset : IImageDataset
             var n = file.ReadAtLeast(head, 2, throwOnEndOfStream: false);
             file.Position = 0;
             var gzip = n == 2 && head[0] == 0x1f && head[1] == 0x8b;
+            // gzip's trailer: the CRC-32 and length (mod 2^32) of what it holds, checked here because the stream
+            // reader does not notice a trailer that is cut off.
+            uint trailerCrc = 0, trailerSize = 0;
+            if (gzip)
+            {
+                if (fileLength < 18)
+                    throw new BadInputException($"{path}: truncated ({fileLength} bytes is shorter than any gzip stream).");
+                var trailer = new byte[8];
+                file.Seek(-8, SeekOrigin.End);
+                file.ReadExactly(trailer);
+                file.Position = 0;
+                trailerCrc = BinaryPrimitives.ReadUInt32LittleEndian(trailer);
+                trailerSize = BinaryPrimitives.ReadUInt32LittleEndian(trailer.AsSpan(4));
+            }
             using var s = gzip ? new GZipStream(file, CompressionMode.Decompress) : (Stream)file;
             var header = new byte[4 + 4 * rank];
             var got = s.ReadAtLeast(header, header.Length, throwOnEndOfStream: false);
@@ -116,6 +131,9 @@ public sealed class IdxDataset : IImageDataset
                 throw new BadInputException(gzip
                     ? $"{path}: the IDX header declares {shown} = {size} bytes, more than a {fileLength}-byte gzip file can hold (truncated?)."
                     : $"{path}: {fileLength} bytes do not hold the {shown} = {size} bytes the IDX header declares (truncated?).");
+            if (gzip && trailerSize != (uint)(header.Length + size))
+                throw new BadInputException(
+                    $"{path}: the gzip trailer records {trailerSize} bytes (mod 2^32), but the IDX header declares {header.Length} + {size} (truncated, or not one gzip stream?).");
             var data = new byte[size];
             var read = s.ReadAtLeast(data, data.Length, throwOnEndOfStream: false);
             if (read < size)
@@ -124,6 +142,8 @@ public sealed class IdxDataset : IImageDataset
                     : $"{path}: {header.Length + read} bytes do not hold {shown} {kind} (truncated?).");
             if (s.ReadByte() != -1)
                 throw new BadInputException($"{path}: holds more than the {shown} = {size} bytes its IDX header declares.");
+            if (gzip && Crc32.Append(Crc32.Compute(header), data) != trailerCrc)
+                throw new BadInputException($"{path}: fails the gzip CRC-32 check: the file is corrupt.");
             return (dims, data);
         }
         catch (Exception e) when (e is IOException or InvalidDataException or UnauthorizedAccessException)

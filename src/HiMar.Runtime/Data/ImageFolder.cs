@@ -124,7 +124,7 @@ public sealed class ImageFolder : IImageDataset
         catch (BadInputException e)
         {
             var reason = e.Message.StartsWith(path + ": ", StringComparison.Ordinal) ? e.Message[(path.Length + 2)..].TrimEnd('.') : e.Message;
-            var message = $"{path}: skipped, {reason}";
+            var message = $"{path}: skipped, cannot be decoded ({reason})";
             if (!skipped.Contains(message))
             {
                 skipped.Add(message);

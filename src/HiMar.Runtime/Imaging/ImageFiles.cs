@@ -35,15 +35,21 @@ public static class ImageFiles
 
     /// <summary>The width and height an image file's header declares, refused when over <paramref name="maxPixels"/>.</summary>
     public static (int Width, int Height) Identify(string path, long maxPixels = MaxPixels) =>
-        Guard(path, () => Check(path, Image.Identify(Config, path), maxPixels));
+        Guard(path, () =>
+        {
+            using var stream = File.OpenRead(path);
+            return Check(path, Image.Identify(Config, stream), maxPixels);
+        });
 
     /// <summary>Decodes an image file (first frame) once its header passes <see cref="Identify"/>.</summary>
     public static Image<TPixel> Load<TPixel>(string path, long maxPixels = MaxPixels)
         where TPixel : unmanaged, IPixel<TPixel> =>
         Guard(path, () =>
         {
-            Check(path, Image.Identify(Config, path), maxPixels);
-            return Image.Load<TPixel>(Config, path);
+            using var stream = File.OpenRead(path);
+            Check(path, Image.Identify(Config, stream), maxPixels);
+            stream.Position = 0;
+            return Image.Load<TPixel>(Config, stream);
         });
 
     static (int, int) Check(string path, IImageInfo? info, long maxPixels)
