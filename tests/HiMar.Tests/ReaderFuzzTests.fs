@@ -654,7 +654,7 @@ let private idxTests =
 
                 Expect.stringEnds
                     message
-                    "train-images-idx3-ubyte.gz: the gzip trailer records 33554432 bytes (mod 2^32), but the IDX header declares 16 + 1568 (truncated, or not one gzip stream?)."
+                    "train-images-idx3-ubyte.gz: the gzip trailer records 33554432 bytes (mod 2^32), but the IDX header declares 16 + 1568 (not one gzip stream?)."
                     "the trailer's length"
 
                 Expect.isLessThan used (memoryBound bomb.LongLength) "managed memory"

@@ -367,7 +367,7 @@ public sealed class TorchCheckpoint : IDisposable
                 if (numel != r.Numel)
                     throw Bad($"storage '{key}' holds {numel} elements, but the pickle says {r.Numel}");
                 if (numel < 0 || numel > (data.Length - pos - 8) / r.Type.ElementSize)
-                    throw Bad($"truncated: storage '{key}' needs {numel} elements of {r.Type.ElementSize} bytes at byte {pos + 8} of {data.Length}");
+                    throw Bad($"truncated: storage '{key}' needs {(System.Numerics.BigInteger)numel * r.Type.ElementSize} bytes at byte {pos + 8} of {data.Length}");
                 var length = numel * r.Type.ElementSize;
                 if (length > int.MaxValue)
                     throw Bad($"storage '{key}' is {length} bytes; storages over 2 GiB are not read");

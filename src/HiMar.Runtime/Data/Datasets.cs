@@ -131,15 +131,17 @@ public sealed class IdxDataset : IImageDataset
                 throw new BadInputException(gzip
                     ? $"{path}: the IDX header declares {shown} = {size} bytes, more than a {fileLength}-byte gzip file can hold (truncated?)."
                     : $"{path}: {fileLength} bytes do not hold the {shown} = {size} bytes the IDX header declares (truncated?).");
+            string Short(long held) => rank == 3
+                ? $"{path}: {held} bytes do not hold {dims[0]} images of {dims[1]}x{dims[2]} (truncated?)."
+                : $"{path}: {held} bytes do not hold {shown} {kind} (truncated?).";
             if (gzip && trailerSize != (uint)(header.Length + size))
-                throw new BadInputException(
-                    $"{path}: the gzip trailer records {trailerSize} bytes (mod 2^32), but the IDX header declares {header.Length} + {size} (truncated, or not one gzip stream?).");
+                throw new BadInputException(trailerSize < header.Length + size
+                    ? Short(trailerSize)
+                    : $"{path}: the gzip trailer records {trailerSize} bytes (mod 2^32), but the IDX header declares {header.Length} + {size} (not one gzip stream?).");
             var data = new byte[size];
             var read = s.ReadAtLeast(data, data.Length, throwOnEndOfStream: false);
             if (read < size)
-                throw new BadInputException(rank == 3
-                    ? $"{path}: {header.Length + read} bytes do not hold {dims[0]} images of {dims[1]}x{dims[2]} (truncated?)."
-                    : $"{path}: {header.Length + read} bytes do not hold {shown} {kind} (truncated?).");
+                throw new BadInputException(Short(header.Length + read));
             if (s.ReadByte() != -1)
                 throw new BadInputException($"{path}: holds more than the {shown} = {size} bytes its IDX header declares.");
             if (gzip && Crc32.Append(Crc32.Compute(header), data) != trailerCrc)
