@@ -84,7 +84,8 @@ type SampleArgs =
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Allow_Nonfinite -> "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
+            | Allow_Nonfinite ->
+                "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
             | Prompt _ ->
@@ -147,7 +148,8 @@ type EvalArgs =
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Allow_Nonfinite -> "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
+            | Allow_Nonfinite ->
+                "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "the shipped model to evaluate (fashion, or fashion-text: prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."

@@ -67,11 +67,7 @@ let private safetensorsFile =
              use c = torch.zeros ([| 0L; 3L |], dtype = torch.bfloat16)
              use d = torch.tensor ([| 1.5f; -2.0f; 0.25f |], dtype = torch.float16)
 
-             SafeTensors.Save(
-                 path,
-                 readOnlyDict [ "a", a; "b", b; "c", c; "d", d ],
-                 readOnlyDict [ "source", "fuzz" ]
-             )
+             SafeTensors.Save(path, readOnlyDict [ "a", a; "b", b; "c", c; "d", d ], readOnlyDict [ "source", "fuzz" ])
 
              File.ReadAllBytes path
          finally
@@ -148,13 +144,20 @@ let private safetensorsTests =
                     Expect.stringContains message expected header
 
                 // Bytes that are not UTF-8 inside a name.
-                let json = Array.concat [ "{\""B |> Array.map byte; [| 0xffuy |]; "\":1}"B |> Array.map byte ]
+                let json =
+                    Array.concat [ "{\""B |> Array.map byte; [| 0xffuy |]; "\":1}"B |> Array.map byte ]
+
                 let bytes = Array.concat [ BitConverter.GetBytes(uint64 json.Length); json ]
-                Expect.stringStarts (refused (fun () -> parseSafetensors bytes |> ignore)) "fuzz.safetensors: " "invalid UTF-8"
+
+                Expect.stringStarts
+                    (refused (fun () -> parseSafetensors bytes |> ignore))
+                    "fuzz.safetensors: "
+                    "invalid UTF-8"
             }
 
             test "a header length beyond the file or the 100 MB limit is refused before reading" {
-                let bytes = Array.append (BitConverter.GetBytes(UInt64.MaxValue)) (Encoding.UTF8.GetBytes "{}")
+                let bytes =
+                    Array.append (BitConverter.GetBytes(UInt64.MaxValue)) (Encoding.UTF8.GetBytes "{}")
 
                 Expect.stringContains
                     (refused (fun () -> parseSafetensors bytes |> ignore))
@@ -183,7 +186,9 @@ let private safetensorsTests =
             }
 
             testPropertyWithConfig
-                { FsCheckConfig.defaultConfig with maxTest = 400 }
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 400
+                }
                 "a flipped bit is refused, or loads with the same tensors and at most one changed data byte"
             <| fun (position: uint16) (bit: byte) ->
                 let bytes = safetensorsFile.Value
@@ -225,7 +230,8 @@ module private Pk =
         let b = Encoding.UTF8.GetBytes s
         Array.concat [ op 'X'; BitConverter.GetBytes(int32 b.Length); b ]
 
-    let int (n: int) = Array.append (op 'J') (BitConverter.GetBytes n)
+    let int (n: int) =
+        Array.append (op 'J') (BitConverter.GetBytes n)
 
     let long (n: int64) =
         Array.concat [ [| 0x8auy; 8uy |]; BitConverter.GetBytes n ]
@@ -331,10 +337,14 @@ let private modelPickle =
     )
 
 let private modelStorages =
-    [ "0", floatBytes [| 0.5f; 1.0f; 1.5f; 2.0f; 2.5f; 3.0f |]; "1", floatBytes [| -1.0f; 0.0f; 1.0f |] ]
+    [
+        "0", floatBytes [| 0.5f; 1.0f; 1.5f; 2.0f; 2.5f; 3.0f |]
+        "1", floatBytes [| -1.0f; 0.0f; 1.0f |]
+    ]
 
 /// A small valid checkpoint, stored (as torch.save writes it) or deflated.
-let private pthFile level = zipBytes level modelPickle modelStorages
+let private pthFile level =
+    zipBytes level modelPickle modelStorages
 
 /// Offset of the first occurrence of `pattern` in `bytes`.
 let private indexOf (bytes: byte array) (pattern: byte array) =
@@ -365,10 +375,27 @@ let private pthTests =
                 let big = Pk.int Int32.MaxValue
 
                 let pickle =
-                    Pk.pickle (Pk.dict [ "model", Pk.dict [ "w", Pk.tensorWith "0" (Pk.int 4) 0 [ big; big; big ] [ Pk.int 0; Pk.int 0; Pk.int 0 ] ] ])
+                    Pk.pickle (
+                        Pk.dict
+                            [
+                                "model",
+                                Pk.dict
+                                    [
+                                        "w",
+                                        Pk.tensorWith
+                                            "0"
+                                            (Pk.int 4)
+                                            0
+                                            [ big; big; big ]
+                                            [ Pk.int 0; Pk.int 0; Pk.int 0 ]
+                                    ]
+                            ]
+                    )
 
                 let message =
-                    pthRefusal (zipBytes CompressionLevel.NoCompression pickle [ "0", floatBytes [| 1.0f; 2.0f; 3.0f; 4.0f |] ])
+                    pthRefusal (
+                        zipBytes CompressionLevel.NoCompression pickle [ "0", floatBytes [| 1.0f; 2.0f; 3.0f; 4.0f |] ]
+                    )
 
                 Expect.equal
                     message
@@ -385,7 +412,12 @@ let private pthTests =
 
                 let mutable message = ""
                 let used = allocatedBy (fun () -> message <- pthRefusal bytes)
-                Expect.stringStarts message "fuzz.pth: a tensor of shape [300000000] (strides [0]) over storage '0' of 64 elements would bring the tensors built to more than " "message"
+
+                Expect.stringStarts
+                    message
+                    "fuzz.pth: a tensor of shape [300000000] (strides [0]) over storage '0' of 64 elements would bring the tensors built to more than "
+                    "message"
+
                 Expect.stringEnds message "refused as a view bomb." "message end"
                 Expect.isLessThan used (memoryBound bytes.LongLength) "managed memory"
             }
@@ -404,7 +436,13 @@ let private pthTests =
 
             test "a storage claiming 2^61 elements is refused before allocating" {
                 let pickle =
-                    Pk.pickle (Pk.dict [ "model", Pk.dict [ "w", Pk.tensorWith "0" (Pk.long (1L <<< 61)) 0 [ Pk.int 1 ] [ Pk.int 1 ] ] ])
+                    Pk.pickle (
+                        Pk.dict
+                            [
+                                "model",
+                                Pk.dict [ "w", Pk.tensorWith "0" (Pk.long (1L <<< 61)) 0 [ Pk.int 1 ] [ Pk.int 1 ] ]
+                            ]
+                    )
 
                 Expect.equal
                     (pthRefusal (zipBytes CompressionLevel.NoCompression pickle [ "0", floatBytes [| 1.0f |] ]))
@@ -414,7 +452,10 @@ let private pthTests =
 
             test "a 29 KB pickle of nested empty lists is refused for its depth, in little memory" {
                 let n = 29 * 1024 / 2
-                let pickle = Pk.pickle (Array.concat [ Array.create n (byte ']'); Array.create (n - 1) (byte 'a') ])
+
+                let pickle =
+                    Pk.pickle (Array.concat [ Array.create n (byte ']'); Array.create (n - 1) (byte 'a') ])
+
                 let bytes = zipBytes CompressionLevel.NoCompression pickle []
                 let mutable message = ""
                 let used = allocatedBy (fun () -> message <- pthRefusal bytes)
@@ -429,8 +470,18 @@ let private pthTests =
 
             test "a pickle copying a memoized list into sets is refused by the value budget" {
                 // L = [0] * 4000 (memo 0); then set(L) appended to a list, again and again.
-                let fill = Array.concat [ Pk.op ']'; [| byte 'q'; 0uy |]; Pk.op '('; Array.concat (List.replicate 4000 [| byte 'K'; 0uy |]); Pk.op 'e' ]
-                let copy = Array.concat [ [| byte 'h'; 1uy |]; [| byte 'h'; 0uy |]; [| 0x85uy |]; Pk.op 'R'; Pk.op 'a' ]
+                let fill =
+                    Array.concat
+                        [
+                            Pk.op ']'
+                            [| byte 'q'; 0uy |]
+                            Pk.op '('
+                            Array.concat (List.replicate 4000 [| byte 'K'; 0uy |])
+                            Pk.op 'e'
+                        ]
+
+                let copy =
+                    Array.concat [ [| byte 'h'; 1uy |]; [| byte 'h'; 0uy |]; [| 0x85uy |]; Pk.op 'R'; Pk.op 'a' ]
 
                 let pickle =
                     Pk.pickle (
@@ -454,7 +505,8 @@ let private pthTests =
             }
 
             test "a list that contains itself is refused" {
-                let pickle = Pk.pickle (Array.concat [ Pk.op ']'; [| byte 'q'; 0uy; byte 'h'; 0uy |]; Pk.op 'a' ])
+                let pickle =
+                    Pk.pickle (Array.concat [ Pk.op ']'; [| byte 'q'; 0uy; byte 'h'; 0uy |]; Pk.op 'a' ])
 
                 Expect.equal
                     (pthRefusal (zipBytes CompressionLevel.NoCompression pickle []))
@@ -467,7 +519,9 @@ let private pthTests =
                 let pickle =
                     Pk.pickle (Pk.dict [ "model", Pk.dict [ "w", Pk.tensor "0" 250_000_000 0 [ 6 ] [ 1 ] ] ])
 
-                let bytes = zipBytes CompressionLevel.Optimal pickle [ "0", floatBytes (Array.create 6 1.0f) ]
+                let bytes =
+                    zipBytes CompressionLevel.Optimal pickle [ "0", floatBytes (Array.create 6 1.0f) ]
+
                 let name = Encoding.ASCII.GetBytes "ck/data/0"
 
                 let record =
@@ -504,11 +558,18 @@ let private pthTests =
             }
 
             testPropertyWithConfig
-                { FsCheckConfig.defaultConfig with maxTest = 300 }
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 300
+                }
                 "a flipped bit in a .pth is refused, or loads the very same tensors"
             <| fun (position: uint16) (bit: byte) (deflated: bool) ->
                 let bytes =
-                    pthFile (if deflated then CompressionLevel.Optimal else CompressionLevel.NoCompression)
+                    pthFile (
+                        if deflated then
+                            CompressionLevel.Optimal
+                        else
+                            CompressionLevel.NoCompression
+                    )
 
                 let flipped = flipBit bytes (int position % bytes.Length) (int (bit % 8uy))
                 let mutable loaded = Map.empty
@@ -518,7 +579,9 @@ let private pthTests =
                 | Ok() -> loaded = readPth bytes
 
             testPropertyWithConfig
-                { FsCheckConfig.defaultConfig with maxTest = 200 }
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 200
+                }
                 "a flipped bit in a legacy .pth is refused, or loads with one value changed at most"
             <| fun (position: uint16) (bit: byte) ->
                 let mutable ok = false
@@ -531,7 +594,10 @@ let private pthTests =
                     File.WriteAllBytes(path, flipBit bytes (int position % bytes.Length) (int (bit % 8uy)))
 
                     ok <-
-                        match outcome (fun () -> use ck = TorchCheckpoint.Read path in ck.StateDict "state_dict" |> ignore) with
+                        match
+                            outcome (fun () ->
+                                use ck = TorchCheckpoint.Read path in ck.StateDict "state_dict" |> ignore)
+                        with
                         | Error message -> message.Contains "legacy.pth"
                         | Ok() -> true)
 
@@ -617,7 +683,9 @@ let private idxTests =
                     "magic"
 
                 Expect.stringEnds
-                    (fashionRefusal (gzip (Array.concat [ bigEndian 0x803; bigEndian -5; bigEndian 28; bigEndian 28 ])) labels)
+                    (fashionRefusal
+                        (gzip (Array.concat [ bigEndian 0x803; bigEndian -5; bigEndian 28; bigEndian 28 ]))
+                        labels)
                     "train-images-idx3-ubyte.gz: the IDX header declares dimensions -5x28x28; each must be positive."
                     "negative count"
             }
@@ -630,7 +698,12 @@ let private idxTests =
 
                 let mutable message = ""
                 let used = allocatedBy (fun () -> message <- fashionRefusal huge labels)
-                Expect.stringContains message "the IDX header declares 2147483647x28x28 bytes, more than the " "2^31 images"
+
+                Expect.stringContains
+                    message
+                    "the IDX header declares 2147483647x28x28 bytes, more than the "
+                    "2^31 images"
+
                 Expect.isLessThan used (memoryBound 1024L) "managed memory"
 
                 let million =
@@ -638,7 +711,12 @@ let private idxTests =
 
                 let used2 = allocatedBy (fun () -> message <- fashionRefusal million labels)
                 Expect.stringContains message "bytes, more than a " "a million images from a tiny file"
-                Expect.stringContains message "-byte gzip file can hold (truncated?)." "a million images from a tiny file"
+
+                Expect.stringContains
+                    message
+                    "-byte gzip file can hold (truncated?)."
+                    "a million images from a tiny file"
+
                 Expect.isLessThan used2 (memoryBound 1024L) "managed memory"
             }
 
@@ -680,14 +758,17 @@ let private idxTests =
                         for cut in 0 .. images.Length - 1 do
                             match outcome (fun () -> loadFashion images[.. cut - 1] labels |> ignore) with
                             | Ok() -> yield cut
-                            | Error message -> Expect.stringContains message "train-images-idx3-ubyte.gz: " $"cut at {cut}"
+                            | Error message ->
+                                Expect.stringContains message "train-images-idx3-ubyte.gz: " $"cut at {cut}"
                     ]
 
                 Expect.equal loaded [] $"cuts that loaded, of {images.Length} bytes"
             }
 
             testPropertyWithConfig
-                { FsCheckConfig.defaultConfig with maxTest = 200 }
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 200
+                }
                 "a flipped bit in an IDX gzip is refused (gzip's CRC), or loads the same pixels"
             <| fun (position: uint16) (bit: byte) ->
                 let images = gzip (idxImages 2 28 28)
@@ -764,10 +845,15 @@ let private imageTests =
                     Expect.isFalse (folder.TryLoad(1, &pixels, Action<string> warnings.Add)) "the bomb"
                     Expect.equal (List.ofSeq folder.Skipped) (List.ofSeq warnings) "skipped = warned"
                     let bomb = Path.Combine(cls, "b.png")
-                    Expect.stringStarts warnings[0] $"{bomb}: skipped, cannot be decoded (the image is 100000x100000" "names it"
+
+                    Expect.stringStarts
+                        warnings[0]
+                        $"{bomb}: skipped, cannot be decoded (the image is 100000x100000"
+                        "names it"
 
                     let e =
-                        catchT<BadInputException> (fun () -> (folder :> IImageDataset).Batch([| 1 |], [| false |]) |> ignore)
+                        catchT<BadInputException> (fun () ->
+                            (folder :> IImageDataset).Batch([| 1 |], [| false |]) |> ignore)
 
                     Expect.equal e.Message warnings[0] "a batch with it is refused")
             }
@@ -780,14 +866,19 @@ let private imageTests =
             }
 
             testPropertyWithConfig
-                { FsCheckConfig.defaultConfig with maxTest = 200 }
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 200
+                }
                 "a PNG cut or with a flipped bit is refused, or decodes at its declared size"
             <| fun (position: uint16) (bit: byte) (cut: bool) ->
                 let png = pngBytes 5 3
                 let p = int position % png.Length
 
                 let damaged =
-                    if cut then png[.. p - 1] else flipBit png p (int (bit % 8uy))
+                    if cut then
+                        png[.. p - 1]
+                    else
+                        flipBit png p (int (bit % 8uy))
 
                 let mutable ok = false
 
@@ -822,10 +913,17 @@ let private finiteTests =
 
                     try
                         let names =
-                            tensors.Keys |> Seq.filter (fun k -> tensors[k].is_floating_point ()) |> Seq.sort |> Seq.take 2 |> List.ofSeq
+                            tensors.Keys
+                            |> Seq.filter (fun k -> tensors[k].is_floating_point ())
+                            |> Seq.sort
+                            |> Seq.take 2
+                            |> List.ofSeq
 
-                        tensors[names[0]].view(-1L).narrow(0L, 0L, 1L).fill_(Double.NaN) |> ignore
-                        tensors[names[1]].view(-1L).narrow(0L, 0L, 1L).fill_(Double.PositiveInfinity) |> ignore
+                        tensors[names[0]].view(-1L).narrow(0L, 0L, 1L).fill_ (Double.NaN) |> ignore
+
+                        tensors[names[1]].view(-1L).narrow(0L, 0L, 1L).fill_ (Double.PositiveInfinity)
+                        |> ignore
+
                         let weights = Path.Combine(dir, "weights.safetensors")
                         SafeTensors.Save(weights, tensors)
 
@@ -839,12 +937,13 @@ let private finiteTests =
 
                         let warnings = List<string>()
 
-                        use m =
-                            ReferenceImport.LoadModel(dir, true, true, Action<string> warnings.Add)
+                        use m = ReferenceImport.LoadModel(dir, true, true, Action<string> warnings.Add)
 
                         Expect.equal
                             (List.ofSeq warnings)
-                            [ $"{weights}: 2 tensors hold NaN or infinity ({names[0]}, {names[1]}); loading them anyway (--allow-nonfinite)." ]
+                            [
+                                $"{weights}: 2 tensors hold NaN or infinity ({names[0]}, {names[1]}); loading them anyway (--allow-nonfinite)."
+                            ]
                             "warning"
                     finally
                         for t in tensors.Values do
@@ -854,7 +953,10 @@ let private finiteTests =
             test "the message lists the first five offending tensors and counts the rest" {
                 let tensors =
                     [ for i in 1..7 -> KeyValuePair($"t{i}", torch.tensor [| 1.0f; Single.NaN |]) ]
-                    @ [ KeyValuePair("ok", torch.ones (3L)); KeyValuePair("ints", torch.tensor [| 1L |]) ]
+                    @ [
+                        KeyValuePair("ok", torch.ones (3L))
+                        KeyValuePair("ints", torch.tensor [| 1L |])
+                    ]
 
                 try
                     let e =
