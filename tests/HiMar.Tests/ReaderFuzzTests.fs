@@ -19,6 +19,13 @@ open HiMar.Runtime.Data
 open HiMar.Runtime.Imaging
 open HiMar.Tests.TestUtil
 
+/// A scratch folder for the files of one test run (rewritten by each case), deleted when the process exits.
+let private scratch =
+    lazy
+        (let dir = Directory.CreateTempSubdirectory("himar-fuzz-").FullName
+         AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> Directory.Delete(dir, true))
+         dir)
+
 /// Runs a read: Ok, or the BadInputException's message; any other exception fails the test with its type.
 let private outcome (read: unit -> unit) =
     try
@@ -295,32 +302,21 @@ let private zipBytes (level: CompressionLevel) (pickle: byte array) (storages: (
 
     ms.ToArray()
 
-/// Reads .pth bytes (written to a temporary file) and returns the model state dict's values by name.
+/// Reads .pth bytes (written to the scratch folder) and returns the model state dict's values by name.
 let private readPth (bytes: byte array) =
-    let mutable result = Map.empty
+    let path = Path.Combine(scratch.Value, "fuzz.pth")
+    File.WriteAllBytes(path, bytes)
+    use ck = TorchCheckpoint.Read path
 
-    withTempDir (fun dir ->
-        let path = Path.Combine(dir, "fuzz.pth")
-        File.WriteAllBytes(path, bytes)
-        use ck = TorchCheckpoint.Read path
+    ck.StateDict "model"
+    |> Seq.map (fun kv -> kv.Key, (List.ofArray kv.Value.shape, floats kv.Value))
+    |> Map.ofSeq
 
-        result <-
-            ck.StateDict "model"
-            |> Seq.map (fun kv -> kv.Key, (List.ofArray kv.Value.shape, floats kv.Value))
-            |> Map.ofSeq)
-
-    result
-
-/// The refusal message of .pth bytes, with the temporary path replaced by `fuzz.pth`.
+/// The refusal message of .pth bytes, with the scratch path replaced by `fuzz.pth`.
 let private pthRefusal (bytes: byte array) =
-    let mutable message = ""
-
-    withTempDir (fun dir ->
-        let path = Path.Combine(dir, "fuzz.pth")
-        File.WriteAllBytes(path, bytes)
-        message <- (refused (fun () -> (TorchCheckpoint.Read path).Dispose())).Replace(path, "fuzz.pth"))
-
-    message
+    let path = Path.Combine(scratch.Value, "fuzz.pth")
+    File.WriteAllBytes(path, bytes)
+    (refused (fun () -> (TorchCheckpoint.Read path).Dispose())).Replace(path, "fuzz.pth")
 
 let private modelPickle =
     Pk.pickle (
@@ -341,6 +337,14 @@ let private modelStorages =
         "0", floatBytes [| 0.5f; 1.0f; 1.5f; 2.0f; 2.5f; 3.0f |]
         "1", floatBytes [| -1.0f; 0.0f; 1.0f |]
     ]
+
+/// A small legacy-format (PyTorch before 1.6) checkpoint: one float tensor 0..5 of shape (2, 3).
+let private legacyFile =
+    lazy
+        (let path = Path.Combine(scratch.Value, "legacy-original.pth")
+         use w = torch.arange(6.0f, dtype = torch.float32).reshape (2L, 3L)
+         LegacyPth.write path [ "layer.weight", w ]
+         File.ReadAllBytes path)
 
 /// A small valid checkpoint, stored (as torch.save writes it) or deflated.
 let private pthFile level =
@@ -547,14 +551,10 @@ let private pthTests =
             }
 
             test "a legacy checkpoint cut at any byte is refused" {
-                withTempDir (fun dir ->
-                    let path = Path.Combine(dir, "legacy.pth")
-                    use w = torch.arange(6.0f, dtype = torch.float32).reshape (2L, 3L)
-                    LegacyPth.write path [ "layer.weight", w ]
-                    let bytes = File.ReadAllBytes path
+                let bytes = legacyFile.Value
 
-                    for cut in 0 .. bytes.Length - 1 do
-                        Expect.stringStarts (pthRefusal bytes[.. cut - 1]) "fuzz.pth" $"cut at {cut}")
+                for cut in 0 .. bytes.Length - 1 do
+                    Expect.stringStarts (pthRefusal bytes[.. cut - 1]) "fuzz.pth" $"cut at {cut}"
             }
 
             testPropertyWithConfig
@@ -582,26 +582,33 @@ let private pthTests =
                 { FsCheckConfig.defaultConfig with
                     maxTest = 200
                 }
-                "a flipped bit in a legacy .pth is refused, or loads with one value changed at most"
+                "a flipped bit in a legacy .pth (no checksum) is refused, or loads one tensor, its data at most one value off"
             <| fun (position: uint16) (bit: byte) ->
-                let mutable ok = false
+                let bytes = legacyFile.Value
+                let p = int position % bytes.Length
+                let path = Path.Combine(scratch.Value, "legacy.pth")
+                File.WriteAllBytes(path, flipBit bytes p (int (bit % 8uy)))
+                let mutable loaded = []
 
-                withTempDir (fun dir ->
-                    let path = Path.Combine(dir, "legacy.pth")
-                    use w = torch.arange(6.0f, dtype = torch.float32).reshape (2L, 3L)
-                    LegacyPth.write path [ "layer.weight", w ]
-                    let bytes = File.ReadAllBytes path
-                    File.WriteAllBytes(path, flipBit bytes (int position % bytes.Length) (int (bit % 8uy)))
+                let read () =
+                    use ck = TorchCheckpoint.Read path
 
-                    ok <-
-                        match
-                            outcome (fun () ->
-                                use ck = TorchCheckpoint.Read path in ck.StateDict "state_dict" |> ignore)
-                        with
-                        | Error message -> message.Contains "legacy.pth"
-                        | Ok() -> true)
+                    loaded <-
+                        [
+                            for kv in ck.StateDict "state_dict" -> List.ofArray kv.Value.shape, floats kv.Value
+                        ]
 
-                ok
+                match outcome read with
+                | Error message -> message.StartsWith path
+                | Ok() when p >= bytes.Length - 24 ->
+                    // A flip in the storage's data (its last 24 bytes) changes one value of the tensor.
+                    match loaded with
+                    | [ shape, values ] ->
+                        shape = [ 2L; 3L ]
+                        && (Array.zip values [| 0.0f .. 5.0f |] |> Array.filter (fun (a, b) -> a <> b)).Length
+                           <= 1
+                    | _ -> false
+                | Ok() -> loaded.Length = 1
         ]
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -632,18 +639,20 @@ let private idxImages (count: int) (rows: int) (cols: int) =
 let private idxLabels (labels: byte array) =
     Array.concat [ bigEndian 0x801; bigEndian labels.Length; labels ]
 
-/// Writes a Fashion-MNIST folder (training split) and loads it.
+/// Writes a Fashion-MNIST folder (training split) and loads it: count, rows, cols and the first image's pixel sum.
 let private loadFashion (images: byte array) (labels: byte array) =
-    let mutable result = None
+    let dir = Path.Combine(scratch.Value, "fashion")
+    Directory.CreateDirectory dir |> ignore
+    File.WriteAllBytes(Path.Combine(dir, "train-images-idx3-ubyte.gz"), images)
+    File.WriteAllBytes(Path.Combine(dir, "train-labels-idx1-ubyte.gz"), labels)
+    let d = IdxDataset.FashionMnist dir
+    use b = (d :> IImageDataset).Batch([| 0 |], [| false |])
+    use sum = b.sum ()
+    d.Count, d.Rows, d.Cols, sum.item<float32> ()
 
-    withTempDir (fun dir ->
-        File.WriteAllBytes(Path.Combine(dir, "train-images-idx3-ubyte.gz"), images)
-        File.WriteAllBytes(Path.Combine(dir, "train-labels-idx1-ubyte.gz"), labels)
-        let d = IdxDataset.FashionMnist dir
-        use b = (d :> IImageDataset).Batch([| 0 |], [| false |])
-        result <- Some(d.Count, d.Rows, d.Cols, b.sum().item<float32> ()))
-
-    result.Value
+/// The load of the valid two-image Fashion-MNIST pair the flip property damages.
+let private fashionExpected =
+    lazy (loadFashion (gzip (idxImages 2 28 28)) (gzip (idxLabels [| 3uy; 9uy |])))
 
 let private fashionRefusal images labels =
     refused (fun () -> loadFashion images labels |> ignore)
@@ -774,7 +783,7 @@ let private idxTests =
                 let images = gzip (idxImages 2 28 28)
                 let labels = gzip (idxLabels [| 3uy; 9uy |])
                 let flipped = flipBit images (int position % images.Length) (int (bit % 8uy))
-                let expected = loadFashion images labels
+                let expected = fashionExpected.Value
                 let mutable loaded = None
 
                 match outcome (fun () -> loaded <- Some(loadFashion flipped labels)) with
@@ -806,14 +815,9 @@ let private withDeclaredSize (png: byte array) (width: int) (height: int) =
     copy
 
 let private imageRefusal (bytes: byte array) =
-    let mutable message = ""
-
-    withTempDir (fun dir ->
-        let path = Path.Combine(dir, "fuzz.png")
-        File.WriteAllBytes(path, bytes)
-        message <- (refused (fun () -> (ImageFiles.Load<Rgb24> path).Dispose())).Replace(path, "fuzz.png"))
-
-    message
+    let path = Path.Combine(scratch.Value, "fuzz.png")
+    File.WriteAllBytes(path, bytes)
+    (refused (fun () -> (ImageFiles.Load<Rgb24> path).Dispose())).Replace(path, "fuzz.png")
 
 let private imageTests =
     testList
@@ -880,23 +884,17 @@ let private imageTests =
                     else
                         flipBit png p (int (bit % 8uy))
 
-                let mutable ok = false
+                let path = Path.Combine(scratch.Value, "fuzz.png")
+                File.WriteAllBytes(path, damaged)
+                let mutable size = (0, 0)
 
-                withTempDir (fun dir ->
-                    let path = Path.Combine(dir, "fuzz.png")
-                    File.WriteAllBytes(path, damaged)
-                    let mutable size = (0, 0)
-
-                    ok <-
-                        match
-                            outcome (fun () ->
-                                use image = ImageFiles.Load<Rgb24> path
-                                size <- (image.Width, image.Height))
-                        with
-                        | Error message -> message.StartsWith path
-                        | Ok() -> size = (5, 3))
-
-                ok
+                match
+                    outcome (fun () ->
+                        use image = ImageFiles.Load<Rgb24> path
+                        size <- (image.Width, image.Height))
+                with
+                | Error message -> message.StartsWith path
+                | Ok() -> size = (5, 3)
         ]
 
 // ---------------------------------------------------------------------------------------------------------------
