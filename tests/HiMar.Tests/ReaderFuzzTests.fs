@@ -898,6 +898,118 @@ let private imageTests =
         ]
 
 // ---------------------------------------------------------------------------------------------------------------
+// .npz reference statistics
+
+/// Valid statistics (mu 0..3, sigma the 4x4 identity), written by the project's writer.
+let private npzFile =
+    lazy
+        (let path = Path.Combine(scratch.Value, "original.npz")
+
+         use s =
+             new HiMar.Runtime.Evaluation.FeatureStats(
+                 torch.arange (4.0, dtype = torch.float64),
+                 torch.eye (4L, dtype = torch.float64)
+             )
+
+         HiMar.Runtime.Evaluation.Metrics.WriteNpz(s, path)
+         File.ReadAllBytes path)
+
+/// Reads .npz bytes: mu and sigma as float64 arrays.
+let private readNpz (bytes: byte array) =
+    let path = Path.Combine(scratch.Value, "fuzz.npz")
+    File.WriteAllBytes(path, bytes)
+    use s = HiMar.Runtime.Evaluation.Metrics.ReadNpz path
+    s.Mu.data<float>().ToArray(), s.Sigma.data<float>().ToArray()
+
+/// An .npz holding one `mu.npy` of the given bytes.
+let private npzOf (npy: byte array) =
+    use ms = new MemoryStream()
+
+    do
+        use zip = new ZipArchive(ms, ZipArchiveMode.Create, true)
+        use s = zip.CreateEntry("mu.npy").Open()
+        s.Write(npy, 0, npy.Length)
+
+    ms.ToArray()
+
+/// An .npy (version 1) of a header length, header text and data.
+let private npy (headerLength: int) (header: string) (data: byte array) =
+    Array.concat
+        [
+            [| 0x93uy |]
+            Encoding.ASCII.GetBytes "NUMPY"
+            [| 1uy; 0uy |]
+            BitConverter.GetBytes(uint16 headerLength)
+            Encoding.ASCII.GetBytes header
+            data
+        ]
+
+/// An .npz holding one `mu.npy` with the given header text and data.
+let private craftNpz (header: string) (data: byte array) = npzOf (npy header.Length header data)
+
+let private npzTests =
+    testList
+        "npz"
+        [
+            test "valid statistics load; malformed arrays are refused naming the file and array" {
+                let mu, sigma = readNpz npzFile.Value
+                Expect.equal mu [| 0.0; 1.0; 2.0; 3.0 |] "mu"
+                Expect.equal sigma.Length 16 "sigma"
+
+                let refusal header data =
+                    refused (fun () -> readNpz (craftNpz header data) |> ignore)
+                    |> fun m -> m.Replace(Path.Combine(scratch.Value, "fuzz.npz"), "fuzz.npz")
+
+                Expect.equal
+                    (refusal
+                        "{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904, 4), }"
+                        (Array.zeroCreate 8))
+                    "fuzz.npz:mu: truncated (8 bytes for shape (4611686018427387904, 4) of <f8)."
+                    "overflowing shape"
+
+                Expect.equal
+                    (refusal "{'descr': '<f8', 'fortran_order': False, 'shape': (-4,), }" (Array.zeroCreate 8))
+                    "fuzz.npz:mu: shape entry '-4' is not an integer >= 0."
+                    "negative shape"
+
+                Expect.equal
+                    (refusal "{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }" (Array.zeroCreate 8))
+                    "fuzz.npz:mu: dtype '<i8' is not read (float32 or float64 little-endian)."
+                    "dtype"
+
+                Expect.equal
+                    (refused (fun () -> readNpz (npzOf (npy 60000 "{'descr': '<f8', }" [||])) |> ignore)
+                     |> fun m -> m.Replace(Path.Combine(scratch.Value, "fuzz.npz"), "fuzz.npz"))
+                    "fuzz.npz:mu: the .npy header is truncated."
+                    "header length beyond the array"
+            }
+
+            test "an .npz cut at any byte is refused" {
+                let bytes = npzFile.Value
+
+                for cut in 0 .. bytes.Length - 1 do
+                    Expect.stringStarts
+                        (refused (fun () -> readNpz bytes[.. cut - 1] |> ignore))
+                        (Path.Combine(scratch.Value, "fuzz.npz"))
+                        $"cut at {cut}"
+            }
+
+            testPropertyWithConfig
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 200
+                }
+                "a flipped bit in an .npz is refused (zip CRC-32), or loads the same statistics"
+            <| fun (position: uint16) (bit: byte) ->
+                let bytes = npzFile.Value
+                let flipped = flipBit bytes (int position % bytes.Length) (int (bit % 8uy))
+                let mutable loaded = ([||], [||])
+
+                match outcome (fun () -> loaded <- readNpz flipped) with
+                | Error message -> message.StartsWith(Path.Combine(scratch.Value, "fuzz.npz"))
+                | Ok() -> loaded = readNpz bytes
+        ]
+
+// ---------------------------------------------------------------------------------------------------------------
 // Non-finite weights
 
 let private finiteTests =
@@ -971,4 +1083,4 @@ let private finiteTests =
         ]
 
 let tests =
-    testList "ReaderFuzz" [ safetensorsTests; pthTests; idxTests; imageTests; finiteTests ]
+    testList "ReaderFuzz" [ safetensorsTests; pthTests; idxTests; imageTests; npzTests; finiteTests ]
