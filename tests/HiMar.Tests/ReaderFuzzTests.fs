@@ -100,6 +100,36 @@ let private craftSafetensors (header: string) (data: byte array) =
 let private headerRefusal (header: string) (data: byte array) =
     refused (fun () -> parseSafetensors (craftSafetensors header data) |> ignore)
 
+let private crcTests =
+    testList
+        "CRC-32"
+        [
+            test "the check value of \"123456789\" is 0xCBF43926, and zip's own CRC agrees" {
+                Expect.equal (Crc32.Compute("123456789"B)) 0xCBF43926u "check value"
+                let data = Array.init 1000 (fun i -> byte (i * 7 % 256))
+                use ms = new MemoryStream()
+
+                do
+                    use zip = new ZipArchive(ms, ZipArchiveMode.Create, true)
+                    use s = zip.CreateEntry("x").Open()
+                    s.Write(data, 0, data.Length)
+
+                use zip = new ZipArchive(new MemoryStream(ms.ToArray()), ZipArchiveMode.Read)
+
+                Expect.equal
+                    (Crc32.Compute data)
+                    (nonNull (zip.GetEntry "x")).Crc32
+                    "as System.IO.Compression computes it"
+            }
+
+            testProperty "a CRC continued over two pieces equals the CRC of the whole"
+            <| fun (data: byte array) (split: uint16) ->
+                let k = if data.Length = 0 then 0 else int split % (data.Length + 1)
+
+                Crc32.Append(Crc32.Compute(ReadOnlySpan(data, 0, k)), ReadOnlySpan(data, k, data.Length - k)) = Crc32.Compute
+                    data
+        ]
+
 let private safetensorsTests =
     testList
         "safetensors"
@@ -1083,4 +1113,14 @@ let private finiteTests =
         ]
 
 let tests =
-    testList "ReaderFuzz" [ safetensorsTests; pthTests; idxTests; imageTests; npzTests; finiteTests ]
+    testList
+        "ReaderFuzz"
+        [
+            crcTests
+            safetensorsTests
+            pthTests
+            idxTests
+            imageTests
+            npzTests
+            finiteTests
+        ]
