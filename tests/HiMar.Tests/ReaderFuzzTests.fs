@@ -835,6 +835,24 @@ let private pngBytes (width: int) (height: int) =
     image.SaveAsPng ms
     ms.ToArray()
 
+/// A 5x3 image encoded as JPEG (0), GIF (1), BMP (2) or TIFF (3).
+let private encoded (format: int) =
+    use image = new Image<Rgb24>(5, 3)
+
+    for y in 0..2 do
+        for x in 0..4 do
+            image[x, y] <- Rgb24(byte (x * 40), byte (y * 40), 128uy)
+
+    use ms = new MemoryStream()
+
+    match format with
+    | 0 -> image.SaveAsJpeg ms
+    | 1 -> image.SaveAsGif ms
+    | 2 -> image.SaveAsBmp ms
+    | _ -> image.SaveAsTiff ms
+
+    ms.ToArray()
+
 /// A PNG whose IHDR (its CRC recomputed) declares another size.
 let private withDeclaredSize (png: byte array) (width: int) (height: int) =
     let copy = Array.copy png
@@ -925,6 +943,27 @@ let private imageTests =
                 with
                 | Error message -> message.StartsWith path
                 | Ok() -> size = (5, 3)
+
+            testPropertyWithConfig
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 300
+                }
+                "a JPEG, GIF, BMP or TIFF cut or with a flipped bit is refused, or decodes within the pixel limit"
+            <| fun (format: byte) (position: uint16) (bit: byte) (cut: bool) ->
+                let bytes = encoded (int (format % 4uy))
+                let p = int position % bytes.Length
+                let damaged = if cut then bytes[.. p - 1] else flipBit bytes p (int (bit % 8uy))
+                let path = Path.Combine(scratch.Value, "fuzz.img")
+                File.WriteAllBytes(path, damaged)
+                let mutable pixels = 0L
+
+                match
+                    outcome (fun () ->
+                        use image = ImageFiles.Load<Rgb24> path
+                        pixels <- int64 image.Width * int64 image.Height)
+                with
+                | Error message -> message.StartsWith path
+                | Ok() -> pixels > 0L && pixels <= ImageFiles.MaxPixels
         ]
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ public static class ImageFiles
         Guard(path, () =>
         {
             using var stream = File.OpenRead(path);
-            return Check(path, Image.Identify(Config, stream), maxPixels);
+            return Check(path, Header(path, stream), maxPixels);
         });
 
     /// <summary>Decodes an image file (first frame) once its header passes <see cref="Identify"/>.</summary>
@@ -47,10 +47,25 @@ public static class ImageFiles
         Guard(path, () =>
         {
             using var stream = File.OpenRead(path);
-            Check(path, Image.Identify(Config, stream), maxPixels);
+            Check(path, Header(path, stream), maxPixels);
             stream.Position = 0;
             return Image.Load<TPixel>(Config, stream);
         });
+
+    /// <summary>The image's header, without decoding pixels.</summary>
+    static IImageInfo? Header(string path, Stream stream)
+    {
+        try
+        {
+            return Image.Identify(Config, stream);
+        }
+        catch (NullReferenceException e)
+        {
+            // ImageSharp 2.1's JPEG Identify dereferences a missing frame header (a JPEG without its SOF marker, where
+            // Load reports "No readable SOFn marker"); nothing of ours is null here, so this is that file's fault.
+            throw new BadInputException($"{path}: not a readable image (its header cannot be parsed).", e);
+        }
+    }
 
     static (int, int) Check(string path, IImageInfo? info, long maxPixels)
     {
