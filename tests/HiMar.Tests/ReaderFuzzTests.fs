@@ -591,6 +591,71 @@ let private pthTests =
                 { FsCheckConfig.defaultConfig with
                     maxTest = 300
                 }
+                "a random program of the opcodes torch.save uses is refused or loads, never another exception"
+            <| fun (choices: byte array) ->
+                let snippets =
+                    [|
+                        Pk.op ']'
+                        Pk.op '}'
+                        Pk.op ')'
+                        Pk.op '('
+                        Pk.op '0'
+                        Pk.op '1'
+                        Pk.op '2'
+                        Pk.op 'a'
+                        Pk.op 'e'
+                        Pk.op 's'
+                        Pk.op 'u'
+                        Pk.op 't'
+                        Pk.op 'R'
+                        Pk.op 'b'
+                        Pk.op 'N'
+                        Pk.op 'Q'
+                        [| 0x85uy |]
+                        [| 0x86uy |]
+                        [| 0x87uy |]
+                        [| 0x88uy |]
+                        [| 0x8fuy |]
+                        [| 0x90uy |]
+                        [| 0x91uy |]
+                        [| 0x93uy |]
+                        [| 0x94uy |]
+                        [| 0x81uy |]
+                        [| byte 'K'; 1uy |]
+                        [| byte 'q'; 0uy |]
+                        [| byte 'h'; 0uy |]
+                        [| byte 'h'; 1uy |]
+                        Pk.str "k"
+                        Pk.str "storage"
+                        Pk.glob "builtins" "set"
+                        Pk.glob "collections" "OrderedDict"
+                        Pk.glob "argparse" "Namespace"
+                        Pk.glob "torch" "FloatStorage"
+                        Pk.glob "torch._utils" "_rebuild_tensor_v2"
+                        Pk.glob "_codecs" "encode"
+                        Pk.op '.'
+                    |]
+
+                let program =
+                    Array.concat
+                        [
+                            Pk.proto2
+                            choices |> Array.collect (fun c -> snippets[int c % snippets.Length])
+                        ]
+
+                match
+                    outcome (fun () ->
+                        let path = Path.Combine(scratch.Value, "fuzz.pth")
+                        File.WriteAllBytes(path, zipBytes CompressionLevel.NoCompression program modelStorages)
+                        (TorchCheckpoint.Read path).Dispose())
+                with
+                | Error message -> message.StartsWith(Path.Combine(scratch.Value, "fuzz.pth"))
+                | Ok() -> true
+
+            testPropertyWithConfig
+                { FsCheckConfig.defaultConfig with
+                    maxTest = 300
+                }
                 "a flipped bit in a .pth is refused, or loads the very same tensors"
             <| fun (position: uint16) (bit: byte) (deflated: bool) ->
                 let bytes =
@@ -952,7 +1017,13 @@ let private imageTests =
             <| fun (format: byte) (position: uint16) (bit: byte) (cut: bool) ->
                 let bytes = encoded (int (format % 4uy))
                 let p = int position % bytes.Length
-                let damaged = if cut then bytes[.. p - 1] else flipBit bytes p (int (bit % 8uy))
+
+                let damaged =
+                    if cut then
+                        bytes[.. p - 1]
+                    else
+                        flipBit bytes p (int (bit % 8uy))
+
                 let path = Path.Combine(scratch.Value, "fuzz.img")
                 File.WriteAllBytes(path, damaged)
                 let mutable pixels = 0L
