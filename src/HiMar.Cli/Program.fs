@@ -426,6 +426,17 @@ type BenchArgs =
                 "time training steps: seconds per step for a configuration and batch, as JSON; under mpirun also the data-parallel scaling efficiency."
             | Allreduce _ -> "time float32 all-reduces of several sizes over the MPI ranks: seconds and GB/s, as JSON."
 
+/// Arguments of `himar plot-loss`.
+type PlotLossArgs =
+    | [<MainCommand; ExactlyOnce>] Runs of run: string list
+    | [<AltCommandLine("-o")>] Out of file: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Runs _ -> "run folders written by himar train (or their metrics.jsonl files); each becomes one curve."
+            | Out _ -> "the PNG to write (default loss-overlay.png)."
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
@@ -440,6 +451,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Fid_Stats of ParseResults<FidStatsArgs>
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptionsArgs>
+    | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLossArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -460,6 +472,7 @@ type HimarArgs =
                 "the paper's Table 5 and step sweeps on Fashion-MNIST: train, evaluate, tabulate and plot (resumable)."
             | Embed_Captions _ ->
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
+            | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -1161,6 +1174,44 @@ let private cache (args: ParseResults<CacheArgs>) =
 
     0
 
+let private plotLoss (args: ParseResults<PlotLossArgs>) =
+    let runs = args.GetResult Runs
+    let out = args.GetResult(Out, defaultValue = "loss-overlay.png")
+
+    let curves =
+        runs
+        |> List.map (fun r ->
+            let label =
+                let full = IO.Path.GetFullPath(r).TrimEnd('/')
+
+                if IO.File.Exists full then
+                    nonNull (IO.Path.GetFileName(nonNull (IO.Path.GetDirectoryName full)))
+                else
+                    nonNull (IO.Path.GetFileName full)
+
+            struct (label, HiMar.Runtime.Training.LossCurve.Read r))
+
+    HiMar.Runtime.Training.LossCurve.SaveOverlay(Collections.Generic.List curves, out)
+
+    for struct (label, points) in curves do
+        let struct (lastStep, lastLoss) = points.[points.Count - 1]
+
+        let tail =
+            points
+            |> Seq.skip (max 0 (points.Count - 10))
+            |> Seq.averageBy (fun struct (_, l) -> l)
+
+        printfn
+            "%s: %d points, last step %d, loss %.4f (mean of the last 10: %.4f)"
+            label
+            points.Count
+            lastStep
+            lastLoss
+            tail
+
+    printfn "wrote %s" out
+    0
+
 let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
     TorchNative.EnsureLoaded()
     let dev = device (args.GetResult(EmbedCaptionsArgs.Device, defaultValue = "cpu"))
@@ -1617,6 +1668,7 @@ let main argv =
             | Fid_Stats a -> fidStats a
             | Ablation a -> ablation a
             | Embed_Captions a -> embedCaptions a
+            | Plot_Loss a -> plotLoss a
             | Bench b ->
                 match b.GetSubCommand() with
                 | BenchArgs.Sample a -> benchSample a
