@@ -343,10 +343,14 @@ public static class ReferenceImport
         }
         HiMarConfig c;
         var manifest = Path.Combine(path, "manifest.json");
-        if (File.Exists(manifest))
+        // A training checkpoint folder is checked against its manifest first (a truncated or half-pruned one fails).
+        var trainingCheckpoint = Training.Checkpoint.IsCheckpointFolder(path);
+        if (trainingCheckpoint)
+            Training.Checkpoint.Verify(path);
+        if (File.Exists(manifest) && !trainingCheckpoint)
             c = ModelConfigs.Resolve(manifest);
         else
-            c = HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, ReferenceArgs.FromJson(ReadConfig(path)));
+            c = ModelConfigs.FromJson(ReadConfig(path), Path.Combine(path, ConfigFile));
         var model = new HiMAR(c);
         // A training checkpoint folder holds EMA weights beside the raw ones: sample with those by default.
         var ema = Path.Combine(path, "ema.safetensors");
