@@ -515,12 +515,27 @@ let cliTests =
             }
         ]
 
+/// Runs f with one libtorch thread (as the child processes), restoring the count after: a busy 2-core machine
+/// makes several spinning threads much slower than one.
+let private singleThreaded (f: unit -> unit) =
+    let before = TorchSharp.torch.get_num_threads ()
+    TorchSharp.torch.set_num_threads 1
+
+    try
+        f ()
+    finally
+        TorchSharp.torch.set_num_threads before
+
+/// withTempDir with one libtorch thread.
+let private withTempDirOneThread (f: string -> unit) =
+    singleThreaded (fun () -> withTempDir f)
+
 let checkpointTests =
     testList
         "Checkpoints"
         [
             test "a manifest lists every file; a corrupt newest checkpoint is skipped on resume, metrics are cut back" {
-                withTempDir (fun dir ->
+                withTempDirOneThread (fun dir ->
                     do
                         use t =
                             new Trainer(
@@ -552,6 +567,11 @@ let checkpointTests =
                         "files"
 
                     Checkpoint.Verify step6
+
+                    Expect.equal
+                        (ModelConfigs.Resolve(Path.Combine(step6, "manifest.json")))
+                        TrainingTests.tinyConfig
+                        "a checkpoint manifest resolves to the config beside it"
                     // One flipped byte in the newest optimizer moments.
                     let opt = Path.Combine(step6, "optimizer.safetensors")
                     let bytes = File.ReadAllBytes opt
@@ -600,7 +620,7 @@ let checkpointTests =
             }
 
             test "sample --checkpoint verifies; a run whose checkpoints all fail stops instead of starting afresh" {
-                withTempDir (fun dir ->
+                withTempDirOneThread (fun dir ->
                     do
                         use t =
                             new Trainer(

@@ -31,6 +31,9 @@ public static class ModelConfigs
         {
             throw new CheckpointFormatException($"{nameOrFile}: not a JSON object of model settings ({e.Message}).", e);
         }
+        // A training checkpoint's manifest.json lists its files; the model's settings are in config.json beside it.
+        if (root["kind"] is JsonValue kind && kind.GetValueKind() == JsonValueKind.String && kind.GetValue<string>() == Training.Checkpoint.ManifestKind)
+            return Resolve(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(nameOrFile)) ?? ".", ReferenceImport.ConfigFile));
         return FromJson(root, nameOrFile);
     }
 

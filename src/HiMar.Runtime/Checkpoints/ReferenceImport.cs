@@ -319,11 +319,11 @@ public static class ReferenceImport
             throw new CheckpointFormatException($"{path}: no such file (import the checkpoint with `himar import` first).");
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new CheckpointFormatException($"{path}: empty.");
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointFormatException($"{path}: not a JSON object of settings.");
         }
         catch (JsonException e)
         {
-            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message}).", e);
+            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message.Split('\n')[0]}).", e);
         }
     }
 
