@@ -140,6 +140,29 @@ let private loggedSteps (run: string) =
     File.ReadAllLines(Path.Combine(run, "metrics.jsonl"))
     |> Array.map (fun l -> (nonNull (JsonNode.Parse l)).["step"] |> nonNull |> _.GetValue<int>())
 
+/// The last step a (possibly running) training has logged, 0 before any; lines cut mid-write are skipped.
+let private lastLoggedStep (run: string) =
+    let path = Path.Combine(run, "metrics.jsonl")
+
+    try
+        use f =
+            new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite ||| FileShare.Delete)
+
+        use r = new StreamReader(f)
+
+        r.ReadToEnd().Split('\n')
+        |> Array.choose (fun l ->
+            try
+                match JsonNode.Parse l with
+                | null -> None
+                | n -> n.["step"] |> Option.ofObj |> Option.map _.GetValue<int>()
+            with _ ->
+                None)
+        |> Array.fold max 0
+    with
+    | :? FileNotFoundException
+    | :? DirectoryNotFoundException -> 0
+
 /// A config file of the fashion preset with some fields replaced (raw JSON text per key).
 let private configWith (dir: string) (fields: (string * string) list) =
     let path = Path.Combine(dir, "config.json")
@@ -495,6 +518,32 @@ let cliTests =
                     Expect.isEmpty (Directory.GetFileSystemEntries tmp) "nothing written")
             }
 
+            test "sample --unconditional samples the null condition on purpose" {
+                withTempDir (fun tmp ->
+                    let png = Path.Combine(tmp, "g.png")
+
+                    let o =
+                        himar
+                            [
+                                "sample"
+                                "--preset"
+                                "fashion"
+                                "--unconditional"
+                                "-n"
+                                "2"
+                                "--mlp-steps"
+                                "5"
+                                "--dit-steps"
+                                "5"
+                                "-o"
+                                png
+                            ]
+
+                    Expect.equal o.Code 0 o.Err
+                    Expect.stringContains o.Out "sampled 2 images" "two images"
+                    Expect.isTrue (File.Exists png) "the grid")
+            }
+
             test "a bad config file and a half-pruned checkpoint are refused by the command line" {
                 withTempDir (fun tmp ->
                     let config = configWith tmp [ "encoder_dept", "4" ]
@@ -690,29 +739,37 @@ let soakTests =
                     let config, data = trainingInputs dir
                     let steps = 16
                     let straight = Path.Combine(dir, "straight")
-                    let sw = Stopwatch.StartNew()
                     let o = himar (trainArgs config data straight steps 1 1)
-                    let whole = sw.Elapsed.TotalSeconds
                     Expect.equal o.Code 0 o.Err
                     let killed = Path.Combine(dir, "killed")
-                    // Fixed delays (no flakiness), spread over the start-up and the training with its checkpoints.
+                    // Cycle i kills its child once step 3i is logged, after a further 0-40 ms (fixed by the seed):
+                    // inside a step, its metrics line or its checkpoint write (one per step), whatever the load.
                     let rng = Random(16)
                     let mutable kills = 0
 
-                    for _ in 1..4 do
+                    for i in 1..4 do
                         use p = startHimar (trainArgs config data killed steps 1 1)
                         p.StandardOutput.ReadToEndAsync() |> ignore
                         p.StandardError.ReadToEndAsync() |> ignore
-                        let delay = whole * (0.45 + 0.5 * rng.NextDouble())
+                        let target = 3 * i
+                        let deadline = Stopwatch.StartNew()
 
-                        if not (p.WaitForExit(TimeSpan.FromSeconds delay)) then
+                        while not p.HasExited
+                              && lastLoggedStep killed < target
+                              && deadline.Elapsed < TimeSpan.FromMinutes 1.0 do
+                            Threading.Thread.Sleep 5
+
+                        Threading.Thread.Sleep(rng.Next 40)
+
+                        if not p.HasExited then
                             p.Kill true
-                            p.WaitForExit()
                             kills <- kills + 1
+
+                        p.WaitForExit()
 
                     let last = himar (trainArgs config data killed steps 1 1)
                     Expect.equal last.Code 0 last.Err
-                    Expect.isGreaterThanOrEqual kills 1 "at least one run was killed"
+                    Expect.isGreaterThanOrEqual kills 3 "runs killed mid-training"
 
                     let final (run: string) =
                         Path.Combine(run, "checkpoints", sprintf "step-%08d" steps)
