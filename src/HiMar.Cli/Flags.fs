@@ -205,17 +205,12 @@ let private checkOut (flag: string) (path: string) (wantsFile: bool) =
             StorageException(sprintf "%s %s: cannot write in %s (%s)." flag path existing (e.Message.Split('\n').[0]))
         )
 
-/// Commands whose --out is a file (the others write a folder; `sample` writes a file when it ends in .png).
-let private outIsFile (command: string) (path: string) =
-    match command with
-    | "fid-stats"
-    | "bench sample"
-    | "bench train"
-    | "bench allreduce" -> true
-    | "sample" -> path.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
-    | _ -> false
+/// Whether an --out path names a file: flags declared `Out of dir` want a folder (sample's also takes a .png grid
+/// path), the others (`Out of file`, `Out of npz`) a file.
+let private outIsFile (field: string) (path: string) =
+    field <> "dir" || path.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
 
-let private check (command: string) (case: string) (value: obj) =
+let private check (command: string) (case: string) (field: string) (value: obj) =
     let flag = flagName case
 
     let range =
@@ -229,7 +224,7 @@ let private check (command: string) (case: string) (value: obj) =
     | Some(Real(lo, lc, hi, hc)), (:? float as v) -> checkReal flag v (lo, lc, hi, hc)
     | _, (:? string as s) when case = "Device" -> checkDevice flag s
     | _, (:? string as s) when case = "Mlp_Steps" || case = "Dit_Steps" -> checkRespacing flag s
-    | _, (:? string as s) when case = "Out" -> checkOut flag s (outIsFile command s)
+    | _, (:? string as s) when case = "Out" -> checkOut flag s (outIsFile field s)
     | _ -> ()
 
 /// `Verify_Parity` -> `verify-parity`.
@@ -249,13 +244,15 @@ let rec private checkAll (command: string) (results: obj) =
     for r in all do
         let info, fields = FSharpValue.GetUnionFields(r, r.GetType())
 
-        for f in fields do
+        let names = info.GetFields() |> Array.map _.Name
+
+        for j, f in Array.indexed fields do
             match f with
             | null -> ()
             | f when f.GetType().Name = "ParseResults`1" ->
                 let sub = commandName info.Name
                 checkAll (if command = "" then sub else command + " " + sub) f
-            | f -> check command info.Name f
+            | f -> check command info.Name names.[j] f
 
 /// Checks every flag of a parsed command line: ranges, respacings, --device and --out (see the module summary).
 let checkCommandLine (results: Argu.ParseResults<'T>) = checkAll "" (results :> obj)

@@ -445,6 +445,7 @@ let private badCommandLines (tmp: string) (aFile: string) =
         2,
         "--mlp-steps: 'ddimx' is not a respacing"
         [ "train"; "--out"; aFile ], 2, "is a file; give a folder"
+        [ "fid-stats"; "--inception"; "x"; "--images"; "y"; "-o"; tmp ], 2, "is a folder; give a file name"
         [ "train"; "--out"; "/proc/himar-hardening/run" ], 5, "cannot write in /proc"
     ]
 
