@@ -58,12 +58,19 @@ public static class Failures
                 return ((int)FailureKind.Storage, e.Message);
             case OutOfMemoryException:
                 return ((int)FailureKind.Environment, "out of memory (try a smaller --batch or -n).");
+            case System.Runtime.InteropServices.ExternalException x when IsNativeOutOfMemory(x):
+                return ((int)FailureKind.Environment, $"out of memory in libtorch: {FirstLine(x.Message)} (try a smaller --batch or -n).");
             case ArgumentException a when ThrownByHiMar(a):
                 return ((int)FailureKind.BadInput, WithoutParameterName(a));
             default:
                 return null;
         }
     }
+
+    /// <summary>True for libtorch's allocation failures (CPU "can't allocate memory", CUDA "out of memory").</summary>
+    static bool IsNativeOutOfMemory(System.Runtime.InteropServices.ExternalException e) =>
+        e.Message.Contains("can't allocate memory", StringComparison.OrdinalIgnoreCase)
+        || e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase);
 
     /// <summary>True for the "no space left on the device" error of Linux (ENOSPC 28) or Windows (0x70, 0x27).</summary>
     public static bool IsDiskFull(IOException e) =>

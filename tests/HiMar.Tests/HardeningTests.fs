@@ -377,6 +377,16 @@ let failureTests =
                 Expect.equal (code (StorageException "x")) 5 "storage"
                 Expect.equal (code (UnauthorizedAccessException "Access to the path '/x' is denied.")) 5 "permission"
                 Expect.equal (code (FileNotFoundException "no such file")) 2 "missing input"
+
+                Expect.equal
+                    (code (
+                        Runtime.InteropServices.ExternalException(
+                            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes.\nException raised from ..."
+                        )
+                    ))
+                    3
+                    "libtorch out of memory"
+
                 let full = IOException("No space left on device : '/mnt/x'", 28)
                 let struct (c, m) = Failures.Explain(full)
 
