@@ -306,7 +306,11 @@ public static class ReferenceImport
             if (!File.Exists(p))
                 continue;
             var root = ReadConfig(dir, name);
-            return ReferenceArgs.FromJson(root["model_config"]?.AsObject() ?? root);
+            var argsNode = root["model_config"] as JsonObject ?? root;
+            // A VAE's config.json describes the autoencoder; any other must hold known, typed reference arguments.
+            if (!(root["kind"] is JsonValue kind && kind.GetValueKind() == JsonValueKind.String && kind.GetValue<string>() == "vae"))
+                ModelConfigs.CheckArguments(argsNode, p);
+            return ReferenceArgs.FromJson(argsNode);
         }
         return null;
     }
