@@ -78,6 +78,7 @@ type SampleArgs =
     | Clip
     | Weights of which: string
     | Prompt of text: string
+    | Unconditional
     | Text_Encoder of dir: string
 
     interface IArgParserTemplate with
@@ -85,6 +86,8 @@ type SampleArgs =
             match this with
             | Preset _ ->
                 "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
+            | Unconditional ->
+                "sample the null condition on purpose (no class, the empty caption): -n images (default 1); an empty --prompt is refused."
             | Prompt _ ->
                 "text models: a caption, e.g. \"a sandal\" (repeat the flag for several); --n images each (default 8 for a shipped model, else 1)."
             | Text_Encoder _ ->
@@ -755,12 +758,30 @@ let private sample (args: ParseResults<SampleArgs>) =
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
 
     let perClass =
-        args.GetResult(SampleArgs.Per_Class, defaultValue = (if preset.IsSome then 6 else 1))
+        args.GetResult(
+            SampleArgs.Per_Class,
+            defaultValue =
+                (if preset.IsSome && not (args.Contains SampleArgs.Unconditional) then
+                     6
+                 else
+                     1)
+        )
 
     let classNum = model.Config.ClassNum
 
+    let unconditional = args.Contains SampleArgs.Unconditional
+
+    if
+        unconditional
+        && (args.Contains SampleArgs.Prompt || args.Contains SampleArgs.Classes)
+    then
+        raise (CliError "--unconditional samples the null condition: give it without --prompt or --classes")
+
+    HiMar.Runtime.Text.Prompts.CheckGiven(args.GetResults SampleArgs.Prompt, model.Config)
+
     let classes =
         match args.TryGetResult SampleArgs.Classes, args.TryGetResult SampleArgs.N with
+        | _ when unconditional -> Array.create (args.GetResult(SampleArgs.N, defaultValue = 1)) (int64 classNum)
         | Some text, _ ->
             text.Split(',', StringSplitOptions.RemoveEmptyEntries)
             |> Array.map (fun c ->
@@ -778,7 +799,9 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
     let promptsGiven =
-        if textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
+        if textModel && unconditional then
+            [ "" ]
+        elif textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
             [
                 for phrases in HiMar.Model.FashionCaptions.classPhrases ->
                     HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
@@ -795,7 +818,9 @@ let private sample (args: ParseResults<SampleArgs>) =
         args.GetResult(
             SampleArgs.N,
             defaultValue =
-                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
+                (if unconditional then
+                     1
+                 elif preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
                      6
                  elif preset.IsSome then
                      8
@@ -1097,6 +1122,13 @@ let private train (args: ParseResults<TrainArgs>) =
                 comm,
                 captions
             )
+
+    if root then
+        for skipped in trainer.SkippedCheckpoints do
+            eprintfn "himar: warning: skipped checkpoint %s" skipped
+
+        if trainer.RemovedDebris.Count > 0 then
+            eprintfn "himar: removed %s (left by an interrupted run)" (String.Join(", ", trainer.RemovedDebris))
 
     if root && trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
@@ -1647,7 +1679,7 @@ let private eval (args: ParseResults<EvalArgs>) =
     | Some weights -> evalImages args weights
     | None -> evalSamples args
 
-/// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
+/// Entry point: parses, checks the flags, dispatches, and turns every failure into one line and an exit code.
 [<EntryPoint>]
 let main argv =
     let parser =
@@ -1656,6 +1688,7 @@ let main argv =
     let code =
         try
             let results = parser.ParseCommandLine argv
+            HiMar.Cli.Flags.checkCommandLine results
 
             match results.GetSubCommand() with
             | Info a -> info a
@@ -1675,30 +1708,14 @@ let main argv =
                 | BenchArgs.Train a -> benchTrain a
                 | BenchArgs.Allreduce a -> benchAllReduce a
         with
-        | :? TorchLoadException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
-        | :? IO.FileNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.DirectoryNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.InvalidDataException as e ->
-            eprintfn "himar: %s" e.Message
-            2
         | CliError message ->
-            eprintfn "himar: %s" message
+            eprintfn "himar: %s" (HiMar.Runtime.Failures.OneLine message)
             2
-        | :? ArgumentException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Model.WeightMismatchException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Runtime.HiMarException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
+        | e ->
+            // Known failures keep their documented exit code; anything else is a defect: one line, the trace in a file.
+            let struct (code, line) = HiMar.Runtime.Failures.Explain e
+            eprintfn "himar: %s" line
+            code
 
     // MPI_Finalize after success; MPI_Abort after a failure, so ranks waiting in a collective end too.
     HiMar.Runtime.Distributed.Communicators.Finish code
