@@ -78,6 +78,7 @@ type SampleArgs =
     | Clip
     | Weights of which: string
     | Prompt of text: string
+    | Unconditional
     | Text_Encoder of dir: string
     | Allow_Nonfinite
 
@@ -88,6 +89,8 @@ type SampleArgs =
                 "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
+            | Unconditional ->
+                "sample the null condition on purpose (no class, the empty caption): -n images (default 1); an empty --prompt is refused."
             | Prompt _ ->
                 "text models: a caption, e.g. \"a sandal\" (repeat the flag for several); --n images each (default 8 for a shipped model, else 1)."
             | Text_Encoder _ ->
@@ -432,6 +435,17 @@ type BenchArgs =
                 "time training steps: seconds per step for a configuration and batch, as JSON; under mpirun also the data-parallel scaling efficiency."
             | Allreduce _ -> "time float32 all-reduces of several sizes over the MPI ranks: seconds and GB/s, as JSON."
 
+/// Arguments of `himar plot-loss`.
+type PlotLossArgs =
+    | [<MainCommand; ExactlyOnce>] Runs of run: string list
+    | [<AltCommandLine("-o")>] Out of file: string
+
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Runs _ -> "run folders written by himar train (or their metrics.jsonl files); each becomes one curve."
+            | Out _ -> "the PNG to write (default loss-overlay.png)."
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
@@ -446,6 +460,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Fid_Stats of ParseResults<FidStatsArgs>
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptionsArgs>
+    | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLossArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -466,6 +481,7 @@ type HimarArgs =
                 "the paper's Table 5 and step sweeps on Fashion-MNIST: train, evaluate, tabulate and plot (resumable)."
             | Embed_Captions _ ->
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
+            | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -755,12 +771,30 @@ let private sample (args: ParseResults<SampleArgs>) =
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
 
     let perClass =
-        args.GetResult(SampleArgs.Per_Class, defaultValue = (if preset.IsSome then 6 else 1))
+        args.GetResult(
+            SampleArgs.Per_Class,
+            defaultValue =
+                (if preset.IsSome && not (args.Contains SampleArgs.Unconditional) then
+                     6
+                 else
+                     1)
+        )
 
     let classNum = model.Config.ClassNum
 
+    let unconditional = args.Contains SampleArgs.Unconditional
+
+    if
+        unconditional
+        && (args.Contains SampleArgs.Prompt || args.Contains SampleArgs.Classes)
+    then
+        raise (CliError "--unconditional samples the null condition: give it without --prompt or --classes")
+
+    HiMar.Runtime.Text.Prompts.CheckGiven(args.GetResults SampleArgs.Prompt, model.Config)
+
     let classes =
         match args.TryGetResult SampleArgs.Classes, args.TryGetResult SampleArgs.N with
+        | _ when unconditional -> Array.create (args.GetResult(SampleArgs.N, defaultValue = 1)) (int64 classNum)
         | Some text, _ ->
             text.Split(',', StringSplitOptions.RemoveEmptyEntries)
             |> Array.map (fun c ->
@@ -778,7 +812,9 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
     let promptsGiven =
-        if textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
+        if textModel && unconditional then
+            [ "" ]
+        elif textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
             [
                 for phrases in HiMar.Model.FashionCaptions.classPhrases ->
                     HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
@@ -795,7 +831,9 @@ let private sample (args: ParseResults<SampleArgs>) =
         args.GetResult(
             SampleArgs.N,
             defaultValue =
-                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
+                (if unconditional then
+                     1
+                 elif preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
                      6
                  elif preset.IsSome then
                      8
@@ -1098,6 +1136,13 @@ let private train (args: ParseResults<TrainArgs>) =
                 captions
             )
 
+    if root then
+        for skipped in trainer.SkippedCheckpoints do
+            eprintfn "himar: warning: skipped checkpoint %s" skipped
+
+        if trainer.RemovedDebris.Count > 0 then
+            eprintfn "himar: removed %s (left by an interrupted run)" (String.Join(", ", trainer.RemovedDebris))
+
     if root && trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
 
@@ -1172,6 +1217,44 @@ let private cache (args: ParseResults<CacheArgs>) =
         out
         warnings.Count
 
+    0
+
+let private plotLoss (args: ParseResults<PlotLossArgs>) =
+    let runs = args.GetResult Runs
+    let out = args.GetResult(Out, defaultValue = "loss-overlay.png")
+
+    let curves =
+        runs
+        |> List.map (fun r ->
+            let label =
+                let full = IO.Path.GetFullPath(r).TrimEnd('/')
+
+                if IO.File.Exists full then
+                    nonNull (IO.Path.GetFileName(nonNull (IO.Path.GetDirectoryName full)))
+                else
+                    nonNull (IO.Path.GetFileName full)
+
+            struct (label, HiMar.Runtime.Training.LossCurve.Read r))
+
+    HiMar.Runtime.Training.LossCurve.SaveOverlay(Collections.Generic.List curves, out)
+
+    for struct (label, points) in curves do
+        let struct (lastStep, lastLoss) = points.[points.Count - 1]
+
+        let tail =
+            points
+            |> Seq.skip (max 0 (points.Count - 10))
+            |> Seq.averageBy (fun struct (_, l) -> l)
+
+        printfn
+            "%s: %d points, last step %d, loss %.4f (mean of the last 10: %.4f)"
+            label
+            points.Count
+            lastStep
+            lastLoss
+            tail
+
+    printfn "wrote %s" out
     0
 
 let private embedCaptions (args: ParseResults<EmbedCaptionsArgs>) =
@@ -1615,7 +1698,7 @@ let private eval (args: ParseResults<EvalArgs>) =
     | Some weights -> evalImages args weights
     | None -> evalSamples args
 
-/// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
+/// Entry point: parses, checks the flags, dispatches, and turns every failure into one line and an exit code.
 [<EntryPoint>]
 let main argv =
     let parser =
@@ -1624,6 +1707,7 @@ let main argv =
     let code =
         try
             let results = parser.ParseCommandLine argv
+            HiMar.Cli.Flags.checkCommandLine results
 
             match results.GetSubCommand() with
             | Info a -> info a
@@ -1636,36 +1720,21 @@ let main argv =
             | Fid_Stats a -> fidStats a
             | Ablation a -> ablation a
             | Embed_Captions a -> embedCaptions a
+            | Plot_Loss a -> plotLoss a
             | Bench b ->
                 match b.GetSubCommand() with
                 | BenchArgs.Sample a -> benchSample a
                 | BenchArgs.Train a -> benchTrain a
                 | BenchArgs.Allreduce a -> benchAllReduce a
         with
-        | :? TorchLoadException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
-        | :? IO.FileNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.DirectoryNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.InvalidDataException as e ->
-            eprintfn "himar: %s" e.Message
-            2
         | CliError message ->
-            eprintfn "himar: %s" message
+            eprintfn "himar: %s" (HiMar.Runtime.Failures.OneLine message)
             2
-        | :? ArgumentException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Model.WeightMismatchException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Runtime.HiMarException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
+        | e ->
+            // Known failures keep their documented exit code; anything else is a defect: one line, the trace in a file.
+            let struct (code, line) = HiMar.Runtime.Failures.Explain e
+            eprintfn "himar: %s" line
+            code
 
     // MPI_Finalize after success; MPI_Abort after a failure, so ranks waiting in a collective end too.
     HiMar.Runtime.Distributed.Communicators.Finish code

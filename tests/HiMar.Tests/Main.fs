@@ -34,5 +34,6 @@ let main argv =
                 InceptionTests.tests
                 DistributedTests.tests
                 PrecisionTests.tests
+                HardeningTests.tests
                 ReaderFuzzTests.tests
             ])

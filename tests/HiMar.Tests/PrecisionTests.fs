@@ -251,4 +251,38 @@ let tests =
                 Expect.equal e.Message "--precision: 'half' is not a precision; use fp32, bf16 or auto." "message"
                 Expect.equal e.ExitCode 2 "bad input"
             }
+
+            test "loss curves of two runs are read from metrics.jsonl and overlaid; a bad line names file and line" {
+                let dir = Path.Combine(Path.GetTempPath(), $"himar-curves-{Guid.NewGuid():N}")
+                Directory.CreateDirectory dir |> ignore
+
+                try
+                    let run name (f: int -> float) =
+                        let d = Path.Combine(dir, name)
+                        Directory.CreateDirectory d |> ignore
+
+                        File.WriteAllLines(
+                            Path.Combine(d, "metrics.jsonl"),
+                            [ for s in 10..10..100 -> $"{{\"step\":{s},\"loss\":{f s},\"lr\":0.001}}" ]
+                        )
+
+                        d
+
+                    let a = LossCurve.Read(run "fp32" (fun s -> 1.0 / float s))
+                    let b = LossCurve.Read(run "bf16" (fun s -> 1.1 / float s))
+                    Expect.equal a.Count 10 "ten points"
+                    let struct (s0, l0) = b.[0]
+                    Expect.equal s0 10 "first step of the second run"
+                    Expect.floatClose Accuracy.high l0 0.11 "first loss of the second run"
+                    let png = Path.Combine(dir, "overlay.png")
+                    LossCurve.SaveOverlay(Collections.Generic.List [ struct ("fp32", a); struct ("bf16", b) ], png)
+                    use img = SixLabors.ImageSharp.Image.Load png
+                    Expect.isGreaterThan img.Width 300 "a chart was drawn"
+                    let bad = Path.Combine(dir, "bad.jsonl")
+                    File.WriteAllLines(bad, [ "{\"step\":1,\"loss\":0.5}"; "{\"step\":2" ])
+                    let e = catchT<BadInputException> (fun () -> LossCurve.Read bad |> ignore)
+                    Expect.stringStarts e.Message $"{bad}:2: not a metrics line" "file and line"
+                finally
+                    Directory.Delete(dir, true)
+            }
         ]

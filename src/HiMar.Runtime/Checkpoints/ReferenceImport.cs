@@ -306,7 +306,11 @@ public static class ReferenceImport
             if (!File.Exists(p))
                 continue;
             var root = ReadConfig(dir, name);
-            return ReferenceArgs.FromJson(root["model_config"]?.AsObject() ?? root);
+            var argsNode = root["model_config"] as JsonObject ?? root;
+            // A VAE's config.json describes the autoencoder; any other must hold known, typed reference arguments.
+            if (!(root["kind"] is JsonValue kind && kind.GetValueKind() == JsonValueKind.String && kind.GetValue<string>() == "vae"))
+                ModelConfigs.CheckArguments(argsNode, p);
+            return ReferenceArgs.FromJson(argsNode);
         }
         return null;
     }
@@ -319,11 +323,11 @@ public static class ReferenceImport
             throw new CheckpointFormatException($"{path}: no such file (import the checkpoint with `himar import` first).");
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new CheckpointFormatException($"{path}: empty.");
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointFormatException($"{path}: not a JSON object of settings.");
         }
         catch (JsonException e)
         {
-            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message}).", e);
+            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message.Split('\n')[0]}).", e);
         }
     }
 
@@ -346,10 +350,14 @@ public static class ReferenceImport
         }
         HiMarConfig c;
         var manifest = Path.Combine(path, "manifest.json");
-        if (File.Exists(manifest))
+        // A training checkpoint folder is checked against its manifest first (a truncated or half-pruned one fails).
+        var trainingCheckpoint = Training.Checkpoint.IsCheckpointFolder(path);
+        if (trainingCheckpoint)
+            Training.Checkpoint.Verify(path);
+        if (File.Exists(manifest) && !trainingCheckpoint)
             c = ModelConfigs.Resolve(manifest);
         else
-            c = HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, ReferenceArgs.FromJson(ReadConfig(path)));
+            c = ModelConfigs.FromJson(ReadConfig(path), Path.Combine(path, ConfigFile));
         var model = new HiMAR(c);
         // A training checkpoint folder holds EMA weights beside the raw ones: sample with those by default.
         var ema = Path.Combine(path, "ema.safetensors");
