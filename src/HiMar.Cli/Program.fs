@@ -446,6 +446,30 @@ type PlotLossArgs =
             | Runs _ -> "run folders written by himar train (or their metrics.jsonl files); each becomes one curve."
             | Out _ -> "the PNG to write (default loss-overlay.png)."
 
+/// Argu's help and usage errors: help to stdout with exit code 0, any usage error as one line on stderr with exit code
+/// 2 (bad input), whatever stage of parsing found it (Argu's own codes would make a missing argument 3, our
+/// environment code).
+type UsageExiter() =
+    interface IExiter with
+        member _.Name = "himar"
+
+        member _.Exit(message, code) =
+            if code = ErrorCode.HelpText then
+                printfn "%s" message
+                exit 0
+            else
+                // One line: Argu's first line names the flag and the problem; the usage is one --help away.
+                let lines = message.Split('\n')
+
+                let command =
+                    lines
+                    |> Array.tryFind (fun l -> l.StartsWith "USAGE: ")
+                    |> Option.map (fun l -> (l.Substring 7).Split(" [").[0].Split(" <").[0].Trim())
+                    |> Option.defaultValue "himar"
+
+                eprintfn "himar: %s (see '%s --help')" (lines.[0].Replace("ERROR: ", "").TrimEnd('.', ' ')) command
+                exit 2
+
 /// The top-level command line.
 [<RequireSubcommand>]
 type HimarArgs =
@@ -715,6 +739,22 @@ let private parseSchedule (flag: string) (text: string) =
     | "constant" -> HiMar.Runtime.Sampling.CfgSchedule.Constant
     | other -> raise (CliError(sprintf "%s must be linear or constant, not '%s'" flag other))
 
+/// The folder of a shipped model (models/<name> beside the executable); an unknown name lists the shipped ones.
+let private shippedModel (name: string) =
+    let models = IO.Path.Combine(AppContext.BaseDirectory, "models")
+    let dir = IO.Path.Combine(models, name.ToLowerInvariant())
+
+    if not (IO.Directory.Exists dir) || name.ToLowerInvariant() = "fashion-classifier" then
+        let shipped =
+            IO.Directory.GetDirectories models
+            |> Array.map IO.Path.GetFileName
+            |> Array.filter (fun n -> n <> "fashion-classifier")
+            |> Array.sort
+
+        raise (CliError(sprintf "--preset: no shipped model '%s' (shipped: %s)" name (String.Join(", ", shipped))))
+
+    dir
+
 let private sample (args: ParseResults<SampleArgs>) =
     TorchNative.EnsureLoaded()
     let dev = device (args.GetResult(SampleArgs.Device, defaultValue = "cpu"))
@@ -724,19 +764,7 @@ let private sample (args: ParseResults<SampleArgs>) =
     let ckpt =
         match preset, args.TryGetResult SampleArgs.Checkpoint with
         | _, Some c -> c
-        | Some p, None ->
-            let dir = IO.Path.Combine(AppContext.BaseDirectory, "models", p.ToLowerInvariant())
-
-            if not (IO.Directory.Exists dir) then
-                let shipped =
-                    IO.Directory.GetDirectories(IO.Path.Combine(AppContext.BaseDirectory, "models"))
-                    |> Array.map IO.Path.GetFileName
-                    |> Array.filter (fun n -> n <> "fashion-classifier")
-                    |> Array.sort
-
-                raise (CliError(sprintf "no shipped model '%s' (shipped: %s)" p (String.Join(", ", shipped))))
-
-            dir
+        | Some p, None -> shippedModel p
         | None, None -> raise (CliError "himar sample needs --checkpoint (or --preset fashion)")
 
     let useEma =
@@ -1403,7 +1431,7 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
             c
         | None, p ->
             let p = defaultArg p "fashion"
-            p, IO.Path.Combine(models, p.ToLowerInvariant())
+            p, shippedModel p
 
     let useEma =
         args.GetResult(EvalArgs.Weights, defaultValue = "ema").ToLowerInvariant()
@@ -1702,7 +1730,7 @@ let private eval (args: ParseResults<EvalArgs>) =
 [<EntryPoint>]
 let main argv =
     let parser =
-        ArgumentParser.Create<HimarArgs>(programName = "himar", errorHandler = ProcessExiter())
+        ArgumentParser.Create<HimarArgs>(programName = "himar", errorHandler = UsageExiter())
 
     let code =
         try
