@@ -34,4 +34,5 @@ let main argv =
                 InceptionTests.tests
                 DistributedTests.tests
                 PrecisionTests.tests
+                ServeTests.tests
             ])
