@@ -35,4 +35,5 @@ let main argv =
                 DistributedTests.tests
                 PrecisionTests.tests
                 ServeTests.tests
+                BrowserTests.tests
             ])

@@ -85,25 +85,18 @@ async function generate() {
   stopReplay();
   const abort = new AbortController();
   state.abort = abort;
-  state.frames = [];
-  state.current = -1;
-  state.follow = true;
-  $("strip1").replaceChildren();
-  $("strip2").replaceChildren();
-  $("final").removeAttribute("src");
-  $("final-caption").textContent = "final image";
-  $("scrub").disabled = true;
   $("generate").disabled = true;
   $("stop").disabled = false;
   $("status").textContent = "Starting...";
-  drawEmpty();
   try {
     const res = await fetch(`/api/generate?${query()}`, { signal: abort.signal });
     if (!res.ok) {
+      // A refused request (400: a bad setting, 503: busy) leaves the last generation on show.
       setError((await res.text()).trim() || `the server answered ${res.status}`);
       $("status").textContent = "";
       return;
     }
+    reset();
     await readEvents(res, onEvent);
   } catch (e) {
     if (e.name !== "AbortError") setError(`the connection failed: ${e.message}`);
@@ -113,6 +106,20 @@ async function generate() {
     $("generate").disabled = false;
     $("stop").disabled = true;
   }
+}
+
+function reset() {
+  state.frames = [];
+  state.current = -1;
+  state.follow = true;
+  $("strip1").replaceChildren();
+  $("strip2").replaceChildren();
+  $("final").removeAttribute("src");
+  $("final-caption").textContent = "final image";
+  $("caption").textContent = "Waiting for the first step...";
+  $("scrub").max = 0;
+  $("scrub").disabled = true;
+  drawEmpty();
 }
 
 // Server-sent events over a fetch stream: blocks of "event: NAME" and "data: JSON" lines, separated by a blank line.
