@@ -452,6 +452,15 @@ let tests =
                                 (fashion.Force().Model.parameters () |> Seq.sumBy (fun p -> p.numel ()))
                                 "the parts add up to the model"
 
+                            use doc = get "/architecture.md"
+                            let md = doc.Content.ReadAsStringAsync().Result
+
+                            for p in json.GetProperty("parts").EnumerateArray() do
+                                Expect.stringContains
+                                    md
+                                    ("\n## " + string (p.GetProperty("title").GetString()))
+                                    "each part has its section"
+
                             use traversal = get "/app.js/../../../etc/passwd"
                             Expect.equal traversal.StatusCode HttpStatusCode.NotFound "no file system"
                             use other = get "/Program.cs"

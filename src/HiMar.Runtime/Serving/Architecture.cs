@@ -8,7 +8,7 @@ namespace HiMar.Runtime.Serving;
 /// <param name="Title">The part's name in the docs' words.</param>
 /// <param name="Parameters">Its parameters in the loaded model.</param>
 /// <param name="Summary">What it does, in one line.</param>
-/// <param name="Doc">Its section of docs/architecture.md, as a link fragment (e.g. "#encoder").</param>
+/// <param name="Doc">Its section of docs/architecture.md, as a link fragment (the heading's slug, e.g. "#mlp-head").</param>
 public sealed record ArchitecturePart(string Key, string Title, long Parameters, string Summary, string Doc);
 
 /// <summary>Groups a model's parameters by the architecture's parts.</summary>
@@ -52,7 +52,7 @@ public static class Architecture
         counts["tokenizer"] = tokenizer is VaeTokenizer v ? v.Vae.parameters().Sum(p => p.numel()) : 0;
         return Parts
             .Where(p => p.Key == "tokenizer" || counts[p.Key] > 0)
-            .Select(p => new ArchitecturePart(p.Key, p.Title, counts[p.Key], p.Summary, "#" + p.Key))
+            .Select(p => new ArchitecturePart(p.Key, p.Title, counts[p.Key], p.Summary, "#" + p.Title.ToLowerInvariant().Replace(' ', '-')))
             .ToList();
     }
 }
