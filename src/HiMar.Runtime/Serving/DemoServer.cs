@@ -234,12 +234,14 @@ public sealed class DemoServer : IAsyncDisposable
         return result;
     }
 
-    /// <summary>Serves until <paramref name="token"/> is cancelled (Ctrl+C in `himar serve`).</summary>
+    /// <summary>Serves until <paramref name="token"/> is cancelled or the process is told to stop (Ctrl+C, SIGTERM).</summary>
     public async Task WaitAsync(CancellationToken token)
     {
+        var stopping = app.Services.GetRequiredService<IHostApplicationLifetime>().ApplicationStopping;
+        using var either = CancellationTokenSource.CreateLinkedTokenSource(token, stopping);
         try
         {
-            await Task.Delay(Timeout.Infinite, token).ConfigureAwait(false);
+            await Task.Delay(Timeout.Infinite, either.Token).ConfigureAwait(false);
         }
         catch (OperationCanceledException)
         {
