@@ -62,6 +62,14 @@ let run (args: ParseResults<ServeArgs>) =
         | "model" -> false
         | other -> raise (BadInputException(sprintf "--weights: must be ema or model, not '%s'." other))
 
+    // The address is checked before the models load (seconds); the port is taken only once they have.
+    let host = args.GetResult(Host, defaultValue = "127.0.0.1")
+    let port = args.GetResult(Port, defaultValue = 8080)
+    DemoServer.ParseHost host |> ignore
+
+    if port < 0 || port > 65535 then
+        raise (BadInputException(sprintf "--port: %d is not a port number (0..65535)." port))
+
     let waiting = args.GetResult(Queue, defaultValue = 2)
 
     if waiting < 0 || waiting > 64 then
@@ -109,15 +117,7 @@ let run (args: ParseResults<ServeArgs>) =
         for name, path, v, t in sources do
             models.Add(ServedModel.Load(name, path, v, t, dev, useEma, waiting))
 
-        let server =
-            DemoServer
-                .StartAsync(
-                    models,
-                    args.GetResult(Host, defaultValue = "127.0.0.1"),
-                    args.GetResult(Port, defaultValue = 8080)
-                )
-                .GetAwaiter()
-                .GetResult()
+        let server = DemoServer.StartAsync(models, host, port).GetAwaiter().GetResult()
 
         use stop = new Threading.CancellationTokenSource()
 
