@@ -78,13 +78,19 @@ type SampleArgs =
     | Clip
     | Weights of which: string
     | Prompt of text: string
+    | Unconditional
     | Text_Encoder of dir: string
+    | Allow_Nonfinite
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Allow_Nonfinite ->
+                "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
+            | Unconditional ->
+                "sample the null condition on purpose (no class, the empty caption): -n images (default 1); an empty --prompt is refused."
             | Prompt _ ->
                 "text models: a caption, e.g. \"a sandal\" (repeat the flag for several); --n images each (default 8 for a shipped model, else 1)."
             | Text_Encoder _ ->
@@ -141,10 +147,13 @@ type EvalArgs =
     | Text_Encoder of dir: string
     | Training_Templates
     | Device of name: string
+    | Allow_Nonfinite
 
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Allow_Nonfinite ->
+                "load weights holding NaN or infinity anyway (a warning instead of the refusal, exit 2)."
             | Preset _ ->
                 "the shipped model to evaluate (fashion, or fashion-text: prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
@@ -739,14 +748,21 @@ let private sample (args: ParseResults<SampleArgs>) =
         | "model" -> false
         | other -> raise (CliError(sprintf "--weights must be ema or model, not '%s'" other))
 
-    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
+    let allowNonFinite = args.Contains SampleArgs.Allow_Nonfinite
+    let warn = Action<string>(eprintfn "himar: warning: %s")
+
+    use model =
+        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma, allowNonFinite, warn)
+
     model.``to`` dev |> ignore
     let pixelModel = model.Config.ImgSize = 32 && model.Config.VaeStride = 4
 
     let tokenizer: HiMar.Runtime.Data.ITokenizer =
         match args.TryGetResult SampleArgs.Vae with
         | Some vaePath ->
-            let vae = HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae vaePath
+            let vae =
+                HiMar.Runtime.Checkpoints.ReferenceImport.LoadVae(vaePath, allowNonFinite, warn)
+
             vae.``to`` dev |> ignore
             HiMar.Runtime.Data.VaeTokenizer vae
         | None when pixelModel -> HiMar.Runtime.Data.PixelPatchTokenizer.Fashion
@@ -758,12 +774,30 @@ let private sample (args: ParseResults<SampleArgs>) =
     let seed = args.GetResult(SampleArgs.Seed, defaultValue = 0L)
 
     let perClass =
-        args.GetResult(SampleArgs.Per_Class, defaultValue = (if preset.IsSome then 6 else 1))
+        args.GetResult(
+            SampleArgs.Per_Class,
+            defaultValue =
+                (if preset.IsSome && not (args.Contains SampleArgs.Unconditional) then
+                     6
+                 else
+                     1)
+        )
 
     let classNum = model.Config.ClassNum
 
+    let unconditional = args.Contains SampleArgs.Unconditional
+
+    if
+        unconditional
+        && (args.Contains SampleArgs.Prompt || args.Contains SampleArgs.Classes)
+    then
+        raise (CliError "--unconditional samples the null condition: give it without --prompt or --classes")
+
+    HiMar.Runtime.Text.Prompts.CheckGiven(args.GetResults SampleArgs.Prompt, model.Config)
+
     let classes =
         match args.TryGetResult SampleArgs.Classes, args.TryGetResult SampleArgs.N with
+        | _ when unconditional -> Array.create (args.GetResult(SampleArgs.N, defaultValue = 1)) (int64 classNum)
         | Some text, _ ->
             text.Split(',', StringSplitOptions.RemoveEmptyEntries)
             |> Array.map (fun c ->
@@ -781,7 +815,9 @@ let private sample (args: ParseResults<SampleArgs>) =
 
     // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
     let promptsGiven =
-        if textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
+        if textModel && unconditional then
+            [ "" ]
+        elif textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
             [
                 for phrases in HiMar.Model.FashionCaptions.classPhrases ->
                     HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
@@ -798,7 +834,9 @@ let private sample (args: ParseResults<SampleArgs>) =
         args.GetResult(
             SampleArgs.N,
             defaultValue =
-                (if preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
+                (if unconditional then
+                     1
+                 elif preset.IsSome && args.GetResults(SampleArgs.Prompt).IsEmpty then
                      6
                  elif preset.IsSome then
                      8
@@ -1101,6 +1139,13 @@ let private train (args: ParseResults<TrainArgs>) =
                 captions
             )
 
+    if root then
+        for skipped in trainer.SkippedCheckpoints do
+            eprintfn "himar: warning: skipped checkpoint %s" skipped
+
+        if trainer.RemovedDebris.Count > 0 then
+            eprintfn "himar: removed %s (left by an interrupted run)" (String.Join(", ", trainer.RemovedDebris))
+
     if root && trainer.Step > 0 then
         printfn "resuming %s at step %d" options.OutDir trainer.Step
 
@@ -1367,7 +1412,13 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
         args.GetResult(EvalArgs.Weights, defaultValue = "ema").ToLowerInvariant()
         <> "model"
 
-    use model = HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma)
+    use model =
+        HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(
+            ckpt,
+            useEma,
+            args.Contains EvalArgs.Allow_Nonfinite,
+            Action<string>(eprintfn "himar: warning: %s")
+        )
 
     if
         model.Config.ImgSize <> 32
@@ -1650,7 +1701,7 @@ let private eval (args: ParseResults<EvalArgs>) =
     | Some weights -> evalImages args weights
     | None -> evalSamples args
 
-/// Entry point: parses, dispatches, and turns known failures into one line and an exit code.
+/// Entry point: parses, checks the flags, dispatches, and turns every failure into one line and an exit code.
 [<EntryPoint>]
 let main argv =
     let parser =
@@ -1659,6 +1710,7 @@ let main argv =
     let code =
         try
             let results = parser.ParseCommandLine argv
+            HiMar.Cli.Flags.checkCommandLine results
 
             match results.GetSubCommand() with
             | Info a -> info a
@@ -1679,30 +1731,14 @@ let main argv =
                 | BenchArgs.Train a -> benchTrain a
                 | BenchArgs.Allreduce a -> benchAllReduce a
         with
-        | :? TorchLoadException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
-        | :? IO.FileNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.DirectoryNotFoundException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? IO.InvalidDataException as e ->
-            eprintfn "himar: %s" e.Message
-            2
         | CliError message ->
-            eprintfn "himar: %s" message
+            eprintfn "himar: %s" (HiMar.Runtime.Failures.OneLine message)
             2
-        | :? ArgumentException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Model.WeightMismatchException as e ->
-            eprintfn "himar: %s" e.Message
-            2
-        | :? HiMar.Runtime.HiMarException as e ->
-            eprintfn "himar: %s" e.Message
-            e.ExitCode
+        | e ->
+            // Known failures keep their documented exit code; anything else is a defect: one line, the trace in a file.
+            let struct (code, line) = HiMar.Runtime.Failures.Explain e
+            eprintfn "himar: %s" line
+            code
 
     // MPI_Finalize after success; MPI_Abort after a failure, so ranks waiting in a collective end too.
     HiMar.Runtime.Distributed.Communicators.Finish code

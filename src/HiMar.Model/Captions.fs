@@ -19,8 +19,35 @@ module WordVocabulary =
     let build (captions: seq<string>) =
         captions |> Seq.collect words |> Seq.distinct |> Seq.sort |> Array.ofSeq
 
+    /// The most characters of a caption that an error message quotes.
+    [<Literal>]
+    let QuotedLength = 80
+
+    let private quoteWith (mark: string) (caption: string) =
+        let escaped = Text.StringBuilder()
+
+        for ch in caption do
+            match ch with
+            | '\n' -> escaped.Append "\\n" |> ignore
+            | '\r' -> escaped.Append "\\r" |> ignore
+            | '\t' -> escaped.Append "\\t" |> ignore
+            | c when Char.IsControl c -> escaped.AppendFormat("\\x{0:x2}", int c) |> ignore
+            | c -> escaped.Append c |> ignore
+
+        let s = escaped.ToString()
+
+        if s.Length <= QuotedLength then
+            mark + s + mark
+        else
+            sprintf "%s%s...%s (%d characters)" mark (s.Substring(0, QuotedLength)) mark caption.Length
+
+    /// A caption as an error message quotes it: in double quotes, control characters escaped (\n, \t, \x1b), cut
+    /// after `QuotedLength` characters with the count of them all.
+    [<CompiledName("Quote")>]
+    let quote (caption: string) = quoteWith "\"" caption
+
     /// Token ids (L,) of a caption, padded with 0 to `length`; or a message naming the unknown words or the
-    /// excess length.
+    /// excess length (quoting at most `QuotedLength` characters of the caption and of each word).
     [<CompiledName("TryEncode")>]
     let tryEncode (vocab: string[]) (length: int) (caption: string) : Result<int64[], string> =
         let ws = words caption
@@ -28,19 +55,29 @@ module WordVocabulary =
 
         match ws |> Array.filter (fun w -> not (index.ContainsKey w)) |> Array.distinct with
         | [||] when ws.Length > length ->
-            Error(sprintf "\"%s\" has %d words; this model reads at most %d" caption ws.Length length)
+            Error(sprintf "%s has %d words; this model reads at most %d" (quote caption) ws.Length length)
         | [||] -> Ok(Array.init length (fun i -> if i < ws.Length then index.[ws.[i]] else 0L))
         | unknown ->
-            let shown = unknown |> Array.map (sprintf "'%s'") |> String.concat ", "
+            let listed =
+                unknown |> Array.truncate 5 |> Array.map (quoteWith "'") |> String.concat ", "
+
+            let shown =
+                if unknown.Length > 5 then
+                    sprintf "%s and %d more" listed (unknown.Length - 5)
+                else
+                    listed
 
             Error(
                 sprintf
-                    "\"%s\": the model does not know %s %s. It knows these %d words: %s"
-                    caption
+                    "%s: the model does not know %s %s. It knows these %d words: %s"
+                    (quote caption)
                     (if unknown.Length = 1 then "the word" else "the words")
                     shown
                     vocab.Length
-                    (String.Join(" ", vocab))
+                    (if vocab.Length <= 60 then
+                         String.Join(" ", vocab)
+                     else
+                         String.Join(" ", Array.truncate 60 vocab) + " ...")
             )
 
 /// Captions for Fashion-MNIST made from its labels and simple templates ("a photo of a sneaker", "an ankle

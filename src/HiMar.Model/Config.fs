@@ -187,6 +187,19 @@ module AblationNames =
     let nameOf (table: (string * 'T) list) (value: 'T) =
         table |> List.find (fun (_, v) -> v = value) |> fst
 
+/// The JSON type of a config-file argument.
+type ArgumentKind =
+    /// An integral number (4 or 4.0; not 4.5, not "4").
+    | WholeNumber = 0
+    /// A finite number.
+    | Number = 1
+    /// A string.
+    | Text = 2
+    /// true or false.
+    | Boolean = 3
+    /// A list of strings.
+    | Words = 4
+
 /// Named configurations equal to the reference launch settings.
 module HiMarConfig =
     /// Hi-MAR-B: 12 + 12 blocks of width 768 (12 heads), MLP head 6 x 1024, Transformer head 6 x 512 (8 heads).
@@ -428,54 +441,194 @@ module HiMarConfig =
             ScaleAware = scaleAware
         }
 
-    /// Checks the settings the architecture depends on; returns every problem found.
-    [<CompiledName("Validate")>]
-    let validate (c: HiMarConfig) =
+    /// The ranges of the whole-number settings, by JSON name: (name, value, least, most). The upper bounds are
+    /// sanity limits far above any published model, so that a typo fails here instead of in a native allocation.
+    let private wholeRanges (c: HiMarConfig) =
         [
-            if c.ImgSize % (c.VaeStride * c.PatchSize) <> 0 then
-                sprintf
-                    "img_size %d is not a multiple of vae_stride * patch_size = %d"
-                    c.ImgSize
-                    (c.VaeStride * c.PatchSize)
-            if c.EncoderEmbedDim % c.EncoderNumHeads <> 0 then
-                sprintf "encoder width %d is not divisible by %d heads" c.EncoderEmbedDim c.EncoderNumHeads
-            if c.DecoderEmbedDim % c.DecoderNumHeads <> 0 then
-                sprintf "decoder width %d is not divisible by %d heads" c.DecoderEmbedDim c.DecoderNumHeads
-            if c.EncoderEmbedDim <> c.DecoderEmbedDim then
-                // The reference's mask token has the encoder's width but is placed in the decoder's sequence.
-                sprintf
-                    "encoder width %d differs from decoder width %d (the reference needs them equal)"
-                    c.EncoderEmbedDim
-                    c.DecoderEmbedDim
-            if c.GdmW % c.GdmHeads <> 0 then
-                sprintf "Transformer head width %d is not divisible by %d heads" c.GdmW c.GdmHeads
-            if c.Pivots <> PivotSource.NoPivots && c.CondDim <> c.TokenEmbedDim then
-                sprintf
-                    "cond_dim %d must equal the token channels %d (sampled pivots are written as tokens)"
-                    c.CondDim
-                    c.TokenEmbedDim
-            if c.Phase2 = Phase2Head.Transformer && c.PatchSize <> 1 then
-                sprintf "the Transformer head needs patch_size 1, not %d" c.PatchSize
-            if c.ClassNum < 1 then
-                sprintf "class_num must be positive, not %d" c.ClassNum
+            "img_size", c.ImgSize, 1, 16384
+            "vae_stride", c.VaeStride, 1, 1024
+            "patch_size", c.PatchSize, 1, 64
+            "encoder_embed_dim", c.EncoderEmbedDim, 1, 65536
+            "encoder_depth", c.EncoderDepth, 1, 1000
+            "encoder_num_heads", c.EncoderNumHeads, 1, 1024
+            "decoder_embed_dim", c.DecoderEmbedDim, 1, 65536
+            "decoder_depth", c.DecoderDepth, 1, 1000
+            "decoder_num_heads", c.DecoderNumHeads, 1, 1024
+            "vae_embed_dim", c.VaeEmbedDim, 1, 4096
+            "class_num", c.ClassNum, 1, 1000000
+            "buffer_size", c.BufferSize, 1, 4096
+            "diffloss_d", c.DiffLossD, 1, 1000
+            "diffloss_w", c.DiffLossW, 1, 65536
+            "diffusion_batch_mul", c.DiffusionBatchMul, 1, 64
+            "cond_scale", c.CondScale, 1, 1024
+            "cond_dim", c.CondDim, 1, 4096
+            "gdm_w", c.GdmW, 1, 65536
+            "gdm_d", c.GdmD, 1, 1000
+            "head", c.GdmHeads, 1, 1024
+            "step_warmup", c.StepWarmup, 0, 100000000
+            "diffusion_steps", c.DiffusionSteps, 1, 100000
             if c.Conditioning = Conditioning.Text then
-                if c.BufferSize < 1 then
-                    "a text model needs buffer_size >= 1 (its context length)"
-
-                match c.TextEncoder with
-                | TextEncoderKind.Builtin ->
-                    if c.TextVocab.Length = 0 then
-                        "the built-in text encoder needs a vocabulary (text_vocab)"
-
-                    if c.TextWidth < 1 || c.TextHeads < 1 || c.TextWidth % c.TextHeads <> 0 then
-                        sprintf "text width %d is not divisible by %d heads" c.TextWidth c.TextHeads
-                | _ ->
-                    if c.ContextDim < 1 then
-                        sprintf "context_dim must be positive, not %d" c.ContextDim
+                if c.TextEncoder = TextEncoderKind.Builtin then
+                    "text_width", c.TextWidth, 1, 65536
+                    "text_depth", c.TextDepth, 1, 1000
+                    "text_heads", c.TextHeads, 1, 1024
+                else
+                    "context_dim", c.ContextDim, 1, 65536
         ]
 
+    /// The ranges of the real-valued settings: (name, value, least, most, most included).
+    let private realRanges (c: HiMarConfig) =
+        [
+            "mlp_ratio", c.MlpRatio, 0.0, 64.0, true
+            "ratio", c.GdmMlpRatio, 0.0, 64.0, true
+            "mask_ratio_min", c.MaskRatioMin, 0.0, 1.0, true
+            "label_drop_prob", c.LabelDropProb, 0.0, 1.0, true
+            "attn_dropout", c.AttnDropout, 0.0, 1.0, false
+            "proj_dropout", c.ProjDropout, 0.0, 1.0, false
+            "step_stage2_rate", c.StepStage2Rate, 0.0, 1.0, true
+            "layer_norm_eps", c.LayerNormEps, 0.0, 1.0, true
+            "phase1_loss_weight", c.Phase1LossWeight, 0.0, 1e6, true
+            "phase2_loss_weight", c.Phase2LossWeight, 0.0, 1e6, true
+        ]
+
+    let private respacing =
+        System.Text.RegularExpressions.Regex(@"^\s*(ddim[1-9][0-9]{0,5}|[0-9]{1,6}(\s*,\s*[0-9]{1,6})*)?\s*$")
+
+    /// Checks every setting: ranges first (whole numbers, finite reals, respacing syntax), then, when those hold, the
+    /// relations the architecture depends on (widths divisible by heads, the image by the token stride, ...).
+    /// Returns every problem found, each naming the JSON field.
+    [<CompiledName("Validate")>]
+    let validate (c: HiMarConfig) =
+        let ranges =
+            [
+                for name, value, lo, hi in wholeRanges c do
+                    if value < lo || value > hi then
+                        sprintf "%s must be a whole number from %d to %d, not %d" name lo hi value
+                for name, value, lo, hi, hiClosed in realRanges c do
+                    let below = if hiClosed then value <= hi else value < hi
+
+                    if not (System.Double.IsFinite value) || value < lo || not below then
+                        sprintf
+                            "%s must be a number from %g to %g%s, not %s"
+                            name
+                            lo
+                            hi
+                            (if hiClosed then "" else " (excluded)")
+                            (value.ToString System.Globalization.CultureInfo.InvariantCulture)
+                if c.MlpRatio > 0.0 && int (float c.EncoderEmbedDim * c.MlpRatio) < 1 then
+                    sprintf "mlp_ratio %g makes an MLP of no units at width %d" c.MlpRatio c.EncoderEmbedDim
+                for name, spec in
+                    [
+                        "num_sampling_steps", c.NumSamplingSteps
+                        "dit_head_sampling_steps", c.DitSamplingSteps
+                    ] do
+                    if not (respacing.IsMatch spec) then
+                        sprintf "%s must be a respacing such as \"100\" or \"ddim25\", not \"%s\"" name spec
+            ]
+
+        if not ranges.IsEmpty then
+            ranges
+        else
+            [
+                if c.ImgSize % (c.VaeStride * c.PatchSize) <> 0 then
+                    sprintf
+                        "img_size %d is not a multiple of vae_stride * patch_size = %d"
+                        c.ImgSize
+                        (c.VaeStride * c.PatchSize)
+                if c.EncoderEmbedDim % c.EncoderNumHeads <> 0 then
+                    sprintf "encoder width %d is not divisible by %d heads" c.EncoderEmbedDim c.EncoderNumHeads
+                if c.DecoderEmbedDim % c.DecoderNumHeads <> 0 then
+                    sprintf "decoder width %d is not divisible by %d heads" c.DecoderEmbedDim c.DecoderNumHeads
+                if c.EncoderEmbedDim <> c.DecoderEmbedDim then
+                    // The reference's mask token has the encoder's width but is placed in the decoder's sequence.
+                    sprintf
+                        "encoder width %d differs from decoder width %d (the reference needs them equal)"
+                        c.EncoderEmbedDim
+                        c.DecoderEmbedDim
+                if c.GdmW % c.GdmHeads <> 0 then
+                    sprintf "Transformer head width %d is not divisible by %d heads" c.GdmW c.GdmHeads
+                if c.Pivots <> PivotSource.NoPivots && c.CondDim <> c.TokenEmbedDim then
+                    sprintf
+                        "cond_dim %d must equal the token channels %d (sampled pivots are written as tokens)"
+                        c.CondDim
+                        c.TokenEmbedDim
+                if c.Phase2 = Phase2Head.Transformer && c.PatchSize <> 1 then
+                    sprintf "the Transformer head needs patch_size 1, not %d" c.PatchSize
+                if c.Conditioning = Conditioning.Text then
+                    if c.TextEncoder = TextEncoderKind.Builtin then
+                        if c.TextVocab.Length = 0 then
+                            "the built-in text encoder needs a vocabulary (text_vocab)"
+
+                        if c.TextWidth % c.TextHeads <> 0 then
+                            sprintf "text width %d is not divisible by %d heads" c.TextWidth c.TextHeads
+            ]
+
+    /// The JSON type of each reference argument (and of ours: the ablation and text switches) that a config file
+    /// may hold. `model` names the preset the file starts from; `two_diffloss`, `global_dm` and
+    /// `grad_checkpointing` are reference arguments that do not change the model (always on, or memory only).
+    [<CompiledName("ArgumentKinds")>]
+    let argumentKinds: System.Collections.Generic.IReadOnlyDictionary<string, ArgumentKind> =
+        readOnlyDict
+            [
+                for name in
+                    [
+                        "img_size"
+                        "vae_stride"
+                        "patch_size"
+                        "encoder_embed_dim"
+                        "encoder_depth"
+                        "encoder_num_heads"
+                        "decoder_embed_dim"
+                        "decoder_depth"
+                        "decoder_num_heads"
+                        "vae_embed_dim"
+                        "class_num"
+                        "buffer_size"
+                        "diffloss_d"
+                        "diffloss_w"
+                        "diffusion_batch_mul"
+                        "cond_scale"
+                        "cond_dim"
+                        "gdm_w"
+                        "gdm_d"
+                        "head"
+                        "step_warmup"
+                        "context_dim"
+                        "text_width"
+                        "text_depth"
+                        "text_heads"
+                    ] -> name, ArgumentKind.WholeNumber
+                for name in
+                    [
+                        "mlp_ratio"
+                        "mask_ratio_min"
+                        "label_drop_prob"
+                        "attn_dropout"
+                        "proj_dropout"
+                        "ratio"
+                        "step_stage2_rate"
+                    ] -> name, ArgumentKind.Number
+                for name in
+                    [
+                        "model"
+                        "num_sampling_steps"
+                        "dit_head_sampling_steps"
+                        "pivots"
+                        "phase2_head"
+                        "conditioning"
+                        "text_encoder"
+                        "null_context"
+                        "mask_ratio"
+                    ] -> name, ArgumentKind.Text
+                for name in [ "cos"; "scale_aware"; "two_diffloss"; "global_dm"; "grad_checkpointing" ] ->
+                    name, ArgumentKind.Boolean
+                yield "text_vocab", ArgumentKind.Words
+            ]
+
     /// A config from the reference's `HiMAR(...)` keyword arguments or argparse fields (boxed int, float,
-    /// string or bool by name), starting from `baseConfig` for anything absent. Unknown names are ignored.
+    /// string or bool by name), starting from `baseConfig` for anything absent. Unknown names are ignored (a
+    /// checkpoint's argparse Namespace holds the training arguments too); a value of the wrong type (text for a
+    /// number, 128.5 for a whole number) raises an ArgumentException naming the field.
     [<CompiledName("FromReferenceArgs")>]
     let fromReferenceArgs
         (baseConfig: HiMarConfig)
@@ -486,23 +639,75 @@ module HiMarConfig =
             | true, v when not (obj.ReferenceEquals(v, null)) -> Some v
             | _ -> None
 
+        let fail (message: string) =
+            raise (System.ArgumentException message)
+
+        let invariant = System.Globalization.CultureInfo.InvariantCulture
+
+        /// How a wrong value reads in a message: text quoted (at most 40 characters), numbers invariant.
+        let shown (v: obj) =
+            match v with
+            | :? string as t when t.Length > 40 -> sprintf "the text \"%s...\"" (t.Substring(0, 40))
+            | :? string as t -> sprintf "the text \"%s\"" t
+            | :? bool as b -> if b then "true" else "false"
+            | :? System.IConvertible as n -> n.ToString invariant
+            | v -> v.GetType().Name
+
+        /// A boxed number as a double, or None for text, booleans and other objects.
+        let number (v: obj) =
+            match v with
+            | :? string
+            | :? bool
+            | :? char -> None
+            | :? System.IConvertible as n ->
+                match n.GetTypeCode() with
+                | System.TypeCode.SByte
+                | System.TypeCode.Byte
+                | System.TypeCode.Int16
+                | System.TypeCode.UInt16
+                | System.TypeCode.Int32
+                | System.TypeCode.UInt32
+                | System.TypeCode.Int64
+                | System.TypeCode.UInt64
+                | System.TypeCode.Single
+                | System.TypeCode.Double
+                | System.TypeCode.Decimal -> Some(n.ToDouble invariant)
+                | _ -> None
+            | _ -> None
+
+        // Types are exact: whole numbers must be integral (128.5 is not 128), text is not a number, null is absent.
         let int' name dflt =
-            get name
-            |> Option.map (fun v -> System.Convert.ToInt32 v)
-            |> Option.defaultValue dflt
+            match get name with
+            | None -> dflt
+            | Some v ->
+                match number v with
+                | Some x when System.Double.IsFinite x && System.Math.Floor x = x ->
+                    if x < float System.Int32.MinValue || x > float System.Int32.MaxValue then
+                        fail (sprintf "%s: %s is out of range" name (shown v))
+
+                    int x
+                | Some _ -> fail (sprintf "%s must be a whole number, not %s" name (shown v))
+                | None -> fail (sprintf "%s must be a whole number, not %s" name (shown v))
 
         let float' name dflt =
-            get name
-            |> Option.map (fun v -> System.Convert.ToDouble v)
-            |> Option.defaultValue dflt
+            match get name with
+            | None -> dflt
+            | Some v ->
+                match number v with
+                | Some x when System.Double.IsFinite x -> x
+                | _ -> fail (sprintf "%s must be a finite number, not %s" name (shown v))
 
         let str' name dflt =
-            get name |> Option.map string |> Option.defaultValue dflt
+            match get name with
+            | None -> dflt
+            | Some(:? string as t) -> t
+            | Some v -> fail (sprintf "%s must be text (a string such as \"100\"), not %s" name (shown v))
 
         let bool' name dflt =
-            get name
-            |> Option.map (fun v -> System.Convert.ToBoolean v)
-            |> Option.defaultValue dflt
+            match get name with
+            | None -> dflt
+            | Some(:? bool as b) -> b
+            | Some v -> fail (sprintf "%s must be true or false, not %s" name (shown v))
 
         let choice name (table: (string * 'T) list) (dflt: 'T) =
             match get name with
@@ -510,12 +715,18 @@ module HiMarConfig =
             | Some v ->
                 let key = (string v).Trim().ToLowerInvariant().Replace("-", "_")
 
-                match List.tryFind (fun (k, _) -> k = key) table with
-                | Some(_, x) -> x
-                | None ->
-                    invalidArg
-                        name
-                        (sprintf "%s must be one of %s, not '%O'" name (table |> List.map fst |> String.concat ", ") v)
+                match v, List.tryFind (fun (k, _) -> k = key) table with
+                | :? string, Some(_, x) -> x
+                | _ ->
+                    fail (
+                        sprintf
+                            "%s must be one of %s, not %s"
+                            name
+                            (table |> List.map fst |> String.concat ", ")
+                            (match v with
+                             | :? string as t -> sprintf "'%s'" t
+                             | v -> shown v)
+                    )
 
         let b = baseConfig
         let encDim = int' "encoder_embed_dim" b.EncoderEmbedDim
@@ -567,7 +778,7 @@ module HiMarConfig =
                 | None -> b.TextVocab
                 | Some(:? (string[]) as words) -> words
                 | Some(:? seq<string> as words) -> Array.ofSeq words
-                | Some v -> invalidArg "text_vocab" (sprintf "text_vocab must be a list of words, not '%O'" v)
+                | Some v -> fail (sprintf "text_vocab must be a list of words, not %s" (shown v))
             TextWidth = int' "text_width" b.TextWidth
             TextDepth = int' "text_depth" b.TextDepth
             TextHeads = int' "text_heads" b.TextHeads

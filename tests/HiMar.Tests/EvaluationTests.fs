@@ -181,7 +181,7 @@ let tests =
                     File.WriteAllText(Path.Combine(dir, "bad.npz"), "not a zip")
 
                     let e =
-                        catchT<InvalidDataException> (fun () ->
+                        catchT<HiMar.Runtime.BadInputException> (fun () ->
                             Metrics.ReadNpz(Path.Combine(dir, "bad.npz")) |> ignore)
 
                     Expect.stringContains e.Message "bad.npz" "names the file")

@@ -308,7 +308,8 @@ let tests =
                     File.WriteAllText(broken, "not a png")
 
                     let e3 =
-                        catchT<InvalidDataException> (fun () -> InceptionFeatures.ReadImage broken |> ignore)
+                        catchT<HiMar.Runtime.BadInputException> (fun () ->
+                            InceptionFeatures.ReadImage broken |> ignore)
 
                     Expect.equal
                         e3.Message

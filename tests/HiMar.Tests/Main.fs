@@ -34,6 +34,8 @@ let main argv =
                 InceptionTests.tests
                 DistributedTests.tests
                 PrecisionTests.tests
+                HardeningTests.tests
+                ReaderFuzzTests.tests
                 ServeTests.tests
                 BrowserTests.tests
             ])

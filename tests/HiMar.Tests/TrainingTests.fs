@@ -235,7 +235,7 @@ let tests =
                     writeGz (Path.Combine(dir, "cut.gz")) images.[..20]
 
                     let e =
-                        catchT<InvalidDataException> (fun () ->
+                        catchT<HiMar.Runtime.BadInputException> (fun () ->
                             IdxDataset.Load(Path.Combine(dir, "cut.gz"), Path.Combine(dir, "lab.gz"))
                             |> ignore)
 

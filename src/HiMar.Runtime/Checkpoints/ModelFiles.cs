@@ -10,13 +10,16 @@ public static class ModelFiles
     /// <summary>
     /// Loads a safetensors file into a module (any dtype in the file is cast to the module's). Strict by default:
     /// one <see cref="WeightMismatchException"/>, prefixed with the file name, lists every missing, unexpected and
-    /// mismatched key. Returns the keys a non-strict load skipped.
+    /// mismatched key. Weights holding NaN or infinity are refused (see <see cref="FiniteWeights"/>) unless
+    /// <paramref name="allowNonFinite"/>, which reports them to <paramref name="warn"/>. Returns the keys a non-strict
+    /// load skipped.
     /// </summary>
-    public static IReadOnlyList<string> Load(nn.Module module, string path, bool strict = true)
+    public static IReadOnlyList<string> Load(nn.Module module, string path, bool strict = true, bool allowNonFinite = false, Action<string>? warn = null)
     {
         var tensors = SafeTensors.Load(path);
         try
         {
+            FiniteWeights.Require(tensors, path, allowNonFinite, warn);
             return Weights.Load(module, tensors, strict).ToList();
         }
         catch (WeightMismatchException e)

@@ -306,7 +306,11 @@ public static class ReferenceImport
             if (!File.Exists(p))
                 continue;
             var root = ReadConfig(dir, name);
-            return ReferenceArgs.FromJson(root["model_config"]?.AsObject() ?? root);
+            var argsNode = root["model_config"] as JsonObject ?? root;
+            // A VAE's config.json describes the autoencoder; any other must hold known, typed reference arguments.
+            if (!(root["kind"] is JsonValue kind && kind.GetValueKind() == JsonValueKind.String && kind.GetValue<string>() == "vae"))
+                ModelConfigs.CheckArguments(argsNode, p);
+            return ReferenceArgs.FromJson(argsNode);
         }
         return null;
     }
@@ -319,16 +323,18 @@ public static class ReferenceImport
             throw new CheckpointFormatException($"{path}: no such file (import the checkpoint with `himar import` first).");
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path))?.AsObject() ?? throw new CheckpointFormatException($"{path}: empty.");
+            return JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointFormatException($"{path}: not a JSON object of settings.");
         }
         catch (JsonException e)
         {
-            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message}).", e);
+            throw new CheckpointFormatException($"{path}: not valid JSON ({e.Message.Split('\n')[0]}).", e);
         }
     }
 
-    /// <summary>A Hi-MAR model from an imported folder, a `.pth` checkpoint (EMA weights) or a parity fixture folder, in evaluation mode.</summary>
-    public static HiMAR LoadModel(string path, bool useEma = true)
+    /// <summary>A Hi-MAR model from an imported folder, a `.pth` checkpoint (EMA weights) or a parity fixture folder, in
+    /// evaluation mode. Weights holding NaN or infinity are refused unless <paramref name="allowNonFinite"/>, which
+    /// reports them to <paramref name="warn"/>.</summary>
+    public static HiMAR LoadModel(string path, bool useEma = true, bool allowNonFinite = false, Action<string>? warn = null)
     {
         if (File.Exists(path))
         {
@@ -336,6 +342,7 @@ public static class ReferenceImport
             var root = ckpt.Root as Dictionary<string, object?>;
             var state = ckpt.StateDict(root != null && root.ContainsKey("model_ema") && useEma ? "model_ema" : "model");
             var config = InferConfig(ckpt.Args(), state, path);
+            FiniteWeights.Require(state, path, allowNonFinite, warn);
             var m = new HiMAR(config);
             Weights.Load(m, state, true);
             m.eval();
@@ -343,20 +350,26 @@ public static class ReferenceImport
         }
         HiMarConfig c;
         var manifest = Path.Combine(path, "manifest.json");
-        if (File.Exists(manifest))
+        // A training checkpoint folder is checked against its manifest first (a truncated or half-pruned one fails).
+        var trainingCheckpoint = Training.Checkpoint.IsCheckpointFolder(path);
+        if (trainingCheckpoint)
+            Training.Checkpoint.Verify(path);
+        if (File.Exists(manifest) && !trainingCheckpoint)
             c = ModelConfigs.Resolve(manifest);
         else
-            c = HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, ReferenceArgs.FromJson(ReadConfig(path)));
+            c = ModelConfigs.FromJson(ReadConfig(path), Path.Combine(path, ConfigFile));
         var model = new HiMAR(c);
         // A training checkpoint folder holds EMA weights beside the raw ones: sample with those by default.
         var ema = Path.Combine(path, "ema.safetensors");
-        ModelFiles.Load(model, useEma && File.Exists(ema) ? ema : Path.Combine(path, WeightsFile));
+        ModelFiles.Load(model, useEma && File.Exists(ema) ? ema : Path.Combine(path, WeightsFile), true, allowNonFinite, warn);
         model.eval();
         return model;
     }
 
-    /// <summary>A KL autoencoder from an imported folder, MAR's `vae.ckpt`, or a safetensors file of its weights, in evaluation mode.</summary>
-    public static AutoencoderKL LoadVae(string path)
+    /// <summary>A KL autoencoder from an imported folder, MAR's `vae.ckpt`, or a safetensors file of its weights, in
+    /// evaluation mode. Weights holding NaN or infinity are refused unless <paramref name="allowNonFinite"/>, which
+    /// reports them to <paramref name="warn"/>.</summary>
+    public static AutoencoderKL LoadVae(string path, bool allowNonFinite = false, Action<string>? warn = null)
     {
         Dictionary<string, Tensor> state;
         TorchCheckpoint? ckpt = null;
@@ -373,6 +386,7 @@ public static class ReferenceImport
             }
             if (Detect(state, path) != CheckpointKind.Vae)
                 throw new CheckpointFormatException($"{path}: holds a Hi-MAR model, not a VAE.");
+            FiniteWeights.Require(state, path, allowNonFinite, warn);
             var vae = new AutoencoderKL(InferVaeConfig(state, path));
             Weights.Load(vae, state, true);
             vae.eval();

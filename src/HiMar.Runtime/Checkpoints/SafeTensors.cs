@@ -10,6 +10,10 @@ namespace HiMar.Runtime.Checkpoints;
 /// <summary>A checkpoint or weight file could not be read or does not fit; the message names the file and the problem.</summary>
 public sealed class CheckpointFormatException(string message, Exception? inner = null) : BadInputException(message, inner);
 
+/// <summary>One tensor of a safetensors header: its name, dtype (code and type), shape and byte range, relative to
+/// the start of the data section.</summary>
+public sealed record SafeTensorsEntry(string Name, string DType, ScalarType Type, long[] Shape, long Begin, long End);
+
 /// <summary>
 /// Reads and writes the safetensors format: an 8-byte little-endian header length, a JSON header mapping each
 /// name to its dtype, shape and byte range, then the raw little-endian data. Written here rather than taken
@@ -53,63 +57,34 @@ public static class SafeTensors
         return Parse(bytes, path, filter, out metadata);
     }
 
+    /// <summary>The largest header read, as in the reference reader: 100 MB of JSON.</summary>
+    public const long MaxHeaderLength = 100_000_000;
+
+    /// <summary>The most dimensions a tensor of the header may have.</summary>
+    public const int MaxDimensions = 64;
+
     /// <summary>Parses safetensors bytes; <paramref name="what"/> names the source in error messages.</summary>
     public static Dictionary<string, Tensor> Parse(byte[] bytes, string what, Func<string, bool>? filter, out Dictionary<string, string> metadata)
     {
         if (bytes.Length < 8)
             throw new CheckpointFormatException($"{what}: too short for a safetensors file ({bytes.Length} bytes).");
         var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(bytes);
-        if (headerLength == 0 || headerLength > (ulong)(bytes.Length - 8))
+        if (headerLength == 0 || headerLength > (ulong)(bytes.Length - 8) || headerLength > MaxHeaderLength)
             throw new CheckpointFormatException($"{what}: not a safetensors file (header length {headerLength} does not fit in {bytes.Length} bytes).");
-        JsonObject header;
-        try
-        {
-            header = JsonNode.Parse(Encoding.UTF8.GetString(bytes, 8, (int)headerLength))?.AsObject()
-                ?? throw new CheckpointFormatException($"{what}: the safetensors header is empty.");
-        }
-        catch (JsonException e)
-        {
-            throw new CheckpointFormatException($"{what}: the safetensors header is not valid JSON ({e.Message}).", e);
-        }
         long dataStart = 8 + (long)headerLength;
-        long dataLength = bytes.Length - dataStart;
-        metadata = [];
+        var entries = ParseHeader(bytes.AsMemory(8, (int)headerLength), bytes.Length - dataStart, what, out metadata);
         var result = new Dictionary<string, Tensor>();
         try
         {
-            foreach (var (name, node) in header)
+            foreach (var e in entries)
             {
-                if (name == "__metadata__")
-                {
-                    foreach (var (k, v) in node?.AsObject() ?? [])
-                        metadata[k] = v?.GetValue<string>() ?? "";
+                if (filter != null && !filter(e.Name))
                     continue;
-                }
-                if (filter != null && !filter(name))
-                    continue;
-                var entry = node?.AsObject() ?? throw new CheckpointFormatException($"{what}: entry '{name}' is not an object.");
-                var dtype = entry["dtype"]?.GetValue<string>() ?? "";
-                if (!Types.TryGetValue(dtype, out var type))
-                    throw new CheckpointFormatException($"{what}: tensor '{name}' has unsupported dtype '{dtype}'.");
-                var shape = (entry["shape"]?.AsArray() ?? []).Select(s => s!.GetValue<long>()).ToArray();
-                var offsets = (entry["data_offsets"]?.AsArray() ?? []).Select(s => s!.GetValue<long>()).ToArray();
-                long count = shape.Aggregate(1L, (a, b) => a * b);
-                if (offsets.Length != 2 || offsets[0] < 0 || offsets[1] < offsets[0] || offsets[1] > dataLength)
-                    throw new CheckpointFormatException($"{what}: tensor '{name}' has data offsets outside the file (truncated?).");
-                if (offsets[1] - offsets[0] != count * type.Size)
-                    throw new CheckpointFormatException($"{what}: tensor '{name}' has {offsets[1] - offsets[0]} bytes for shape [{string.Join(", ", shape)}] of {dtype}.");
-                var span = bytes.AsSpan((int)(dataStart + offsets[0]), (int)(offsets[1] - offsets[0]));
-                var t = torch.empty(shape, type.Type);
-                if (count > 0)
-                    span.CopyTo(t.bytes);
-                result[name] = t;
+                var t = torch.empty(e.Shape, e.Type);
+                if (e.End > e.Begin)
+                    bytes.AsSpan((int)(dataStart + e.Begin), (int)(e.End - e.Begin)).CopyTo(t.bytes);
+                result[e.Name] = t;
             }
-        }
-        catch (Exception e) when (e is InvalidOperationException or FormatException or JsonException)
-        {
-            foreach (var t in result.Values)
-                t.Dispose();
-            throw new CheckpointFormatException($"{what}: malformed safetensors header ({e.Message}).", e);
         }
         catch
         {
@@ -119,6 +94,144 @@ public static class SafeTensors
         }
         return result;
     }
+
+    /// <summary>
+    /// Parses and checks a safetensors header (the JSON after the 8-byte length) for a data section of
+    /// <paramref name="dataLength"/> bytes: a JSON object whose `__metadata__` maps strings to strings and whose other
+    /// entries each have a known dtype, a shape of non-negative integers and two integer data offsets; each entry's byte
+    /// count (computed with overflow checks) equals its offsets' difference, and the entries tile the data section
+    /// exactly, without gaps or overlaps. Entries come back in the header's order, offsets relative to the data section.
+    /// </summary>
+    public static IReadOnlyList<SafeTensorsEntry> ParseHeader(ReadOnlyMemory<byte> header, long dataLength, string what, out Dictionary<string, string> metadata)
+    {
+        JsonDocument doc;
+        try
+        {
+            doc = JsonDocument.Parse(header);
+        }
+        catch (JsonException e)
+        {
+            throw new CheckpointFormatException($"{what}: the safetensors header is not valid JSON ({e.Message.Split('\n')[0]}).", e);
+        }
+        using (doc)
+        {
+            try
+            {
+                return Entries(doc.RootElement, dataLength, what, out metadata);
+            }
+            catch (Exception e) when (e is InvalidOperationException or ArgumentException or FormatException)
+            {
+                // GetString on text that is not valid UTF-8, and the like: whatever the checks above let through.
+                throw new CheckpointFormatException($"{what}: malformed safetensors header ({e.Message.Split('\n')[0]}).", e);
+            }
+        }
+    }
+
+    static List<SafeTensorsEntry> Entries(JsonElement root, long dataLength, string what, out Dictionary<string, string> metadata)
+    {
+        if (root.ValueKind != JsonValueKind.Object)
+            throw new CheckpointFormatException($"{what}: the safetensors header is a JSON {Kind(root)}, not an object of tensors.");
+        metadata = [];
+        var entries = new List<SafeTensorsEntry>();
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var property in root.EnumerateObject())
+        {
+            var name = property.Name;
+            if (!names.Add(name))
+                throw new CheckpointFormatException($"{what}: the safetensors header names '{name}' twice.");
+            var node = property.Value;
+            if (name == "__metadata__")
+            {
+                if (node.ValueKind != JsonValueKind.Object)
+                    throw new CheckpointFormatException($"{what}: the safetensors __metadata__ is a JSON {Kind(node)}, not an object of strings.");
+                foreach (var m in node.EnumerateObject())
+                    metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()!
+                        : throw new CheckpointFormatException($"{what}: the safetensors __metadata__ entry '{m.Name}' is a JSON {Kind(m.Value)}, not a string.");
+                continue;
+            }
+            entries.Add(Entry(name, node, dataLength, what));
+        }
+        // The entries must tile the data section: sorted by offset, each starts where the previous ends.
+        long covered = 0;
+        foreach (var e in entries.OrderBy(e => e.Begin).ThenBy(e => e.End))
+        {
+            if (e.Begin < covered)
+                throw new CheckpointFormatException($"{what}: tensor '{e.Name}' (bytes {e.Begin} to {e.End}) overlaps another tensor's data, which reaches byte {covered}.");
+            if (e.Begin > covered)
+                throw new CheckpointFormatException($"{what}: the safetensors data has a gap: no tensor holds bytes {covered} to {e.Begin} (tensor '{e.Name}' starts after it).");
+            covered = e.End;
+        }
+        if (covered != dataLength)
+            throw new CheckpointFormatException($"{what}: the tensors hold {covered} bytes, but the data section after the header has {dataLength}.");
+        return entries;
+    }
+
+    static SafeTensorsEntry Entry(string name, JsonElement node, long dataLength, string what)
+    {
+        CheckpointFormatException Bad(string problem) => new($"{what}: tensor '{name}' {problem}.");
+        if (node.ValueKind != JsonValueKind.Object)
+            throw Bad($"is a JSON {Kind(node)}, not an object with dtype, shape and data_offsets");
+        if (!node.TryGetProperty("dtype", out var dtypeNode) || dtypeNode.ValueKind != JsonValueKind.String)
+            throw Bad("has no dtype string");
+        var dtype = dtypeNode.GetString()!;
+        if (!Types.TryGetValue(dtype, out var type))
+            throw Bad($"has unsupported dtype '{dtype}'");
+        if (!node.TryGetProperty("shape", out var shapeNode) || shapeNode.ValueKind != JsonValueKind.Array)
+            throw Bad("has no shape array");
+        if (shapeNode.GetArrayLength() > MaxDimensions)
+            throw Bad($"has {shapeNode.GetArrayLength()} dimensions (at most {MaxDimensions} are read)");
+        var shape = shapeNode.EnumerateArray().Select(d => d.ValueKind == JsonValueKind.Number && d.TryGetInt64(out var v) ? v : -1).ToArray();
+        var shown = $"[{string.Join(", ", shapeNode.EnumerateArray().Select(d => d.GetRawText()))}]";
+        if (shape.Any(d => d < 0))
+            throw Bad($"has shape {shown}: dimensions must be integers >= 0");
+        if (!node.TryGetProperty("data_offsets", out var offsetsNode) || offsetsNode.ValueKind != JsonValueKind.Array
+            || offsetsNode.GetArrayLength() != 2
+            || offsetsNode.EnumerateArray().Any(o => o.ValueKind != JsonValueKind.Number || !o.TryGetInt64(out var v) || v < 0))
+            throw Bad("has data_offsets that are not two integers >= 0");
+        long begin = offsetsNode[0].GetInt64(), end = offsetsNode[1].GetInt64();
+        if (end < begin || end > dataLength)
+            throw Bad($"has data offsets outside the file (truncated?): bytes {begin} to {end} of a {dataLength}-byte data section");
+        if (!TryByteCount(shape, type.Size, out var bytes))
+            throw Bad($"has shape {shown}: its byte count overflows 64 bits");
+        if (end - begin != bytes)
+            throw Bad($"has {end - begin} bytes for shape {shown} of {dtype}, which needs {bytes}");
+        return new SafeTensorsEntry(name, dtype, type.Type, shape, begin, end);
+    }
+
+    /// <summary>
+    /// The bytes of a tensor of <paramref name="shape"/>, false when the count overflows 64 bits. Zero dimensions count as
+    /// one while multiplying, so that a shape like [0, 2^62, 2^62] is refused, as libtorch refuses it.
+    /// </summary>
+    internal static bool TryByteCount(IReadOnlyList<long> shape, int elementSize, out long bytes)
+    {
+        long product = elementSize;
+        var empty = false;
+        try
+        {
+            foreach (var d in shape)
+            {
+                empty |= d == 0;
+                product = checked(product * Math.Max(d, 1));
+            }
+        }
+        catch (OverflowException)
+        {
+            bytes = -1;
+            return false;
+        }
+        bytes = empty ? 0 : product;
+        return true;
+    }
+
+    static string Kind(JsonElement e) => e.ValueKind switch
+    {
+        JsonValueKind.Object => "object",
+        JsonValueKind.Array => "array",
+        JsonValueKind.String => "string",
+        JsonValueKind.Number => "number",
+        JsonValueKind.True or JsonValueKind.False => "boolean",
+        _ => "null",
+    };
 
     /// <summary>
     /// Writes tensors (sorted by name, contiguous CPU copies) as safetensors, atomically: to a temporary file

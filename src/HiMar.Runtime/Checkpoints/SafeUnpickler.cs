@@ -33,6 +33,11 @@ public sealed record PickledNamespace(Dictionary<string, object?> Values);
 /// registered class a pickle names and materialises everything eagerly, while a checkpoint reader needs a strict
 /// allow-list (a pickle is a program, and <c>os.system</c> is one GLOBAL away) and tensors built from storages that
 /// are read from the zip only when a persistent id refers to them.
+/// <para>A pickle is also a compression format: a few bytes can append a memoized list to itself or copy it into a
+/// set, so a small file could build gigabytes. Every value pushed, container slot filled, memo entry and character
+/// decoded is counted against budgets proportional to the pickle's length (<see cref="CellsPerByte"/>,
+/// <see cref="CharsPerByte"/>), and the finished object may nest at most <see cref="MaxDepth"/> containers deep and
+/// may not contain itself.</para>
 /// </summary>
 internal sealed class SafeUnpickler(
     byte[] data,
@@ -67,9 +72,28 @@ internal sealed class SafeUnpickler(
         ["_codecs.encode"] = PickleCallable.CodecsEncode,
     };
 
+    /// <summary>Values, container slots and memo entries the pickle may create per byte of its length: a pickle of
+    /// nested empty lists, the densest honest one, needs about six.</summary>
+    public const long CellsPerByte = 8;
+
+    /// <summary>Characters and bytes of strings the pickle may create per byte of its length (each string is
+    /// decoded once from its own bytes; `_codecs.encode` copies one).</summary>
+    public const long CharsPerByte = 2;
+
+    /// <summary>Budgets' allowance for tiny pickles.</summary>
+    public const long Slack = 65536;
+
+    /// <summary>How deep containers may nest in the object built (a state dict inside a checkpoint is three).</summary>
+    public const int MaxDepth = 64;
+
     readonly List<object?> stack = [];
     readonly Stack<int> marks = new();
     readonly Dictionary<long, object?> memo = [];
+    readonly long length = data.Length - start;
+    readonly long maxCells = (data.Length - start) * CellsPerByte + Slack;
+    readonly long maxChars = (data.Length - start) * CharsPerByte + Slack;
+    long cells;
+    long chars;
     int pos = start;
 
     /// <summary>The byte after the last one read: after <see cref="Load"/>, where the next pickle of a stream starts.</summary>
@@ -88,7 +112,9 @@ internal sealed class SafeUnpickler(
                 {
                     if (stack.Count != 1 || marks.Count != 0)
                         throw Bad($"STOP with {stack.Count} values on the stack");
-                    return Pop();
+                    var root = Pop();
+                    CheckNesting(root);
+                    return root;
                 }
                 Step(op);
             }
@@ -116,18 +142,22 @@ internal sealed class SafeUnpickler(
                 Take(8);
                 break;
             case (byte)'}': // EMPTY_DICT
+                Spend(ContainerCells);
                 Push(new Dictionary<string, object?>());
                 break;
             case (byte)']': // EMPTY_LIST
+                Spend(ContainerCells);
                 Push(new List<object?>());
                 break;
             case (byte)')': // EMPTY_TUPLE
                 Push(Array.Empty<object?>());
                 break;
             case 0x8f: // EMPTY_SET (read as a list)
+                Spend(ContainerCells);
                 Push(new List<object?>());
                 break;
             case (byte)'(': // MARK
+                Spend(1);
                 marks.Push(stack.Count);
                 break;
             case (byte)'0': // POP
@@ -149,21 +179,24 @@ internal sealed class SafeUnpickler(
                 Push(Utf8(Length(8)));
                 break;
             case (byte)'C': // SHORT_BINBYTES
-                Push(Take(Byte()).ToArray());
+                Push(Bytes(Byte()));
                 break;
             case (byte)'B': // BINBYTES
-                Push(Take(Length(4)).ToArray());
+                Push(Bytes(Length(4)));
                 break;
             case 0x8e: // BINBYTES8
-                Push(Take(Length(8)).ToArray());
+                Push(Bytes(Length(8)));
                 break;
             case (byte)'q': // BINPUT
+                Spend(MemoCells);
                 memo[Byte()] = Peek();
                 break;
             case (byte)'r': // LONG_BINPUT
+                Spend(MemoCells);
                 memo[BinaryPrimitives.ReadUInt32LittleEndian(Take(4))] = Peek();
                 break;
             case 0x94: // MEMOIZE
+                Spend(MemoCells);
                 memo[memo.Count] = Peek();
                 break;
             case (byte)'h': // BINGET
@@ -200,13 +233,19 @@ internal sealed class SafeUnpickler(
                 Push(false);
                 break;
             case (byte)'t': // TUPLE
-                Push(PopMark().ToArray());
-                break;
+                {
+                    var items = PopMark();
+                    Spend(ContainerCells + items.Count);
+                    Push(items.ToArray());
+                    break;
+                }
             case 0x85: // TUPLE1
+                Spend(ContainerCells + 1);
                 Push(new[] { Pop() });
                 break;
             case 0x86: // TUPLE2
                 {
+                    Spend(ContainerCells + 2);
                     var b = Pop();
                     var a = Pop();
                     Push(new[] { a, b });
@@ -214,6 +253,7 @@ internal sealed class SafeUnpickler(
                 }
             case 0x87: // TUPLE3
                 {
+                    Spend(ContainerCells + 3);
                     var c = Pop();
                     var b = Pop();
                     var a = Pop();
@@ -239,6 +279,7 @@ internal sealed class SafeUnpickler(
                 }
             case (byte)'a': // APPEND
                 {
+                    Spend(1);
                     var value = Pop();
                     AsList(Peek(), "APPEND").Add(value);
                     break;
@@ -247,12 +288,17 @@ internal sealed class SafeUnpickler(
             case 0x90: // ADDITEMS (sets are read as lists)
                 {
                     var items = PopMark();
+                    Spend(items.Count);
                     AsList(Peek(), "APPENDS").AddRange(items);
                     break;
                 }
             case 0x91: // FROZENSET
-                Push(PopMark());
-                break;
+                {
+                    var items = PopMark();
+                    Spend(ContainerCells + items.Count);
+                    Push(items);
+                    break;
+                }
             case (byte)'c': // GLOBAL
                 {
                     var module = Line();
@@ -320,6 +366,7 @@ internal sealed class SafeUnpickler(
         switch (callable)
         {
             case PickleCallable.OrderedDict:
+                Spend(ContainerCells);
                 var dict = new Dictionary<string, object?>();
                 if (args.Length == 1)
                     foreach (var pair in AsList(args[0], "OrderedDict"))
@@ -341,20 +388,33 @@ internal sealed class SafeUnpickler(
                 return args[0];
             case PickleCallable.Set:
             case PickleCallable.FrozenSet:
-                return args.Length == 0 ? [] : new List<object?>(AsList(args[0], "set"));
+                {
+                    var items = args.Length == 0 ? [] : AsList(args[0], "set");
+                    Spend(ContainerCells + items.Count);
+                    return new List<object?>(items);
+                }
             case PickleCallable.TorchSize:
                 return args.Length == 1 && args[0] is object?[] dims ? dims : throw Bad("torch.Size called without a tuple");
             case PickleCallable.CodecsEncode:
                 // Protocol 2 pickles a bytes object as _codecs.encode(text, 'latin1').
                 if (args is [string text, "latin1" or "latin-1"])
+                {
+                    SpendChars(text.Length);
                     return Encoding.Latin1.GetBytes(text);
+                }
                 throw Bad("_codecs.encode called with something other than (str, 'latin1')");
             default:
                 throw Bad($"cannot call {Describe(callable)}");
         }
     }
 
-    object New(object? cls, object?[] args) => (cls, args.Length) switch
+    object New(object? cls, object?[] args)
+    {
+        Spend(ContainerCells);
+        return NewObject(cls, args);
+    }
+
+    object NewObject(object? cls, object?[] args) => (cls, args.Length) switch
     {
         (PickleCallable.Namespace, 0) => new PickledNamespace([]),
         (PickleCallable.OrderedDict, 0) => new Dictionary<string, object?>(),
@@ -369,6 +429,7 @@ internal sealed class SafeUnpickler(
                 // Namespace pickles its __dict__ as the BUILD state.
                 if (state is not Dictionary<string, object?> attributes)
                     throw Bad("argparse.Namespace built from something other than a dict");
+                Spend(attributes.Count);
                 foreach (var (k, v) in attributes)
                     ns.Values[k] = v;
                 break;
@@ -385,6 +446,7 @@ internal sealed class SafeUnpickler(
     {
         if (target is not Dictionary<string, object?> dict)
             throw Bad($"SETITEM on {Describe(target)}");
+        Spend(2);
         // Dict keys become strings: state dicts use names, and an optimizer state keys its entries by parameter index.
         dict[key switch
         {
@@ -408,7 +470,105 @@ internal sealed class SafeUnpickler(
     object? Memo(long index) =>
         memo.TryGetValue(index, out var value) ? value : throw Bad($"memo slot {index} was never stored");
 
-    void Push(object? value) => stack.Add(value);
+    void Push(object? value)
+    {
+        Spend(1);
+        stack.Add(value);
+    }
+
+    /// <summary>What a new container costs beyond its slots (its object header and bookkeeping).</summary>
+    const long ContainerCells = 4;
+
+    /// <summary>What a memo entry costs (a dictionary entry: key, value, hash and link).</summary>
+    const long MemoCells = 3;
+
+    void Spend(long n)
+    {
+        cells += n;
+        if (cells > maxCells)
+            throw Bad($"the pickle builds more than {maxCells} values, container slots and memo entries from its {length} bytes (a container bomb?)");
+    }
+
+    void SpendChars(long n)
+    {
+        chars += n;
+        if (chars > maxChars)
+            throw Bad($"the pickle builds more than {maxChars} characters of strings and bytes from its {length} bytes");
+    }
+
+    byte[] Bytes(int count)
+    {
+        SpendChars(count);
+        return Take(count).ToArray();
+    }
+
+    /// <summary>
+    /// Refuses an object that nests containers more than <see cref="MaxDepth"/> deep or contains itself; walks each
+    /// container once (iteratively, so depth cannot overflow this walk's stack), so shared sub-objects cost nothing extra.
+    /// </summary>
+    void CheckNesting(object? root)
+    {
+        // depth[c]: 0 while c is on the walk's path (seeing it again is a cycle), else the depth below it, plus one.
+        var depth = new Dictionary<object, int>(ReferenceEqualityComparer.Instance);
+        var path = new Stack<(object Container, IEnumerator<object?> Children, int Deepest)>();
+        if (!IsContainer(root))
+            return;
+        Enter(root!);
+        while (path.Count > 0)
+        {
+            var (container, children, deepest) = path.Peek();
+            if (children.MoveNext())
+            {
+                var child = children.Current;
+                if (!IsContainer(child))
+                    continue;
+                if (depth.TryGetValue(child!, out var d))
+                {
+                    if (d == 0)
+                        throw new CheckpointFormatException($"{what}: the pickled object contains itself (a {ContainerKind(child!)} holds itself); recursive structures are not read.");
+                    path.Pop();
+                    path.Push((container, children, Math.Max(deepest, d)));
+                    continue;
+                }
+                if (path.Count >= MaxDepth)
+                    throw new CheckpointFormatException($"{what}: the pickled object nests containers more than {MaxDepth} deep.");
+                Enter(child!);
+                continue;
+            }
+            path.Pop();
+            depth[container] = deepest + 1;
+            if (path.Count > 0)
+            {
+                var parent = path.Pop();
+                path.Push((parent.Container, parent.Children, Math.Max(parent.Deepest, deepest + 1)));
+            }
+        }
+
+        void Enter(object container)
+        {
+            depth[container] = 0;
+            path.Push((container, Children(container).GetEnumerator(), 0));
+        }
+    }
+
+    static string ContainerKind(object container) => container switch
+    {
+        List<object?> => "list",
+        object?[] => "tuple",
+        Dictionary<string, object?> => "dict",
+        _ => "argparse.Namespace",
+    };
+
+    static bool IsContainer(object? value) => value is List<object?> or object?[] or Dictionary<string, object?> or PickledNamespace;
+
+    static IEnumerable<object?> Children(object container) => container switch
+    {
+        List<object?> list => list,
+        object?[] tuple => tuple,
+        Dictionary<string, object?> dict => dict.Values,
+        PickledNamespace ns => ns.Values.Values,
+        _ => [],
+    };
 
     object? Peek() => stack.Count > (marks.Count > 0 ? marks.Peek() : 0) ? stack[^1] : throw Bad("stack underflow");
 
@@ -449,6 +609,7 @@ internal sealed class SafeUnpickler(
 
     string Utf8(int count)
     {
+        SpendChars(count);
         try
         {
             return new UTF8Encoding(false, true).GetString(Take(count));
@@ -470,6 +631,6 @@ internal sealed class SafeUnpickler(
     static object Long(ReadOnlySpan<byte> bytes)
     {
         var value = new BigInteger(bytes, isUnsigned: false, isBigEndian: false);
-        return value >= long.MinValue && value <= long.MaxValue ? (long)value : value;
+        return value >= long.MinValue && value <= long.MaxValue ? (object)(long)value : value;
     }
 }

@@ -56,13 +56,21 @@ public sealed class TorchCheckpoint : IDisposable
             Span<byte> magic = stackalloc byte[4];
             var n = stream.Read(magic);
             stream.Position = 0;
+            var budget = new TensorBudget(path, stream.Length);
             if (n >= 2 && magic[0] == 0x80 && !magic[..Math.Min(n, 4)].SequenceEqual("PK\u0003\u0004"u8))
-                return new LegacyReader(ReadAll(stream, path), path).Run();
+                return new LegacyReader(ReadAll(stream, path), path, budget).Run();
             var zip = OpenZip(stream, path, n == 4 && magic.SequenceEqual("PK\u0003\u0004"u8));
             using (zip)
             {
-                var reader = new Reader(zip, path);
-                return reader.Run();
+                try
+                {
+                    return new Reader(zip, path, stream.Length, budget).Run();
+                }
+                catch (Exception e) when (e is InvalidDataException or IOException or NotSupportedException)
+                {
+                    // The central directory is read lazily: a corrupt one shows up at the first look at the entries.
+                    throw new CheckpointFormatException($"{path}: the checkpoint zip is truncated or corrupt ({e.Message.Split('\n')[0]}).", e);
+                }
             }
         }
     }
@@ -89,7 +97,7 @@ public sealed class TorchCheckpoint : IDisposable
         {
             return new ZipArchive(stream, ZipArchiveMode.Read, leaveOpen: true);
         }
-        catch (InvalidDataException e)
+        catch (Exception e) when (e is InvalidDataException or IOException or ArgumentException or NotSupportedException)
         {
             throw new CheckpointFormatException(isZip
                 ? $"{path}: the checkpoint zip is truncated or corrupt ({e.Message})."
@@ -165,8 +173,35 @@ public sealed class TorchCheckpoint : IDisposable
     /// <summary>One storage of the zip, read once and shared by every tensor that views it.</summary>
     sealed record Storage(string Key, StorageType Type, Tensor Data);
 
+    /// <summary>
+    /// How many bytes of tensors one read may build: <see cref="Multiple"/> times the file's size, plus
+    /// <see cref="Slack"/>. A state dict views each storage about once (tied weights twice), so this is generous for
+    /// real checkpoints, while a stride-0 view stretching a few bytes over gigabytes, or one storage rebuilt ten thousand
+    /// times, is refused before anything is allocated.
+    /// </summary>
+    internal sealed class TensorBudget(string path, long fileLength)
+    {
+        /// <summary>The multiple of the file size that the built tensors may reach.</summary>
+        public const long Multiple = 4;
+
+        /// <summary>Bytes allowed beyond the multiple, for tiny files.</summary>
+        public const long Slack = 16L << 20;
+
+        readonly long limit = fileLength > (long.MaxValue - Slack) / Multiple ? long.MaxValue : fileLength * Multiple + Slack;
+        long spent;
+
+        /// <summary>Accounts for <paramref name="bytes"/> more bytes of tensors, or refuses them.</summary>
+        public void Spend(long bytes, string what)
+        {
+            if (bytes < 0 || bytes > limit - spent)
+                throw new CheckpointFormatException(
+                    $"{path}: {what} would bring the tensors built to more than {limit} bytes ({Multiple} times the file's {fileLength} bytes, plus {Slack}); refused as a view bomb.");
+            spent += bytes;
+        }
+    }
+
     /// <summary>One read: the zip entries, the storages read so far and the tensors built.</summary>
-    sealed class Reader(ZipArchive zip, string path)
+    sealed class Reader(ZipArchive zip, string path, long fileLength, TensorBudget budget)
     {
         readonly Dictionary<string, Storage> storages = [];
         readonly List<Tensor> built = [];
@@ -181,7 +216,7 @@ public sealed class TorchCheckpoint : IDisposable
                     ? $"{path}: the zip has no <prefix>/data.pkl entry, so it is not a torch.save checkpoint."
                     : $"{path}: the zip has {pickles.Count} data.pkl entries ({string.Join(", ", pickles.Select(e => e.FullName))}).");
             prefix = pickles[0].FullName[..^"data.pkl".Length];
-            if (zip.GetEntry(prefix + "byteorder") is { } order && System.Text.Encoding.ASCII.GetString(ReadAll(order)).Trim() != "little")
+            if (zip.GetEntry(prefix + "byteorder") is { } order && System.Text.Encoding.ASCII.GetString(ZipEntries.ReadAll(order, path, fileLength, 64)).Trim() != "little")
                 throw new CheckpointFormatException($"{path}: the storages are big-endian; only little-endian checkpoints are read.");
             var pickle = ReadAll(pickles[0]);
             // Intermediate tensors (whole storages, strided views) die with this scope; the built ones are detached.
@@ -192,22 +227,7 @@ public sealed class TorchCheckpoint : IDisposable
             return new TorchCheckpoint(path, root, built);
         }
 
-        byte[] ReadAll(ZipArchiveEntry entry)
-        {
-            try
-            {
-                if (entry.Length > Array.MaxLength)
-                    throw new CheckpointFormatException($"{path}: entry {entry.FullName} is too large ({entry.Length} bytes).");
-                var bytes = new byte[entry.Length];
-                using var s = entry.Open();
-                s.ReadExactly(bytes);
-                return bytes;
-            }
-            catch (Exception e) when (e is InvalidDataException or IOException)
-            {
-                throw new CheckpointFormatException($"{path}: entry {entry.FullName} is truncated or corrupt ({e.Message}).", e);
-            }
-        }
+        byte[] ReadAll(ZipArchiveEntry entry) => ZipEntries.ReadAll(entry, path, fileLength, Array.MaxLength);
 
         /// <summary>torch.save's persistent id for a storage: ('storage', storage type, key, location, numel).</summary>
         object PersistentLoad(object?[] pid)
@@ -224,32 +244,28 @@ public sealed class TorchCheckpoint : IDisposable
             var name = prefix + "data/" + key;
             var entry = zip.GetEntry(name)
                 ?? throw new CheckpointFormatException($"{path}: storage '{key}' ({name}) is missing from the zip.");
-            if (numel < 0 || entry.Length != numel * type.ElementSize)
+            var needed = numel < 0 || numel > long.MaxValue / type.ElementSize ? -1 : numel * type.ElementSize;
+            if (needed < 0)
+                throw new CheckpointFormatException($"{path}: storage '{key}' ({name}) claims {numel} elements of {type.Name}, which no file can hold.");
+            if (entry.Length != needed)
                 throw new CheckpointFormatException(
-                    $"{path}: storage '{key}' ({name}) holds {entry.Length} bytes, but {numel} elements of {type.Name} need {numel * type.ElementSize}.");
+                    $"{path}: storage '{key}' ({name}) holds {entry.Length} bytes, but {numel} elements of {type.Name} need {needed}.");
             if (entry.Length > int.MaxValue)
                 throw new CheckpointFormatException($"{path}: storage '{key}' is {entry.Length} bytes; storages over 2 GiB are not read.");
+            ZipEntries.CheckDeclaredSize(entry, path, fileLength, int.MaxValue);
             var data = torch.empty([numel], type.DType);
-            try
-            {
-                using var s = entry.Open();
-                s.ReadExactly(data.bytes);
-            }
-            catch (Exception e) when (e is InvalidDataException or IOException)
-            {
-                throw new CheckpointFormatException($"{path}: storage '{key}' ({name}) is truncated or corrupt ({e.Message}).", e);
-            }
+            ZipEntries.ReadInto(entry, data.bytes, path);
             var storage = new Storage(key, type, data);
             storages[key] = storage;
             return storage;
         }
 
-        object RebuildTensor(object?[] args) => Rebuild(path, built, args);
+        object RebuildTensor(object?[] args) => Rebuild(path, built, args, budget);
     }
 
     /// <summary>_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]):
     /// a contiguous copy of the strided view, added to <paramref name="built"/>.</summary>
-    static Tensor Rebuild(string path, List<Tensor> built, object?[] args)
+    static Tensor Rebuild(string path, List<Tensor> built, object?[] args, TensorBudget budget)
     {
         if (args is not [Storage storage, long offset, object?[] size, object?[] stride, ..] || args.Length is < 5 or > 7)
             throw new CheckpointFormatException($"{path}: _rebuild_tensor_v2 called with unexpected arguments.");
@@ -257,6 +273,12 @@ public sealed class TorchCheckpoint : IDisposable
         var strides = Longs(stride, "stride", storage.Key);
         if (shape.Length != strides.Length)
             throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} sizes but {strides.Length} strides.");
+        if (shape.Length > SafeTensors.MaxDimensions)
+            throw new CheckpointFormatException($"{path}: a tensor of storage '{storage.Key}' has {shape.Length} dimensions (at most {SafeTensors.MaxDimensions} are read).");
+        // The byte count, refused when it overflows (even with a zero size, as libtorch refuses [0, 2^62, 2^62]).
+        if (!SafeTensors.TryByteCount(shape, storage.Type.ElementSize, out var count))
+            throw new CheckpointFormatException(
+                $"{path}: a tensor of storage '{storage.Key}' has shape [{string.Join(", ", shape)}], whose byte count overflows 64 bits.");
         Tensor tensor;
         if (shape.Contains(0))
             tensor = torch.empty(shape, storage.Type.DType);
@@ -266,7 +288,7 @@ public sealed class TorchCheckpoint : IDisposable
             long last;
             try
             {
-                last = checked(offset + shape.Zip(strides, (n, s) => (n - 1) * s).Sum());
+                last = checked(offset + shape.Zip(strides, (n, s) => checked((n - 1) * s)).Aggregate(0L, (a, b) => checked(a + b)));
             }
             catch (OverflowException)
             {
@@ -276,6 +298,7 @@ public sealed class TorchCheckpoint : IDisposable
             if (offset < 0 || last >= numel)
                 throw new CheckpointFormatException(
                     $"{path}: a tensor of shape [{string.Join(", ", shape)}] at offset {offset} reaches element {last} of storage '{storage.Key}', which holds {numel}.");
+            budget.Spend(count, $"a tensor of shape [{string.Join(", ", shape)}] (strides [{string.Join(", ", strides)}]) over storage '{storage.Key}' of {numel} elements");
             tensor = storage.Data.as_strided(shape, strides, offset).contiguous();
         }
         built.Add(tensor);
@@ -292,7 +315,7 @@ public sealed class TorchCheckpoint : IDisposable
     /// refers to, then, with every storage's place in the file known, to build the object from storages read on
     /// demand, as the zip reader does.
     /// </summary>
-    sealed class LegacyReader(byte[] data, string path)
+    sealed class LegacyReader(byte[] data, string path, TensorBudget budget)
     {
         /// <summary>torch.save's legacy magic number, pickled first.</summary>
         static readonly System.Numerics.BigInteger Magic = System.Numerics.BigInteger.Parse("1950a86a20f9469cfc6c", System.Globalization.NumberStyles.HexNumber);
@@ -343,9 +366,9 @@ public sealed class TorchCheckpoint : IDisposable
                 var numel = BitConverter.ToInt64(data, pos);
                 if (numel != r.Numel)
                     throw Bad($"storage '{key}' holds {numel} elements, but the pickle says {r.Numel}");
+                if (numel < 0 || numel > (data.Length - pos - 8) / r.Type.ElementSize)
+                    throw Bad($"truncated: storage '{key}' needs {(System.Numerics.BigInteger)numel * r.Type.ElementSize} bytes at byte {pos + 8} of {data.Length}");
                 var length = numel * r.Type.ElementSize;
-                if (numel < 0 || length > data.Length - pos - 8)
-                    throw Bad($"truncated: storage '{key}' needs {length} bytes at byte {pos + 8} of {data.Length}");
                 if (length > int.MaxValue)
                     throw Bad($"storage '{key}' is {length} bytes; storages over 2 GiB are not read");
                 offsets[key] = pos + 8;
@@ -357,7 +380,7 @@ public sealed class TorchCheckpoint : IDisposable
 
             // Pass 2: the object, from the storages now located.
             using var scope = torch.NewDisposeScope();
-            var root = new SafeUnpickler(data, $"{path} (object)", Load, args => Rebuild(path, built, args), objectStart).Load();
+            var root = new SafeUnpickler(data, $"{path} (object)", Load, args => Rebuild(path, built, args, budget), objectStart).Load();
             foreach (var t in built)
                 t.DetachFromDisposeScope();
             return new TorchCheckpoint(path, root, built);
@@ -397,8 +420,9 @@ public sealed class TorchCheckpoint : IDisposable
                 case null:
                     return root;
                 case object?[] { Length: 3 } v when v[0] is string viewKey && v[1] is long offset && v[2] is long size:
-                    if (offset < 0 || size < 0 || offset + size > numel)
+                    if (offset < 0 || size < 0 || offset > numel || size > numel - offset)
                         throw Bad($"view '{viewKey}' of storage '{key}' ({size} elements at {offset}) lies outside its {numel} elements");
+                    budget.Spend(size * type.ElementSize, $"view '{viewKey}' of storage '{key}'");
                     // A copy: Rebuild's as_strided offsets count from the start of the view, not of its root.
                     return new Storage(viewKey, type, root.Data.narrow(0, offset, size).clone());
                 default:

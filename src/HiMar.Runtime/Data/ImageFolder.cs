@@ -9,7 +9,8 @@ namespace HiMar.Runtime.Data;
 /// <summary>
 /// Images in the ImageNet layout (one subfolder per class, JPEG or PNG), preprocessed as the reference: the
 /// ADM centre crop (halve with a box filter while the short side is at least twice the target, resize bicubic
-/// so the short side fits, crop the centre). A file that cannot be decoded is skipped with a warning naming it.
+/// so the short side fits, crop the centre). A file that cannot be decoded, or whose header declares more than
+/// <see cref="Imaging.ImageFiles.MaxPixels"/> pixels (checked before decoding), is skipped with a warning naming it.
 /// </summary>
 public sealed class ImageFolder : IImageDataset
 {
@@ -97,7 +98,7 @@ public sealed class ImageFolder : IImageDataset
         var path = files[index].Path;
         try
         {
-            using var image = Image.Load<Rgb24>(path);
+            using var image = Imaging.ImageFiles.Load<Rgb24>(path);
             using var crop = CenterCrop(image, ImageSize);
             var data = new float[3 * ImageSize * ImageSize];
             crop.ProcessPixelRows(rows =>
@@ -120,9 +121,10 @@ public sealed class ImageFolder : IImageDataset
             pixels = data;
             return true;
         }
-        catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or IOException or NotSupportedException)
+        catch (BadInputException e)
         {
-            var message = $"{path}: skipped, cannot be decoded ({e.Message.Split('\n')[0]})";
+            var reason = e.Message.StartsWith(path + ": ", StringComparison.Ordinal) ? e.Message[(path.Length + 2)..].TrimEnd('.') : e.Message;
+            var message = $"{path}: skipped, cannot be decoded ({reason})";
             if (!skipped.Contains(message))
             {
                 skipped.Add(message);
@@ -141,7 +143,7 @@ public sealed class ImageFolder : IImageDataset
         for (var i = 0; i < indices.Count; i++)
         {
             if (!TryLoad(indices[i], out var px))
-                throw new InvalidDataException(skipped[^1]);
+                throw new BadInputException(skipped[^1]);
             var t = torch.tensor(px!, [3, ImageSize, ImageSize]);
             rows.Add(flips[i] ? t.flip(2) : t);
         }

@@ -55,7 +55,7 @@ public static class EvalJob
 
     static Tensor ReadGrey(string path)
     {
-        using var img = Image.Load<L8>(path);
+        using var img = Imaging.ImageFiles.Load<L8>(path);
         var data = new byte[img.Width * img.Height];
         img.CopyPixelDataTo(data);
         using var t = torch.tensor(data, [1, 1, img.Height, img.Width]);

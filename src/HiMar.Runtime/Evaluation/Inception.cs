@@ -140,25 +140,11 @@ public static class InceptionFeatures
         return files;
     }
 
-    /// <summary>One image file as (1, 3, H, W) float32 RGB in [0, 1]; an unreadable file is an
-    /// <see cref="InvalidDataException"/> naming it.</summary>
+    /// <summary>One image file as (1, 3, H, W) float32 RGB in [0, 1]; an unreadable file, or one over
+    /// <see cref="Imaging.ImageFiles.MaxPixels"/> pixels, is a <see cref="BadInputException"/> naming it.</summary>
     public static Tensor ReadImage(string path)
     {
-        Image<Rgb24> image;
-        try
-        {
-            image = Image.Load<Rgb24>(path);
-        }
-        catch (UnknownImageFormatException e)
-        {
-            throw new InvalidDataException($"{path}: not a readable image (unknown or unsupported format).", e);
-        }
-        catch (Exception e) when (e is InvalidImageContentException or NotSupportedException or IOException)
-        {
-            // One line: the decoders' messages can run over several.
-            throw new InvalidDataException($"{path}: not a readable image ({e.Message.Split('\n')[0].Trim()}).", e);
-        }
-        using (image)
+        using (var image = Imaging.ImageFiles.Load<Rgb24>(path))
         {
             var data = new byte[image.Width * image.Height * 3];
             image.CopyPixelDataTo(data);

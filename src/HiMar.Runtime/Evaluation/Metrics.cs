@@ -112,25 +112,44 @@ public static class Metrics
         return (Coverage(r, Radii(r), g), Coverage(g, Radii(g), r));
     }
 
-    /// <summary>Reads the usual reference statistics file: an `.npz` holding float64 or float32 `mu` and `sigma`.</summary>
+    /// <summary>Reads the usual reference statistics file: an `.npz` holding float64 or float32 `mu` (d) and `sigma`
+    /// (d, d). Entries are read as <see cref="Checkpoints.ZipEntries"/> reads them (declared sizes checked, CRC-32
+    /// verified); any problem is a <see cref="BadInputException"/> naming the file.</summary>
     public static FeatureStats ReadNpz(string path)
     {
         try
         {
-            using var zip = ZipFile.OpenRead(path);
-            Tensor Array(string name)
+            using var stream = File.OpenRead(path);
+            using var zip = new ZipArchive(stream, ZipArchiveMode.Read);
+            Tensor Read(string name)
             {
-                var entry = zip.GetEntry(name + ".npy") ?? throw new InvalidDataException($"{path}: no '{name}' array.");
-                using var s = entry.Open();
-                using var ms = new MemoryStream();
-                s.CopyTo(ms);
-                return ParseNpy(ms.ToArray(), $"{path}:{name}");
+                var entry = zip.GetEntry(name + ".npy") ?? throw new BadInputException($"{path}: no '{name}' array.");
+                return ParseNpy(Checkpoints.ZipEntries.ReadAll(entry, path, stream.Length, Array.MaxLength), $"{path}:{name}");
             }
-            return new FeatureStats(Array("mu"), Array("sigma"));
+            var mu = Read("mu");
+            Tensor sigma;
+            try
+            {
+                sigma = Read("sigma");
+            }
+            catch
+            {
+                mu.Dispose();
+                throw;
+            }
+            if (mu.dim() != 1 || sigma.dim() != 2 || sigma.shape[0] != mu.shape[0] || sigma.shape[1] != mu.shape[0])
+            {
+                var shapes = $"mu ({string.Join(", ", mu.shape)}), sigma ({string.Join(", ", sigma.shape)})";
+                mu.Dispose();
+                sigma.Dispose();
+                throw new BadInputException($"{path}: {shapes}; expected mu (d) and sigma (d, d).");
+            }
+            return new FeatureStats(mu, sigma);
         }
-        catch (InvalidDataException e) when (!e.Message.StartsWith(path, StringComparison.Ordinal))
+        catch (InvalidDataException e)
         {
-            throw new InvalidDataException($"{path}: not an .npz archive ({e.Message}).", e);
+            // The zip's own complaints (no central directory, a bad local header).
+            throw new BadInputException($"{path}: not an .npz archive ({e.Message.Split('\n')[0]}).", e);
         }
     }
 
@@ -150,27 +169,29 @@ public static class Metrics
     static Tensor ParseNpy(byte[] b, string what)
     {
         if (b.Length < 10 || b[0] != 0x93 || Encoding.ASCII.GetString(b, 1, 5) != "NUMPY")
-            throw new InvalidDataException($"{what}: not a .npy array.");
-        int headerLen = b[6] == 1 ? BitConverter.ToUInt16(b, 8) : BitConverter.ToInt32(b, 8);
+            throw new BadInputException($"{what}: not a .npy array.");
         int offset = b[6] == 1 ? 10 : 12;
-        var header = Encoding.ASCII.GetString(b, offset, headerLen);
+        long headerLen = b[6] == 1 ? BitConverter.ToUInt16(b, 8) : b.Length >= 12 ? BitConverter.ToUInt32(b, 8) : -1;
+        if (headerLen < 0 || headerLen > b.Length - offset)
+            throw new BadInputException($"{what}: the .npy header is truncated.");
+        var header = Encoding.ASCII.GetString(b, offset, (int)headerLen);
         var descr = Regex.Match(header, @"'descr':\s*'([<>|]?[a-z]\d+)'").Groups[1].Value;
         if (Regex.IsMatch(header, @"'fortran_order':\s*True"))
-            throw new InvalidDataException($"{what}: Fortran-ordered arrays are not read.");
+            throw new BadInputException($"{what}: Fortran-ordered arrays are not read.");
         var shape = Regex.Match(header, @"'shape':\s*\(([^)]*)\)").Groups[1].Value
-            .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(long.Parse).ToArray();
+            .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Select(d => long.TryParse(d, out var v) && v >= 0 ? v : throw new BadInputException($"{what}: shape entry '{d}' is not an integer >= 0.")).ToArray();
         var (type, size) = descr switch
         {
             "<f8" => (ScalarType.Float64, 8),
             "<f4" => (ScalarType.Float32, 4),
-            _ => throw new InvalidDataException($"{what}: dtype '{descr}' is not read (float32 or float64 little-endian)."),
+            _ => throw new BadInputException($"{what}: dtype '{descr}' is not read (float32 or float64 little-endian)."),
         };
-        var data = b.AsSpan(offset + headerLen);
-        var count = shape.Aggregate(1L, (x, y) => x * y);
-        if (data.Length < count * size)
-            throw new InvalidDataException($"{what}: truncated ({data.Length} bytes for {count} values).");
+        var data = b.AsSpan(offset + (int)headerLen);
+        if (!Checkpoints.SafeTensors.TryByteCount(shape, size, out var bytes) || data.Length < bytes)
+            throw new BadInputException($"{what}: truncated ({data.Length} bytes for shape ({string.Join(", ", shape)}) of {descr}).");
         var t = torch.empty(shape, type);
-        data[..(int)(count * size)].CopyTo(t.bytes);
+        data[..(int)bytes].CopyTo(t.bytes);
         return t.to(ScalarType.Float64);
     }
 

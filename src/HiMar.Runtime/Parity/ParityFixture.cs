@@ -134,6 +134,7 @@ public sealed class ParityFixture : IDisposable
     {
         get
         {
+            Checkpoints.ModelConfigs.CheckArguments(ModelConfig, ManifestPath);
             var args = ReferenceArgs.FromJson(ModelConfig);
             if (Manifest["dit_head_sampling_steps"] is { } dit)
                 args["dit_head_sampling_steps"] = dit.GetValue<string>();

@@ -6,7 +6,9 @@ namespace HiMar.Runtime.Parity;
 /// <summary>Reference keyword arguments (JSON or a checkpoint's argparse Namespace) as boxed .NET values.</summary>
 public static class ReferenceArgs
 {
-    /// <summary>Numbers become long or double, strings, booleans, lists of strings string arrays; other values are skipped.</summary>
+    /// <summary>Numbers become long or double, strings, booleans, lists of strings string arrays; other values
+    /// (null, objects, mixed lists) are skipped, so config files are checked first with
+    /// <see cref="Checkpoints.ModelConfigs.CheckArguments"/>, which names them.</summary>
     public static Dictionary<string, object> FromJson(JsonObject o)
     {
         var d = new Dictionary<string, object>();

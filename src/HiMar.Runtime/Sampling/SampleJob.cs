@@ -58,6 +58,9 @@ public sealed record SampleOutput(IReadOnlyList<string> Images, string Grid, IRe
 /// <summary>Samples tokens in batches, decodes them with the tokenizer (VAE or pixel patches) and writes PNG files and a labelled grid.</summary>
 public static class SampleJob
 {
+    /// <summary>The most images one request makes: every tile of the grid is held in memory until it is drawn.</summary>
+    public const int MaxImages = 10000;
+
     /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
     public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
@@ -67,7 +70,11 @@ public static class SampleJob
         if (!text && request.Prompts != null)
             throw new Text.PromptException("this model is conditioned on class labels, not captions (use --class)");
         if (request.Count == 0)
-            throw new ArgumentException("nothing to sample: no labels or prompts");
+            throw new BadInputException("nothing to sample: no labels or prompts");
+        if (request.Count > MaxImages)
+            throw new BadInputException($"{request.Count} images requested; one run makes at most {MaxImages} (split it into runs with other --seed values).");
+        if (request.BatchSize < 1)
+            throw new BadInputException($"--batch: {request.BatchSize} images per batch; give at least 1.");
         foreach (var l in request.Labels)
             if (l < 0 || l > model.Config.ClassNum)
                 throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");

@@ -58,14 +58,17 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
             var file = Path.Combine(dir, node!["file"]!.GetValue<string>());
             var (stream, dataStart, header) = OpenShard(file);
             var shardIndex = shards.Count;
-            if (header["context"]?["dtype"]?.GetValue<string>() != (storage == ScalarType.Float16 ? "F16" : "F32"))
+            var context = Entry(header, "context", file);
+            if (context.DType != (storage == ScalarType.Float16 ? "F16" : "F32"))
                 throw new InvalidDataException($"{file}: `context` is not stored as {manifest["dtype"]}.");
-            shards.Add((stream, dataStart + header["context"]!["data_offsets"]![0]!.GetValue<long>()));
-            var shape = Shape(header, "context", file);
+            shards.Add((stream, dataStart + context.Begin));
+            var shape = context.Shape;
             if (shape.Length != 3 || shape[1] != ContextLength || shape[2] != Width)
                 throw new InvalidDataException($"{file}: context of shape ({string.Join(", ", shape)}), the manifest says (M, {ContextLength}, {Width}).");
             var image = ReadWhole(stream, dataStart, header, "image", file);
             var caption = ReadWhole(stream, dataStart, header, "caption", file);
+            if (image.Length != shape[0] || caption.Length != shape[0])
+                throw new InvalidDataException($"{file}: {shape[0]} context rows, but {image.Length} `image` and {caption.Length} `caption` entries.");
             for (long r = 0; r < shape[0]; r++)
             {
                 var e = image[r];
@@ -257,7 +260,8 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
         }
     }
 
-    static (FileStream, long, JsonObject) OpenShard(string file)
+    /// <summary>Opens a shard and reads its safetensors header, checked as <see cref="SafeTensors.ParseHeader"/> checks it.</summary>
+    static (FileStream, long, Dictionary<string, SafeTensorsEntry>) OpenShard(string file)
     {
         if (!File.Exists(file))
             throw new FileNotFoundException($"{file}: shard listed in the manifest is missing.", file);
@@ -267,14 +271,14 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
             Span<byte> len = stackalloc byte[8];
             stream.ReadExactly(len);
             var n = BinaryPrimitives.ReadInt64LittleEndian(len);
-            if (n <= 0 || n > 100_000_000 || n + 8 > stream.Length)
+            if (n <= 0 || n > SafeTensors.MaxHeaderLength || n + 8 > stream.Length)
                 throw new InvalidDataException($"{file}: not a safetensors file (header length {n}).");
             var headerBytes = new byte[n];
             stream.ReadExactly(headerBytes);
-            var header = JsonNode.Parse(Encoding.UTF8.GetString(headerBytes))?.AsObject() ?? throw new InvalidDataException($"{file}: empty header.");
-            return (stream, 8 + n, header);
+            var entries = SafeTensors.ParseHeader(headerBytes, stream.Length - 8 - n, file, out _);
+            return (stream, 8 + n, entries.ToDictionary(e => e.Name));
         }
-        catch (Exception e) when (e is JsonException or EndOfStreamException)
+        catch (Exception e) when (e is EndOfStreamException)
         {
             stream.Dispose();
             throw new InvalidDataException($"{file}: not a safetensors file ({e.Message}).", e);
@@ -286,17 +290,18 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
         }
     }
 
-    static long[] Shape(JsonObject header, string name, string file) =>
-        header[name]?["shape"]?.AsArray().Select(x => x!.GetValue<long>()).ToArray() ?? throw new InvalidDataException($"{file}: no `{name}` tensor.");
+    static SafeTensorsEntry Entry(Dictionary<string, SafeTensorsEntry> header, string name, string file) =>
+        header.TryGetValue(name, out var entry) ? entry : throw new InvalidDataException($"{file}: no `{name}` tensor.");
 
-    static long[] ReadWhole(FileStream stream, long dataStart, JsonObject header, string name, string file)
+    static long[] ReadWhole(FileStream stream, long dataStart, Dictionary<string, SafeTensorsEntry> header, string name, string file)
     {
-        var entry = header[name] ?? throw new InvalidDataException($"{file}: no `{name}` tensor.");
-        if (entry["dtype"]?.GetValue<string>() != "I64")
+        var entry = Entry(header, name, file);
+        if (entry.DType != "I64")
             throw new InvalidDataException($"{file}: `{name}` is not int64.");
-        var offsets = entry["data_offsets"]!.AsArray().Select(x => x!.GetValue<long>()).ToArray();
-        var bytes = new byte[offsets[1] - offsets[0]];
-        stream.Seek(dataStart + offsets[0], SeekOrigin.Begin);
+        if (entry.End - entry.Begin > Array.MaxLength)
+            throw new InvalidDataException($"{file}: `{name}` is {entry.End - entry.Begin} bytes, too large to read.");
+        var bytes = new byte[entry.End - entry.Begin];
+        stream.Seek(dataStart + entry.Begin, SeekOrigin.Begin);
         stream.ReadExactly(bytes);
         var values = new long[bytes.Length / 8];
         Buffer.BlockCopy(bytes, 0, values, 0, bytes.Length);

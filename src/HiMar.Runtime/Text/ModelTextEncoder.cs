@@ -56,7 +56,7 @@ public static class TextEncoders
     public static ITextEncoder Load(string path, Device? device = null)
     {
         var config = Path.Combine(path, ReferenceImport.ConfigFile);
-        if (Directory.Exists(path) && File.Exists(config) && ModelConfigs.Resolve(config) is { Conditioning: Conditioning.Text, TextEncoder: TextEncoderKind.Builtin })
+        if (Directory.Exists(path) && File.Exists(config) && SaysBuiltinEncoder(config))
         {
             var m = ReferenceImport.LoadModel(path);
             if (device != null)
@@ -64,5 +64,21 @@ public static class TextEncoders
             return new ModelTextEncoder(m, owned: true);
         }
         return ClipTextEncoder.Load(path, device: device);
+    }
+
+    /// <summary>True when a config.json is a himar text model's with the built-in encoder (a CLIP config is not;
+    /// the model's config is checked in full when it loads).</summary>
+    static bool SaysBuiltinEncoder(string config)
+    {
+        try
+        {
+            return System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config)) is System.Text.Json.Nodes.JsonObject o
+                && o["text_encoder"] is System.Text.Json.Nodes.JsonValue v && v.GetValueKind() == System.Text.Json.JsonValueKind.String
+                && v.GetValue<string>() == AblationNames.NameOf(AblationNames.TextEncoders, TextEncoderKind.Builtin);
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return false;
+        }
     }
 }

@@ -10,6 +10,22 @@ public sealed class PromptException(string message) : ArgumentException(message)
 public static class Prompts
 {
     /// <summary>
+    /// Checks captions a person typed (`--prompt`): a caption that is empty, or has no word the built-in encoder
+    /// reads, would silently sample the null condition, so it is refused with the way to ask for that on purpose.
+    /// Errors quote at most <see cref="WordVocabulary.QuotedLength"/> characters, control characters escaped.
+    /// </summary>
+    public static void CheckGiven(IReadOnlyList<string> prompts, HiMarConfig config)
+    {
+        foreach (var p in prompts)
+        {
+            var empty = string.IsNullOrWhiteSpace(p)
+                || (config.Conditioning == Conditioning.Text && config.TextEncoder == TextEncoderKind.Builtin && WordVocabulary.Words(p).Length == 0);
+            if (empty)
+                throw new PromptException($"--prompt {WordVocabulary.Quote(p)}: the caption has no words, which would sample the null condition (no caption) without saying so; to sample it on purpose, use --unconditional instead.");
+        }
+    }
+
+    /// <summary>
     /// The condition of <paramref name="captions"/> for <paramref name="model"/>: word ids for the built-in encoder
     /// (every word must be in its vocabulary), or the context of <paramref name="encoder"/> for an external one.
     /// The empty string is the unconditional caption.

@@ -197,14 +197,26 @@ public sealed class Trainer : IDisposable
                 ?? throw new ArgumentException("the caption source has no empty-caption context, which this model's null context needs");
             model.SetEmptyContext(empty);
         }
-        var latest = resume && comm.IsRoot() ? Checkpoint.Latest(CheckpointsDir) : null;
-        if (latest != null)
-            Restore(latest);
-        else
+        string? latest = null;
+        if (comm.IsRoot())
+        {
+            RemovedDebris = Checkpoint.RemoveDebris(CheckpointsDir);
+            if (resume)
+                latest = RestoreNewestValid();
+        }
+        if (latest == null)
             average.Reset();
+        if (comm.IsRoot())
+            TrimMetrics();
         if (comm.Size > 1)
             ShareState(latest != null);
     }
+
+    /// <summary>The checkpoints a resume skipped, newest first, each "step-N: why" (empty when the newest verified).</summary>
+    public IReadOnlyList<string> SkippedCheckpoints { get; private set; } = [];
+
+    /// <summary>What the start removed of killed runs' debris (staging folders, half-pruned checkpoints).</summary>
+    public IReadOnlyList<string> RemovedDebris { get; private set; } = [];
 
     /// <summary>The model being trained.</summary>
     public HiMAR Model => model;
@@ -412,6 +424,67 @@ public sealed class Trainer : IDisposable
         return s.bytes.ToArray();
     }
 
+    /// <summary>Restores the newest checkpoint that verifies and reads, noting the ones skipped; null when there is
+    /// none at all. When checkpoints exist but none can be used, the run stops rather than start afresh over them.</summary>
+    string? RestoreNewestValid()
+    {
+        var skipped = new List<string>();
+        foreach (var dir in Checkpoint.Steps(CheckpointsDir).Reverse())
+        {
+            try
+            {
+                Checkpoint.Verify(dir);
+                Restore(dir);
+                SkippedCheckpoints = skipped;
+                return dir;
+            }
+            catch (Exception e) when (e is HiMarException or JsonException or InvalidOperationException or FormatException
+                or KeyNotFoundException or NullReferenceException or IOException)
+            {
+                skipped.Add($"{Path.GetFileName(dir)}: {Failures.OneLine(e.Message.Replace(dir + Path.DirectorySeparatorChar, ""))}");
+            }
+        }
+        SkippedCheckpoints = skipped;
+        if (skipped.Count > 0)
+            throw new CheckpointFormatException($"{CheckpointsDir}: no checkpoint can be resumed ({string.Join("; ", skipped)}); move the folder away to train afresh.");
+        return null;
+    }
+
+    /// <summary>Drops the metrics lines after the step the run starts from (steps a killed run logged and this one
+    /// repeats) and unreadable ones (a line cut by the kill); the loss curve continues from the lines kept.</summary>
+    void TrimMetrics()
+    {
+        var path = Path.Combine(options.OutDir, "metrics.jsonl");
+        if (!File.Exists(path))
+            return;
+        var kept = new List<string>();
+        var dropped = 0;
+        foreach (var line in File.ReadLines(path))
+        {
+            int? logged = null;
+            double? loss = null;
+            try
+            {
+                var o = JsonNode.Parse(line) as JsonObject;
+                logged = o?["step"]?.GetValue<int>();
+                loss = o?["loss"]?.GetValue<double>();
+            }
+            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
+            {
+            }
+            if (logged is { } st && st <= step)
+            {
+                kept.Add(line);
+                if (loss is { } l)
+                    curve.Add((st, l));
+            }
+            else
+                dropped++;
+        }
+        if (dropped > 0)
+            AtomicFile.WriteText(path, string.Concat(kept.Select(l => l + "\n")));
+    }
+
     void Restore(string dir)
     {
         var stateJson = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, Checkpoint.StateFile)))!.AsObject();
@@ -420,6 +493,7 @@ public sealed class Trainer : IDisposable
         var opt = SafeTensors.Load(Path.Combine(dir, Checkpoint.OptimizerFile));
         try
         {
+            FiniteWeights.Require(opt, Path.Combine(dir, Checkpoint.OptimizerFile));
             optimizer.LoadState(opt, stateJson["optimizer_steps"]!.GetValue<long>(), Path.Combine(dir, Checkpoint.OptimizerFile));
         }
         finally
