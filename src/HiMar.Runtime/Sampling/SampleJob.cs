@@ -153,8 +153,8 @@ public static class SampleJob
     public static readonly Rgb24 DecidedColor = new(255, 120, 0);
 
     /// <summary>
-    /// Per image, the run step by step: a first row with the pivot grid after every phase-1 step and a second with
-    /// the image after every phase-2 step, each with the tokens decided at that step outlined.
+    /// Per image, the run step by step: rows with the pivot grid after every phase-1 step, then rows with the image
+    /// after every phase-2 step, each with the tokens decided at that step outlined.
     /// </summary>
     static IEnumerable<string> Explain(ITokenizer vae, SampleResult result, SampleRequest request, int start, int count, int side)
     {
@@ -164,7 +164,9 @@ public static class SampleJob
         var decoded = steps.Select(st => Images.FromTensor(vae.Decode(st.Phase == 1 ? st.Pivots : st.Dense, precision))).ToList();
         var decided = steps.Select(st => st.Decided.cpu().data<bool>().ToArray()).ToList(); // (B * g * g) each
         var phase1 = steps.Count(st => st.Phase == 1);
-        var columns = Math.Max(phase1, steps.Count - phase1);
+        // At most 16 tiles a row (phase 1 of the reference's 4 x cond_scale steps wraps); phase 2 starts a new row.
+        var columns = Math.Min(16, Math.Max(phase1, steps.Count - phase1));
+        var phase1Cells = (phase1 + columns - 1) / columns * columns;
         try
         {
             for (var i = 0; i < count; i++)
@@ -177,7 +179,7 @@ public static class SampleJob
                     {
                         var st = steps[k];
                         if (st.Phase == 2 && k == phase1)
-                            for (var pad = phase1; pad < columns; pad++) // finish the phase-1 row with blanks
+                            for (var pad = phase1; pad < phase1Cells; pad++) // finish the phase-1 rows with blanks
                             {
                                 tiles.Add(new Image<Rgb24>(side, side, new Rgb24(255, 255, 255)));
                                 captions.Add("");
