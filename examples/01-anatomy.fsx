@@ -1,5 +1,5 @@
-// The anatomy of Hi-MAR: build a small model, look at its modules, shapes and parameter counts, and run one
-// forward pass of each phase. Build first (`dotnet build -c Release`), then:
+// The anatomy of Hi-MAR: build a small model, look at its modules, shapes and parameter counts, run one
+// forward pass of each phase, then the whole two-phase sampling loop, step by step. Build first (`dotnet build -c Release`), then:
 //   dotnet fsi examples/01-anatomy.fsx
 #r "../src/HiMar.Cli/bin/Release/net10.0/TorchSharp.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Model.dll"
@@ -106,3 +106,38 @@ printfn
     (losses.Phase1.item<float32> ())
     (losses.Phase2.item<float32> ())
     (losses.Total.item<float32> ())
+
+// 6. The sampling loop: both phases end to end (src/HiMar.Runtime/Sampling/HiMarSampler.cs). Phase 1 decides a
+// few pivots per step in a random order (a cosine schedule: few early, more later), each drawn by the MLP head;
+// phase 2 regenerates the dense grid with the Transformer head and keeps more tokens at every step. OnStep sees
+// each step as it happens. The weights are random here, so the tokens are noise; the bookkeeping is the real
+// one (examples/02-sample.fsx samples the trained model).
+model.eval ()
+
+let options =
+    HiMar.Runtime.Sampling.SamplerOptions(
+        Phase1Steps = System.Nullable 6,
+        Phase2Steps = 3,
+        Cfg = 2.0,
+        ReCfg = 2.0,
+        MlpHeadSteps = "ddim5",
+        DitHeadSteps = "ddim5",
+        OnStep =
+            fun step ->
+                printfn
+                    "phase %d, step %d of %d: %2d tokens decided now, %2d of %d known"
+                    step.Phase
+                    (step.Step + 1)
+                    step.Steps
+                    (step.Decided.[0].sum().item<int64> ())
+                    (step.Known.[0].sum().item<int64> ())
+                    (step.Known.[0].numel ())
+    )
+
+printfn "\nSampling one image of class 3 (guided in both phases):"
+let noise = new HiMar.Runtime.Sampling.SeededNoise(0L, 0L, 1)
+
+let result =
+    HiMar.Runtime.Sampling.HiMarSampler.Sample(model, torch.tensor [| 3L |], noise, options)
+
+printfn "pivots %A, dense tokens %A" result.SmallTokens.shape result.BigTokens.shape

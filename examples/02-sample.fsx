@@ -1,36 +1,55 @@
-// Sampling from F# Interactive: load a model and a VAE, generate, look at the grid.
-// Build first (`dotnet build -c Release`), then: dotnet fsi examples/02-sample.fsx
+// Sampling from F# Interactive: the shipped Fashion-MNIST model (models/fashion, trained here), every class, with
+// a strip per image that shows both phases step by step. Build first (`dotnet build -c Release`), then:
+//   dotnet fsi examples/02-sample.fsx
 // With the published weights, import them once (`himar import checkpoint-last.pth --out hi-mar-b`,
-// `himar import kl16.ckpt --out kl16`) and point the two paths below at those folders.
+// `himar import kl16.ckpt --out kl16`), load them with ReferenceImport.LoadModel "hi-mar-b" and decode with
+// VaeTokenizer(ReferenceImport.LoadVae "kl16") instead of the pixel patches below.
 #r "../src/HiMar.Cli/bin/Release/net10.0/TorchSharp.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Model.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Runtime.dll"
 
 open HiMar.Runtime.Checkpoints
+open HiMar.Runtime.Data
 open HiMar.Runtime.Sampling
 
 HiMar.Runtime.Native.TorchNative.EnsureLoaded()
 
-// The shared parity fixture: a tiny model with random-ish weights, so expect textures, not objects.
-let fixture =
-    System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "..", "shared", "fixtures", "parity", "tiny")
+// The shipped model: config.json, weights.safetensors and sampling.json (its recommended guidance and temperature).
+let modelDir =
+    System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "models", "fashion")
 
-let model =
-    ReferenceImport.LoadModel(System.IO.Path.Combine(fixture, "checkpoint-last.pth"))
+let model = ReferenceImport.LoadModel modelDir
+let recommended = SamplerSettings.Defaults modelDir
 
-let vae = ReferenceImport.LoadVae(System.IO.Path.Combine(fixture, "vae.ckpt"))
+// Its tokens are 4x4 pixel patches: no VAE to load.
+let tokenizer = PixelPatchTokenizer.Fashion
 
 let options =
-    SamplerOptions(Cfg = 2.5, ReCfg = 2.7, MlpHeadSteps = "ddim10", DitHeadSteps = "ddim10")
+    SamplerOptions(
+        Cfg = recommended.["cfg"],
+        ReCfg = recommended.["re_cfg"],
+        Temperature = recommended.["temperature"],
+        Phase2Steps = int recommended.["num_iter"],
+        ClipDenoised = true
+    )
+
+printfn "sampling with %O" (SamplerSettings.Describe(options, model.Config))
 
 let request =
     SampleRequest(
-        Labels = ResizeArray [ 1L; 4L; 7L; 9L ],
+        Labels = ResizeArray [ 0L .. 9L ],
+        ClassNames = IdxDataset.FashionClasses,
+        Columns = 5,
         Seed = 0L,
         OutDir = "samples-fsi",
         Explain = true,
         Options = options
     )
 
-let output = SampleJob.Run(model, HiMar.Runtime.Data.VaeTokenizer vae, request)
+let output = SampleJob.Run(model, tokenizer, request)
+
 printfn "%d images in %.1f s; grid: %s" output.Images.Count output.Seconds output.Grid
+printfn "strips (the pivots after every phase-1 step, then every dense step; decided tokens outlined):"
+
+for strip in output.Explanations do
+    printfn "  %s" strip

@@ -118,7 +118,8 @@ type SampleArgs =
             | Batch _ -> "images per batch (default 8)."
             | Device _ -> "cpu (default), cuda or cuda:N."
             | Out _ -> "output folder (default samples/), or a .png path to write only the grid."
-            | Explain -> "also write per image a strip: decoded pivots, then the image after every dense step."
+            | Explain ->
+                "also write per image a strip: the pivots after every phase-1 step, then the image after every phase-2 step, the tokens decided at each step outlined."
             | Clip -> "clamp predicted x0 to [-1, 1] (on by default for pixel-space models; else from sampling.json)."
             | Weights _ -> "ema (default) or model, for training checkpoint folders and .pth files."
 
@@ -485,6 +486,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<AblationArgs>
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptionsArgs>
     | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLossArgs>
+    | [<CliPrefix(CliPrefix.None)>] Serve of ParseResults<Serve.ServeArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -506,6 +508,7 @@ type HimarArgs =
             | Embed_Captions _ ->
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
             | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
+            | Serve _ -> "a page on 127.0.0.1:8080 that shows the shipped models generate, step by step."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -1749,6 +1752,7 @@ let main argv =
             | Ablation a -> ablation a
             | Embed_Captions a -> embedCaptions a
             | Plot_Loss a -> plotLoss a
+            | Serve a -> Serve.run a
             | Bench b ->
                 match b.GetSubCommand() with
                 | BenchArgs.Sample a -> benchSample a

@@ -36,4 +36,6 @@ let main argv =
                 PrecisionTests.tests
                 HardeningTests.tests
                 ReaderFuzzTests.tests
+                ServeTests.tests
+                BrowserTests.tests
             ])

@@ -21,6 +21,11 @@ public interface ITokenizer
     /// <summary>As <see cref="Decode(Tensor)"/> with the decoder's products in <paramref name="precision"/>;
     /// tokenizers without a network ignore it.</summary>
     Tensor Decode(Tensor grid, Precision precision) => Decode(grid);
+
+    /// <summary>Where the tokens of a <paramref name="grid"/> x <paramref name="grid"/> token grid lie in its decoded
+    /// image of side <paramref name="imageSide"/>: token (row, col) covers pixels from Offset + col x Cell (and the
+    /// same for rows), Cell wide. A VAE's tokens tile the image evenly.</summary>
+    (double Offset, double Cell) TokenCells(long grid, int imageSide) => (0.0, (double)imageSide / grid);
 }
 
 /// <summary>
@@ -65,6 +70,14 @@ public sealed class PixelPatchTokenizer(int imageSide, int paddedSide, int patch
         var crop = (int)((paddedSide - imageSide) / 2 * full / paddedSide);
         var side = full - 2 * crop;
         return img.narrow(2, crop, side).narrow(3, crop, side).clamp(-1, 1).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc/>
+    public (double Offset, double Cell) TokenCells(long grid, int imageSide)
+    {
+        // Decode crops the padding: the grid's first token starts that many pixels left of the image.
+        var full = grid * patch;
+        return (-(full - imageSide) / 2.0, patch);
     }
 }
 

@@ -60,6 +60,31 @@ public static class Images
         return grid;
     }
 
+    /// <summary>
+    /// Outlines tokens on an image decoded from a <paramref name="grid"/> x <paramref name="grid"/> token grid:
+    /// <paramref name="marked"/> holds grid x grid flags, row-major; token (r, c) covers the pixels from
+    /// (offset + c x cell) x scale to (offset + (c + 1) x cell) x scale, and likewise for rows, where
+    /// <paramref name="scale"/> is the factor by which the decoded image was enlarged. Draws in place, clipped.
+    /// </summary>
+    public static void OutlineTokens(Image<Rgb24> image, ReadOnlySpan<bool> marked, int grid, double offset, double cell, double scale, Rgb24 color, int thickness = 2)
+    {
+        for (var r = 0; r < grid; r++)
+            for (var c = 0; c < grid; c++)
+            {
+                if (!marked[r * grid + c])
+                    continue;
+                int x0 = (int)Math.Round((offset + c * cell) * scale), x1 = (int)Math.Round((offset + (c + 1) * cell) * scale) - 1;
+                int y0 = (int)Math.Round((offset + r * cell) * scale), y1 = (int)Math.Round((offset + (r + 1) * cell) * scale) - 1;
+                for (var y = y0; y <= y1; y++)
+                    for (var x = x0; x <= x1; x++)
+                    {
+                        var edge = x - x0 < thickness || x1 - x < thickness || y - y0 < thickness || y1 - y < thickness;
+                        if (edge && x >= 0 && y >= 0 && x < image.Width && y < image.Height)
+                            image[x, y] = color;
+                    }
+            }
+    }
+
     /// <summary>A horizontal strip of tiles (each resized to <paramref name="side"/>) with captions, for `--explain`.</summary>
     public static Image<Rgb24> Strip(IReadOnlyList<Image<Rgb24>> tiles, IReadOnlyList<string> captions, int side)
     {

@@ -55,6 +55,13 @@ public sealed record SamplerOptions
     public bool KeepIntermediates { get; init; }
 
     /// <summary>
+    /// Called after every generation step of either phase with that step's token grids (for live displays such as
+    /// `himar serve`). The tensors live only during the call: copy or decode what you keep. An exception thrown here
+    /// (an <see cref="OperationCanceledException"/>, say) ends the run.
+    /// </summary>
+    public Action<SamplerStep>? OnStep { get; init; }
+
+    /// <summary>
     /// The precision of the networks' products (backbone, both heads, VAE decoder). The diffusion arithmetic
     /// (schedules, posterior means, x_t updates, the guidance combination), the noise and the tokens between steps
     /// stay in the model's own dtype (fp32) in either precision.
@@ -116,22 +123,49 @@ public static class SamplerSettings
 /// <param name="DiffusionSteps">Diffusion steps per generation step.</param>
 public readonly record struct SamplerProgress(int Phase, int Step, int Steps, int DiffusionStep, int DiffusionSteps);
 
+/// <summary>One generation step as it happened.</summary>
+/// <param name="Phase">1 (pivots) or 2 (dense tokens).</param>
+/// <param name="Step">The generation step within the phase (0-based).</param>
+/// <param name="Steps">Generation steps in the phase.</param>
+/// <param name="Pivots">The pivot grid after the step (B, C, s, s); pivots not yet decided are zero.</param>
+/// <param name="Dense">The dense grid after the step (B, C, g, g); zero in phase 1.</param>
+/// <param name="Decided">The tokens of this phase's grid decided at this step (B, s, s) or (B, g, g), bool.</param>
+/// <param name="Known">The tokens of this phase's grid decided at this step or before (same shape), bool.</param>
+public sealed record SamplerStep(int Phase, int Step, int Steps, Tensor Pivots, Tensor Dense, Tensor Decided, Tensor Known) : IDisposable
+{
+    /// <summary>Disposes every tensor.</summary>
+    public void Dispose()
+    {
+        Pivots.Dispose();
+        Dense.Dispose();
+        Decided.Dispose();
+        Known.Dispose();
+    }
+
+    /// <summary>Keeps every tensor alive past the current dispose scope.</summary>
+    internal SamplerStep MoveToOuterDisposeScope()
+    {
+        Pivots.MoveToOuterDisposeScope();
+        Dense.MoveToOuterDisposeScope();
+        Decided.MoveToOuterDisposeScope();
+        Known.MoveToOuterDisposeScope();
+        return this;
+    }
+}
+
 /// <summary>The tokens of one run. The caller owns (and disposes) the tensors.</summary>
 /// <param name="SmallTokens">Pivot latents (B, C, s, s).</param>
 /// <param name="BigTokens">Dense latents (B, C, g, g).</param>
-/// <param name="Intermediates">With <see cref="SamplerOptions.KeepIntermediates"/>: (phase, step, pivots, dense tokens) after each step.</param>
-public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnlyList<(int Phase, int Step, Tensor Pivots, Tensor Dense)> Intermediates) : IDisposable
+/// <param name="Intermediates">With <see cref="SamplerOptions.KeepIntermediates"/>: every step of both phases, in order.</param>
+public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnlyList<SamplerStep> Intermediates) : IDisposable
 {
     /// <summary>Disposes every tensor.</summary>
     public void Dispose()
     {
         SmallTokens.Dispose();
         BigTokens.Dispose();
-        foreach (var (_, _, p, d) in Intermediates)
-        {
-            p.Dispose();
-            d.Dispose();
-        }
+        foreach (var step in Intermediates)
+            step.Dispose();
     }
 }
 
@@ -166,11 +200,8 @@ public static class HiMarSampler
             var result = Run(model, condition, noise, options, progress);
             result.SmallTokens.MoveToOuterDisposeScope();
             result.BigTokens.MoveToOuterDisposeScope();
-            foreach (var (_, _, p, d) in result.Intermediates)
-            {
-                p.MoveToOuterDisposeScope();
-                d.MoveToOuterDisposeScope();
-            }
+            foreach (var step in result.Intermediates)
+                step.MoveToOuterDisposeScope();
             return result;
         }
         finally
@@ -204,7 +235,7 @@ public static class HiMarSampler
         var ditHead = cfg.Phase2 == Phase2Head.Transformer;
         var mlpDiffusion = s > 0 || !ditHead ? Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg) : null;
         var ditDiffusion = ditHead ? Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg) : null;
-        var intermediates = new List<(int, int, Tensor, Tensor)>();
+        var intermediates = new List<SamplerStep>();
 
         var classEmb = model.ConditionEmbedding(OnDevice(condition, dev)); // (B, E) or (B, L, E)
         var uncondEmb = model.NullEmbedding(b);
@@ -244,8 +275,12 @@ public static class HiMarSampler
             Replace(ref smallZ, newSmallZ);
             Replace(ref condTok, newCond);
             Replace(ref mask, maskNext);
-            if (o.KeepIntermediates)
-                intermediates.Add((1, step, ToGrid(condTok, side).MoveToOuterDisposeScope(), ToGrid(tokens, g).MoveToOuterDisposeScope()));
+            if (o.KeepIntermediates || o.OnStep != null)
+            {
+                // (B, S) -> (B, s, s): the pivots chosen now, and every pivot chosen so far.
+                var known = pivMask.logical_not().logical_or(toPred);
+                Report(o, intermediates, new SamplerStep(1, step, steps1, ToGrid(condTok, side), ToGrid(tokens, g), toPred.reshape(b, side, side), known.reshape(b, side, side)));
+            }
         }
 
         var smallTokens = s > 0 ? ToGrid(condTok, side) : torch.zeros(b, c, 0, 0, dtype: dtype, device: dev);
@@ -293,9 +328,15 @@ public static class HiMarSampler
                 newTokens = tokens.masked_scatter(toPred.unsqueeze(-1), sampledCond);
             }
             Replace(ref tokens, newTokens);
+            if (o.KeepIntermediates || o.OnStep != null)
+            {
+                // (B, N) -> (B, g, g): the dense tokens leaving the mask now (every remaining one at the last step).
+                var unknownB = unknown.narrow(0, 0, b);
+                var decided = step == steps2 - 1 ? unknownB : unknownB.logical_and(maskNext.narrow(1, s, n).to(ScalarType.Bool).logical_not());
+                var known = unknownB.logical_not().logical_or(decided);
+                Report(o, intermediates, new SamplerStep(2, step, steps2, smallTokens.clone(), ToGrid(tokens, g), decided.reshape(b, g, g), known.reshape(b, g, g)));
+            }
             Replace(ref mask, maskNext);
-            if (o.KeepIntermediates)
-                intermediates.Add((2, step, smallTokens.clone().MoveToOuterDisposeScope(), ToGrid(tokens, g).MoveToOuterDisposeScope()));
         }
 
         var bigTokens = ToGrid(tokens, g);
@@ -309,6 +350,14 @@ public static class HiMarSampler
         Condition.Context x => Condition.NewContext(x.context.to(dev)),
         _ => throw new ArgumentException("unknown condition"),
     };
+
+    /// <summary>Hands a step to the caller's callback, and keeps it (past the step's scope) when asked to.</summary>
+    static void Report(SamplerOptions o, List<SamplerStep> intermediates, SamplerStep step)
+    {
+        o.OnStep?.Invoke(step);
+        if (o.KeepIntermediates)
+            intermediates.Add(step.MoveToOuterDisposeScope());
+    }
 
     /// <summary>Swaps in a tensor computed inside a step's scope, keeping it alive past that scope.</summary>
     static void Replace(ref Tensor state, Tensor next)

@@ -149,33 +149,64 @@ public static class SampleJob
         return slug.Length == 0 ? "uncond" : slug[..Math.Min(40, slug.Length)];
     }
 
+    /// <summary>The colour that marks the tokens decided at a step in explanation strips and in `himar serve`.</summary>
+    public static readonly Rgb24 DecidedColor = new(255, 120, 0);
+
+    /// <summary>
+    /// Per image, the run step by step: rows with the pivot grid after every phase-1 step, then rows with the image
+    /// after every phase-2 step, each with the tokens decided at that step outlined.
+    /// </summary>
     static IEnumerable<string> Explain(ITokenizer vae, SampleResult result, SampleRequest request, int start, int count, int side)
     {
-        // Decode the pivots once (a plain MAR model has none) and the dense tokens after every phase-2 step.
-        var hasPivots = result.SmallTokens.numel() > 0;
         var precision = request.Options.Precision;
-        var pivots = hasPivots ? Images.FromTensor(vae.Decode(result.SmallTokens, precision)) : [];
-        var dense = result.Intermediates.Where(x => x.Phase == 2).Select(x => Images.FromTensor(vae.Decode(x.Dense, precision))).ToList();
+        var steps = result.Intermediates;
+        // Each step's grid of its own phase, decoded: the pivots in phase 1, the dense tokens in phase 2.
+        var decoded = steps.Select(st => Images.FromTensor(vae.Decode(st.Phase == 1 ? st.Pivots : st.Dense, precision))).ToList();
+        var decided = steps.Select(st => st.Decided.cpu().data<bool>().ToArray()).ToList(); // (B * g * g) each
+        var phase1 = steps.Count(st => st.Phase == 1);
+        // At most 16 tiles a row (phase 1 of the reference's 4 x cond_scale steps wraps); phase 2 starts a new row.
+        var columns = Math.Min(16, Math.Max(phase1, steps.Count - phase1));
+        var phase1Cells = (phase1 + columns - 1) / columns * columns;
         try
         {
             for (var i = 0; i < count; i++)
             {
-                var tiles = hasPivots ? new List<Image<Rgb24>> { pivots[i] } : [];
-                var captions = hasPivots ? new List<string> { "pivots" } : [];
-                for (var s = 0; s < dense.Count; s++)
+                var tiles = new List<Image<Rgb24>>();
+                var captions = new List<string>();
+                try
                 {
-                    tiles.Add(dense[s][i]);
-                    captions.Add($"step {s + 1}");
+                    for (var k = 0; k < steps.Count; k++)
+                    {
+                        var st = steps[k];
+                        if (st.Phase == 2 && k == phase1)
+                            for (var pad = phase1; pad < phase1Cells; pad++) // finish the phase-1 rows with blanks
+                            {
+                                tiles.Add(new Image<Rgb24>(side, side, new Rgb24(255, 255, 255)));
+                                captions.Add("");
+                            }
+                        var image = decoded[k][i];
+                        var grid = (int)st.Decided.shape[1];
+                        var (offset, cell) = vae.TokenCells(grid, image.Width);
+                        var tile = Images.Resize(image, side);
+                        Images.OutlineTokens(tile, decided[k].AsSpan(i * grid * grid, grid * grid), grid, offset, cell, (double)side / image.Width, DecidedColor);
+                        tiles.Add(tile);
+                        captions.Add(st.Phase == 1 ? $"pivots {st.Step + 1}" : $"dense {st.Step + 1}");
+                    }
+                    using var strip = Images.Grid(tiles, captions, columns);
+                    var path = Path.Combine(request.OutDir, "explain", $"{start + i:D4}.png");
+                    Images.SavePng(strip, path);
+                    yield return path;
                 }
-                using var strip = Images.Strip(tiles, captions, side);
-                var path = Path.Combine(request.OutDir, "explain", $"{start + i:D4}.png");
-                Images.SavePng(strip, path);
-                yield return path;
+                finally
+                {
+                    foreach (var t in tiles)
+                        t.Dispose();
+                }
             }
         }
         finally
         {
-            foreach (var img in pivots.Concat(dense.SelectMany(d => d)))
+            foreach (var img in decoded.SelectMany(d => d))
                 img.Dispose();
         }
     }
