@@ -479,10 +479,26 @@ let cliTests =
                     Expect.equal (Directory.GetFileSystemEntries tmp) [| aFile |] "nothing written")
             }
 
-            test "Argu's own usage errors stay exit code 2" {
-                let o = himar [ "sample"; "--batch"; "many" ]
-                Expect.equal o.Code 2 "exit code"
-                Expect.isFalse (o.Err.Contains "   at ") "no stack trace"
+            test "Argu's own usage errors are one line with exit code 2, at every stage of parsing" {
+                expectFailure
+                    (himar [ "sample"; "--batch"; "many" ])
+                    2
+                    "parameter '--batch' must be followed by <size>, but was 'many' (see 'himar sample --help')"
+
+                // a missing main argument is found after parsing (Argu's own code for it would be 3)
+                expectFailure (himar [ "plot-loss" ]) 2 "missing argument '<run>...'"
+                expectFailure (himar [ "bogus" ]) 2 "unrecognized argument: 'bogus'"
+                let help = himar [ "plot-loss"; "--help" ]
+                Expect.equal help.Code 0 "--help succeeds"
+                Expect.stringContains help.Out "USAGE: himar plot-loss" "usage on stdout"
+            }
+
+            test "an unknown --preset names the shipped models, in sample and eval alike" {
+                for cmd in [ "sample"; "eval" ] do
+                    expectFailure
+                        (himar [ cmd; "--preset"; "nope" ])
+                        2
+                        "--preset: no shipped model 'nope' (shipped: fashion, fashion-text)"
             }
 
             test "--device cuda without a GPU is an environment failure (3)" {
