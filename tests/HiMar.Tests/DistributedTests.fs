@@ -133,34 +133,6 @@ let private mpiHimar (args: string list) =
 
 let private himar (args: string list) = run "dotnet" (himarDll :: args)
 
-let private bigEndian (v: int) =
-    [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-
-/// An IDX folder of `count` random 28x28 images in 10 classes, named as Fashion-MNIST's training files.
-let private writeIdx (dir: string) (count: int) =
-    Directory.CreateDirectory dir |> ignore
-    let rng = Random(3)
-    let pixels = Array.zeroCreate<byte> (count * 28 * 28)
-    rng.NextBytes pixels
-
-    let write (name: string) (bytes: byte[]) =
-        use f = File.Create(Path.Combine(dir, name))
-        use gz = new GZipStream(f, CompressionLevel.Fastest)
-        gz.Write(bytes, 0, bytes.Length)
-
-    write
-        "train-images-idx3-ubyte.gz"
-        (Array.concat [ bigEndian 0x803; bigEndian count; bigEndian 28; bigEndian 28; pixels ])
-
-    write
-        "train-labels-idx1-ubyte.gz"
-        (Array.concat
-            [
-                bigEndian 0x801
-                bigEndian count
-                [| for i in 0 .. count - 1 -> byte (i % 10) |]
-            ])
-
 /// The tensors of a safetensors file by name.
 let private load (path: string) =
     HiMar.Runtime.Checkpoints.SafeTensors.Load path

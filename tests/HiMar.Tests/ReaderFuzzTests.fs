@@ -709,9 +709,6 @@ let private pthTests =
 // ---------------------------------------------------------------------------------------------------------------
 // IDX (gzip)
 
-let private bigEndian (v: int) =
-    [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-
 let private gzip (bytes: byte array) =
     use ms = new MemoryStream()
 

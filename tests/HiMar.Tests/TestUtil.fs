@@ -3,6 +3,7 @@ module HiMar.Tests.TestUtil
 
 open System
 open System.IO
+open System.IO.Compression
 open Expecto
 open TorchSharp
 
@@ -52,6 +53,35 @@ let shapeOf (t: torch.Tensor) = List.ofArray t.shape
 /// Hand-written legacy `torch.save` streams (PyTorch 0.4 to 1.5, the format of pytorch-fid's Inception weights):
 /// pickled magic number, protocol version and system facts, the pickled object with persistent ids, the pickled
 /// storage keys, then per storage an int64 element count and the raw little-endian data. No Python runs here.
+/// The 4 big-endian bytes of an int (IDX headers).
+let bigEndian (v: int) =
+    [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
+
+/// An IDX folder of `count` random 28x28 images in 10 classes, named as Fashion-MNIST's training files.
+let writeIdx (dir: string) (count: int) =
+    Directory.CreateDirectory dir |> ignore
+    let rng = Random(3)
+    let pixels = Array.zeroCreate<byte> (count * 28 * 28)
+    rng.NextBytes pixels
+
+    let write (name: string) (bytes: byte[]) =
+        use f = File.Create(Path.Combine(dir, name))
+        use gz = new GZipStream(f, CompressionLevel.Fastest)
+        gz.Write(bytes, 0, bytes.Length)
+
+    write
+        "train-images-idx3-ubyte.gz"
+        (Array.concat [ bigEndian 0x803; bigEndian count; bigEndian 28; bigEndian 28; pixels ])
+
+    write
+        "train-labels-idx1-ubyte.gz"
+        (Array.concat
+            [
+                bigEndian 0x801
+                bigEndian count
+                [| for i in 0 .. count - 1 -> byte (i % 10) |]
+            ])
+
 module LegacyPth =
     let private str (s: string) =
         let b = Text.Encoding.UTF8.GetBytes s
