@@ -15,21 +15,21 @@ torch.manual_seed 0L |> ignore
 // pivots (S = 16, the latent of a 64x64 image), 2 + 2 blocks of width 64, both diffusion heads tiny.
 let config =
     { HiMarConfig.hiMarB with
-        ImgSize = 128
-        EncoderEmbedDim = 64
-        EncoderDepth = 2
-        EncoderNumHeads = 4
-        DecoderEmbedDim = 64
-        DecoderDepth = 2
-        DecoderNumHeads = 4
-        ClassNum = 10
-        BufferSize = 4
-        CondScale = 4
-        DiffLossD = 2
-        DiffLossW = 96
-        GdmW = 64
-        GdmD = 2
-        GdmHeads = 4
+        Backbone.ImageSize = 128
+        Backbone.EncoderWidth = 64
+        Backbone.EncoderDepth = 2
+        Backbone.EncoderHeads = 4
+        Backbone.DecoderWidth = 64
+        Backbone.DecoderDepth = 2
+        Backbone.DecoderHeads = 4
+        Backbone.ClassCount = 10
+        Backbone.BufferSize = 4
+        Pivots.GridSide = 4
+        MlpHead.Depth = 2
+        MlpHead.Width = 96
+        TransformerHead.Width = 64
+        TransformerHead.Depth = 2
+        TransformerHead.Heads = 4
     }
 
 let model = new HiMAR(config)
@@ -38,7 +38,7 @@ model.eval ()
 let s, n, l =
     int64 config.PivotTokens, int64 config.DenseTokens, int64 config.SeqLen
 
-printfn "Sequence: %d buffer tokens | %d pivots | %d dense tokens (L = %d)" config.BufferSize s n l
+printfn "Sequence: %d buffer tokens | %d pivots | %d dense tokens (L = %d)" config.Backbone.BufferSize s n l
 
 // 1. Modules and parameter counts. The presets are exact: Hi-MAR-B has 244,730,160 parameters.
 printfn "\n%-30s %12s" "module" "parameters"
@@ -66,7 +66,7 @@ for KeyValue(k, v) in Weights.stateDict model do
 // 3. Phase 1 (task 0): the pivots. Dense tokens are all masked; 6 pivots are known.
 let b = 2L
 let tokens = torch.randn (b, n, int64 config.TokenEmbedDim) // (B, N, C) dense latents
-let pivots = torch.randn (b, s, int64 config.CondDim) // (B, S, C) pivot latents
+let pivots = torch.randn (b, s, int64 config.Pivots.Channels) // (B, S, C) pivot latents
 let labels = torch.tensor [| 3L; 7L |]
 let classEmb = model.ClassEmbedding labels // (B, E)
 let mask1 = torch.ones (b, l) // 1 = unknown

@@ -23,23 +23,23 @@ type HiMAR(config: HiMarConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("HiMAR")
 
     do
-        match HiMarConfig.validate config with
+        match ConfigCodec.validate config with
         | [] -> ()
         | problems -> invalidArg "config" (String.Join("; ", problems))
 
-    let e = int64 config.EncoderEmbedDim
-    let d = int64 config.DecoderEmbedDim
+    let e = int64 config.Backbone.EncoderWidth
+    let d = int64 config.Backbone.DecoderWidth
     let c = int64 config.TokenEmbedDim
     let s = int64 config.PivotTokens
     let n = int64 config.DenseTokens
     let l = int64 config.SeqLen
-    let buf = int64 config.BufferSize
-    let hasPivots = config.Pivots <> PivotSource.NoPivots
-    let eps = config.LayerNormEps
+    let buf = int64 config.Backbone.BufferSize
+    let hasPivots = config.Pivots.Source <> PivotSource.NoPivots
+    let eps = config.Backbone.LayerNormEps
     let normal (shape: int64[]) = torch.randn(shape).mul_ (scalar 0.02)
 
-    let isText = config.Conditioning = Conditioning.Text
-    let builtinText = isText && config.TextEncoder = TextEncoderKind.Builtin
+    let isText = config.Text.Conditioning = Conditioning.Text
+    let builtinText = isText && config.Text.Encoder = TextEncoderKind.Builtin
 
     // Class models: the unconditional embedding (1, E); text models have their own null context.
     let fake_latent: Parameter | null =
@@ -51,7 +51,7 @@ type HiMAR(config: HiMarConfig) as this =
     // A plain field, not an option: TorchSharp's `.to(dtype/device)` rebinds parameter fields by name.
     let cond_tokens: Parameter | null =
         if hasPivots then
-            this.Param("cond_tokens", normal [| 1L; s; int64 config.CondDim |])
+            this.Param("cond_tokens", normal [| 1L; s; int64 config.Pivots.Channels |])
         else
             null
 
@@ -70,7 +70,7 @@ type HiMAR(config: HiMarConfig) as this =
         if isText then
             None
         else
-            Some(this.Child("class_emb", Embedding(int64 config.ClassNum, e)))
+            Some(this.Child("class_emb", Embedding(int64 config.Backbone.ClassCount, e)))
 
     // Text models: the context (B, L, ContextWidth) is projected to the encoder width, one vector per buffer slot.
     let context_proj =
@@ -85,11 +85,11 @@ type HiMAR(config: HiMarConfig) as this =
                 this.Child(
                     "text_encoder",
                     new BuiltinTextEncoder(
-                        int64 config.TextVocab.Length,
+                        int64 config.Text.Vocabulary.Length,
                         buf,
-                        int64 config.TextWidth,
-                        config.TextDepth,
-                        int64 config.TextHeads
+                        int64 config.Text.Width,
+                        config.Text.Depth,
+                        int64 config.Text.Heads
                     )
                 )
             )
@@ -101,15 +101,15 @@ type HiMAR(config: HiMarConfig) as this =
     let empty_context: Parameter | null =
         if
             isText
-            && config.TextEncoder = TextEncoderKind.External
-            && config.NullContext = NullContextKind.Empty
+            && config.Text.Encoder = TextEncoderKind.External
+            && config.Text.NullContext = NullContextKind.Empty
         then
-            this.Param("empty_context", torch.zeros (1L, buf, int64 config.ContextDim), requiresGrad = false)
+            this.Param("empty_context", torch.zeros (1L, buf, int64 config.Text.ExternalWidth), requiresGrad = false)
         else
             null
 
     let fake_context: Parameter | null =
-        if isText && config.NullContext = NullContextKind.Learned then
+        if isText && config.Text.NullContext = NullContextKind.Learned then
             this.Param("fake_context", normal [| 1L; buf; e |])
         else
             null
@@ -125,19 +125,28 @@ type HiMAR(config: HiMarConfig) as this =
 
     let cond_proj =
         if hasPivots then
-            Some(this.Child("cond_proj", new Mixed.Linear(int64 config.CondDim, e)))
+            Some(this.Child("cond_proj", new Mixed.Linear(int64 config.Pivots.Channels, e)))
         else
             None
 
     let block (width: int) (heads: int) =
-        new Block(int64 width, int64 heads, config.MlpRatio, 2L, eps, config.AttnDropout, config.ProjDropout)
+        new Block(
+            int64 width,
+            int64 heads,
+            config.Backbone.MlpRatio,
+            2L,
+            eps,
+            config.Backbone.AttentionDropout,
+            config.Backbone.ProjectionDropout
+        )
 
     let encoder_blocks =
         this.Child(
             "encoder_blocks",
             ModuleList<Block>(
                 [|
-                    for _ in 1 .. config.EncoderDepth -> block config.EncoderEmbedDim config.EncoderNumHeads
+                    for _ in 1 .. config.Backbone.EncoderDepth ->
+                        block config.Backbone.EncoderWidth config.Backbone.EncoderHeads
                 |]
             )
         )
@@ -152,7 +161,8 @@ type HiMAR(config: HiMarConfig) as this =
             "decoder_blocks",
             ModuleList<Block>(
                 [|
-                    for _ in 1 .. config.DecoderDepth -> block config.DecoderEmbedDim config.DecoderNumHeads
+                    for _ in 1 .. config.Backbone.DecoderDepth ->
+                        block config.Backbone.DecoderWidth config.Backbone.DecoderHeads
                 |]
             )
         )
@@ -162,18 +172,18 @@ type HiMAR(config: HiMarConfig) as this =
     let decoder_norm = this.Child("decoder_norm", LayerNorm(d, eps = eps))
 
     let diffloss =
-        if hasPivots || config.Phase2 = Phase2Head.Mlp then
+        if hasPivots || config.Phase2Head = Phase2Head.Mlp then
             Some(
                 this.Child(
                     "diffloss",
                     new DiffLoss(
                         c,
                         d,
-                        int64 config.DiffLossW,
-                        config.DiffLossD,
-                        config.NumSamplingSteps,
-                        config.NoiseSchedule,
-                        config.DiffusionSteps
+                        int64 config.MlpHead.Width,
+                        config.MlpHead.Depth,
+                        config.MlpHead.SamplingSteps,
+                        config.Training.NoiseSchedule,
+                        config.Training.DiffusionSteps
                     )
                 )
             )
@@ -181,7 +191,7 @@ type HiMAR(config: HiMarConfig) as this =
             None
 
     let cond_diffloss =
-        if config.Phase2 = Phase2Head.Transformer then
+        if config.Phase2Head = Phase2Head.Transformer then
             Some(
                 this.Child(
                     "cond_diffloss",
@@ -189,13 +199,13 @@ type HiMAR(config: HiMarConfig) as this =
                         c,
                         int64 config.SeqH,
                         d,
-                        int64 config.GdmW,
-                        config.GdmD,
-                        int64 config.GdmHeads,
-                        config.GdmMlpRatio,
-                        config.DitSamplingSteps,
-                        config.NoiseSchedule,
-                        config.DiffusionSteps
+                        int64 config.TransformerHead.Width,
+                        config.TransformerHead.Depth,
+                        int64 config.TransformerHead.Heads,
+                        config.TransformerHead.MlpRatio,
+                        config.TransformerHead.SamplingSteps,
+                        config.Training.NoiseSchedule,
+                        config.Training.DiffusionSteps
                     )
                 )
             )
@@ -208,7 +218,8 @@ type HiMAR(config: HiMarConfig) as this =
         | None -> invalidOp (sprintf "this configuration has no %s" name)
 
     /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares task 0.
-    let adaIndex (task: int64) = if config.ScaleAware then task else 0L
+    let adaIndex (task: int64) =
+        if config.Backbone.ScaleAware then task else 0L
 
     /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[task])).
     let phaseModulation (emb: Embedding) (ada: Sequential) (task: int64) =
@@ -251,9 +262,9 @@ type HiMAR(config: HiMarConfig) as this =
 
         // Class models: (B, E), repeated over the buffer slots; text models: (B, buf, E), one per slot.
         use classEmb =
-            if this.training && config.LabelDropProb > 0.0 then
+            if this.training && config.Training.LabelDropProb > 0.0 then
                 use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
-                use drop0 = u.lt (scalar config.LabelDropProb)
+                use drop0 = u.lt (scalar config.Training.LabelDropProb)
 
                 use drop =
                     if classEmb.dim () = 3L then
@@ -352,7 +363,7 @@ type HiMAR(config: HiMarConfig) as this =
     member this.NullEmbedding(rows: int64) =
         if not isText then
             this.FakeLatent.expand (rows, e)
-        elif config.NullContext = NullContextKind.Learned then
+        elif config.Text.NullContext = NullContextKind.Learned then
             (nonNull fake_context).expand (rows, buf, e)
         else
             use empty =
@@ -399,7 +410,10 @@ type HiMAR(config: HiMarConfig) as this =
         use first =
             if not hasPivots then
                 torch.zeros (tokens.shape.[0], 0L, e, dtype = tokens.dtype, device = tokens.device)
-            elif config.Pivots = PivotSource.ConditionalTokens && not (isNull (box smallZ)) then
+            elif
+                config.Pivots.Source = PivotSource.ConditionalTokens
+                && not (isNull (box smallZ))
+            then
                 (required "pivots" cond_z_proj).call smallZ |> castTo tokens.dtype
             else
                 (required "pivots" cond_proj).call cond |> castTo tokens.dtype
@@ -460,12 +474,12 @@ type HiMAR(config: HiMarConfig) as this =
 
         let dev = tokens.device
         let dt = tokens.dtype
-        let mul = int64 config.DiffusionBatchMul
+        let mul = int64 config.Training.DiffusionBatchMul
         use classEmb = this.ConditionEmbedding condition
 
         // The null embedding of caption/label dropout, made once for both phases' encoder passes.
         let nullEmb =
-            if this.training && config.LabelDropProb > 0.0 then
+            if this.training && config.Training.LabelDropProb > 0.0 then
                 Some(this.NullEmbedding b)
             else
                 None
@@ -482,10 +496,10 @@ type HiMAR(config: HiMarConfig) as this =
         let phase1, smallZ, smallMask =
             if hasPivots then
                 let rate1 =
-                    if config.MaskRatio = MaskRatioRule.Beta41 then
+                    if config.Training.MaskRule = MaskRatioRule.Beta41 then
                         Masking.betaRate 4.0
                     else
-                        Masking.truncatedNormalRate config.MaskRatioMin
+                        Masking.truncatedNormalRate config.Training.MaskRatioMin
 
                 let k = int64 (Math.Ceiling(float s * rate1))
 
@@ -511,9 +525,9 @@ type HiMAR(config: HiMarConfig) as this =
 
         // Phase 2: mask ceil(N rate) dense tokens (cosine rule or truncated normal from 0.38); pivots known.
         let rate =
-            if config.MaskRatio = MaskRatioRule.Beta41 then
+            if config.Training.MaskRule = MaskRatioRule.Beta41 then
                 Masking.betaRate 4.0
-            elif config.Cos then
+            elif config.Training.CosineDenseMasking then
                 Masking.cosineRate ()
             else
                 Masking.truncatedNormalRate 0.38
@@ -521,7 +535,9 @@ type HiMAR(config: HiMarConfig) as this =
         let k2 = int64 (Math.Ceiling(float n * rate))
         use denseOrders = orders.narrow (1L, s, n)
         use bigMask = Masking.maskByOrder k2 denseOrders l dt
-        let warm = min 1.0 (epoch / float (max 1 config.StepWarmup))
+
+        let warm =
+            min 1.0 (epoch / float (max 1 config.Training.PivotConditionWarmupEpochs))
 
         use first =
             if not hasPivots then
@@ -536,7 +552,7 @@ type HiMAR(config: HiMarConfig) as this =
                     |> castTo dt
 
                 use seen =
-                    if config.Pivots = PivotSource.LowResTokens then
+                    if config.Pivots.Source = PivotSource.LowResTokens then
                         (required "pivots" cond_proj).call cond |> castTo dt
                     else
                         use states = (required "pivots" cond_z_proj).call smallZ |> castTo dt
@@ -546,7 +562,9 @@ type HiMAR(config: HiMarConfig) as this =
                 use u =
                     rows.Draw(b, [| 1L; 1L |], fun shape -> torch.rand (shape, dtype = dt, device = dev))
 
-                use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
+                use usePlaceholder =
+                    u.le(scalar (1.0 - config.Training.PivotConditionRate * warm)).``to`` dt
+
                 usePlaceholder * placeholder + (1.0 - usePlaceholder) * seen
 
         use enc2 = encodeRows rows nullEmb first tokens bigMask classEmb 1L
@@ -555,7 +573,7 @@ type HiMAR(config: HiMarConfig) as this =
         use denseMask = bigMask.narrow (1L, s, n)
 
         use loss2 =
-            match config.Phase2 with
+            match config.Phase2Head with
             | Phase2Head.Transformer ->
                 let g = int64 config.SeqH
                 // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
@@ -575,8 +593,8 @@ type HiMAR(config: HiMarConfig) as this =
             smallZ.Dispose()
             smallMask.Dispose()
 
-        let p1 = loss1 * config.Phase1LossWeight
-        let p2 = loss2 * config.Phase2LossWeight
+        let p1 = loss1 * config.Training.Phase1LossWeight
+        let p2 = loss2 * config.Training.Phase2LossWeight
         let wl = float s / float l
         let wn = float n / float l
 
@@ -588,7 +606,9 @@ type HiMAR(config: HiMarConfig) as this =
 
     /// `forward(tokens, cond, labels)` is the training loss at the end of the warm-up; use `TrainingLosses`.
     override this.forward(tokens, cond, labels) =
-        let r = this.TrainingLosses(tokens, cond, labels, float config.StepWarmup)
+        let r =
+            this.TrainingLosses(tokens, cond, labels, float config.Training.PivotConditionWarmupEpochs)
+
         r.Phase1.Dispose()
         r.Phase2.Dispose()
         r.Total

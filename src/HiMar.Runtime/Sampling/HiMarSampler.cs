@@ -85,8 +85,8 @@ public static class SamplerSettings
         ["temperature"] = o.Temperature,
         ["phase1_steps"] = o.Phase1Steps ?? c.Phase1Steps,
         ["num_iter"] = o.Phase2Steps,
-        ["mlp_head_steps"] = o.MlpHeadSteps ?? c.NumSamplingSteps,
-        ["dit_head_steps"] = o.DitHeadSteps ?? c.DitSamplingSteps,
+        ["mlp_head_steps"] = o.MlpHeadSteps ?? c.MlpHead.SamplingSteps,
+        ["dit_head_steps"] = o.DitHeadSteps ?? c.TransformerHead.SamplingSteps,
         ["clip_denoised"] = o.ClipDenoised,
         ["precision"] = o.Precision == Precision.Bf16 ? "bf16" : "fp32",
     };
@@ -217,7 +217,7 @@ public static class HiMarSampler
     static GaussianDiffusion Diffusion(GaussianDiffusion modelDiffusion, string? respacing, HiMarConfig cfg) =>
         respacing == null
             ? modelDiffusion
-            : new GaussianDiffusion(ScheduleModule.Create(cfg.NoiseSchedule, cfg.DiffusionSteps, respacing), modelDiffusion.VarianceKind);
+            : new GaussianDiffusion(ScheduleModule.Create(cfg.Training.NoiseSchedule, cfg.Training.DiffusionSteps, respacing), modelDiffusion.VarianceKind);
 
     static Tensor Repeat2(Tensor t) => torch.cat([t, t], 0);
 
@@ -227,12 +227,12 @@ public static class HiMarSampler
         var dev = model.Device;
         var dtype = model.DType;
         long b = condition.Rows, s = cfg.PivotTokens, n = cfg.DenseTokens, l = cfg.SeqLen;
-        long c = cfg.TokenEmbedDim, cd = cfg.CondDim, d = cfg.DecoderEmbedDim, side = cfg.CondScale, g = cfg.SeqH;
+        long c = cfg.TokenEmbedDim, cd = cfg.Pivots.Channels, d = cfg.Backbone.DecoderWidth, side = cfg.Pivots.GridSide, g = cfg.SeqH;
         var steps1 = o.Phase1Steps ?? cfg.Phase1Steps;
         var steps2 = o.Phase2Steps;
         if (steps1 < 1 || steps2 < 1)
             throw new ArgumentException("each phase needs at least one step");
-        var ditHead = cfg.Phase2 == Phase2Head.Transformer;
+        var ditHead = cfg.Phase2Head == Phase2Head.Transformer;
         var mlpDiffusion = s > 0 || !ditHead ? Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg) : null;
         var ditDiffusion = ditHead ? Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg) : null;
         var intermediates = new List<SamplerStep>();

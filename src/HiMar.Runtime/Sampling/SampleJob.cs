@@ -64,7 +64,7 @@ public static class SampleJob
     /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
     public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
-        var text = model.Config.Conditioning == Conditioning.Text;
+        var text = model.Config.Text.Conditioning == Conditioning.Text;
         if (text && request.Prompts == null)
             throw new Text.PromptException("this is a text-to-image model: give prompts (--prompt)");
         if (!text && request.Prompts != null)
@@ -76,8 +76,8 @@ public static class SampleJob
         if (request.BatchSize < 1)
             throw new BadInputException($"--batch: {request.BatchSize} images per batch; give at least 1.");
         foreach (var l in request.Labels)
-            if (l < 0 || l > model.Config.ClassNum)
-                throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
+            if (l < 0 || l > model.Config.Backbone.ClassCount)
+                throw new ArgumentException($"class {l} is outside 0..{model.Config.Backbone.ClassCount - 1} (and {model.Config.Backbone.ClassCount} for unconditional)");
         // The whole request's condition, made (and every prompt checked) once, before any work; batches take rows of it.
         using var all = text
             ? Text.Prompts.Encode(model, request.Prompts!, request.TextEncoder)
@@ -127,7 +127,7 @@ public static class SampleJob
             }
             var named = request.ClassNames is { Count: > 0 };
             string Name(long l) => named && l < request.ClassNames!.Count ? request.ClassNames[(int)l] : $"class {l}";
-            var captions = text ? request.Prompts!.Select(p => p.Length == 0 ? "uncond" : p).ToList() : request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
+            var captions = text ? request.Prompts!.Select(p => p.Length == 0 ? "uncond" : p).ToList() : request.Labels.Select((l, i) => l == model.Config.Backbone.ClassCount ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
             var columns = request.Columns > 0 ? request.Columns : (int)Math.Ceiling(Math.Sqrt(tiles.Count));
             using var grid = Images.Grid(tiles, captions, columns);
             var gridPath = request.GridPath ?? Path.Combine(request.OutDir, "grid.png");
