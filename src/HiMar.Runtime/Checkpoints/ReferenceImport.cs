@@ -142,16 +142,12 @@ public static class ReferenceImport
     static void CheckFits(Func<nn.Module> build, IReadOnlyDictionary<string, Tensor> state, string what)
     {
         using var meta = Anatomy.OnMeta(Microsoft.FSharp.Core.FuncConvert.FromFunc(build));
-        var own = Weights.StateDict(meta);
-        var missing = own.Keys.Where(k => !state.ContainsKey(k)).ToList();
-        var unexpected = state.Keys.Where(k => !own.ContainsKey(k)).ToList();
-        var mismatched = own.Where(kv => state.TryGetValue(kv.Key, out var t) && !t.shape.SequenceEqual(kv.Value.shape)).Select(kv => kv.Key).ToList();
-        if (missing.Count + unexpected.Count + mismatched.Count > 0)
+        try
         {
-            var e = new WeightMismatchException(
-                Microsoft.FSharp.Collections.ListModule.OfSeq(missing),
-                Microsoft.FSharp.Collections.ListModule.OfSeq(unexpected),
-                Microsoft.FSharp.Collections.ListModule.OfSeq(mismatched.Select(k => Tuple.Create(k, own[k].shape, state[k].shape))));
+            Weights.RequireFit(Weights.StateDict(meta), state);
+        }
+        catch (WeightMismatchException e)
+        {
             throw new CheckpointFormatException($"{what}: {e.Message}", e);
         }
     }
