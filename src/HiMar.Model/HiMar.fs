@@ -5,16 +5,6 @@ open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
 
-/// The two weighted training losses of one step and their combination.
-/// `Phase1` = 2.0 x MLP-head loss, `Phase2` = 0.75 x phase-2 head loss (reference `HiMAR.forward`), and
-/// `Total` = (S / L) Phase1 + (N / L) Phase2 (reference engine: 64/320 and 256/320).
-type HiMarLosses =
-    {
-        Phase1: torch.Tensor
-        Phase2: torch.Tensor
-        Total: torch.Tensor
-    }
-
 /// Hi-MAR (models/himar.py `HiMAR`): one MAE-style encoder/decoder Transformer with buffer tokens and
 /// scale-aware blocks that serves both phases, the phase-1 MLP diffusion head `diffloss` and the phase-2
 /// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; task 0 is phase 1
@@ -402,22 +392,50 @@ type HiMAR(config: HiMarConfig) as this =
         use first = (required "pivots" cond_proj).call cond |> castTo tokens.dtype
         encode first tokens mask classEmb 0L
 
-    /// Phase-2 encoder (task 1), evaluation branch: the pivots enter as cond_z_proj(smallZ (B, S, D)) (Hi-MAR)
-    /// or, without smallZ or with low-res pivots, as cond_proj(cond). -> (B, buf + known, E).
-    member _.EncoderPhase2
-        (tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor, smallZ: torch.Tensor)
-        =
-        use first =
-            if not hasPivots then
-                torch.zeros (tokens.shape.[0], 0L, e, dtype = tokens.dtype, device = tokens.device)
-            elif
-                config.Pivots.Source = PivotSource.ConditionalTokens
-                && not (isNull (box smallZ))
-            then
-                (required "pivots" cond_z_proj).call smallZ |> castTo tokens.dtype
-            else
-                (required "pivots" cond_proj).call cond |> castTo tokens.dtype
+    /// The learned placeholder of pivots that phase 2 does not see: cond_proj(cond_tokens), (rows, S, E).
+    member _.PivotPlaceholder(rows: int64, dtype: torch.ScalarType) =
+        (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (rows, -1L, -1L))
+        |> castTo dtype
 
+    /// Phase 2's pivot condition (B, S, E), one function for training and evaluation: nothing without pivots;
+    /// Hi-MAR's phase-1 decoder states `pivotStates` (B, S, D) through cond_z_proj; low-res pivots, or no states,
+    /// the pivot latents `pivots` (B, S, C) through cond_proj. In training `visiblePivots` (B, S) marks (1) the
+    /// pivots phase 1 saw, which take the placeholder instead of their states; evaluation passes null.
+    member this.PivotCondition
+        (
+            tokens: torch.Tensor,
+            pivots: torch.Tensor,
+            pivotStates: torch.Tensor | null,
+            visiblePivots: torch.Tensor | null
+        ) =
+        let dt = tokens.dtype
+
+        if not hasPivots then
+            torch.zeros (tokens.shape.[0], 0L, e, dtype = dt, device = tokens.device)
+        elif config.Pivots.Source <> PivotSource.ConditionalTokens || isNull pivotStates then
+            (required "pivots" cond_proj).call pivots |> castTo dt
+        else
+            let z = (required "pivots" cond_z_proj).call (nonNull pivotStates) |> castTo dt
+
+            match visiblePivots with
+            | null -> z
+            | visible ->
+                use z = z
+                use placeholder = this.PivotPlaceholder(tokens.shape.[0], dt)
+                use v = visible.unsqueeze (-1L) // (B, S) -> (B, S, 1)
+                v * placeholder + (1.0 - v) * z
+
+    /// Phase-2 encoder (task 1), evaluation: the pivot condition (`PivotCondition`) of the pivot latents
+    /// `pivots` (B, S, C) or the phase-1 decoder states `pivotStates` (B, S, D). -> (B, buf + known, E).
+    member this.EncoderPhase2
+        (
+            tokens: torch.Tensor,
+            mask: torch.Tensor,
+            classEmb: torch.Tensor,
+            pivots: torch.Tensor,
+            pivotStates: torch.Tensor | null
+        ) =
+        use first = this.PivotCondition(tokens, pivots, pivotStates, null)
         encode first tokens mask classEmb 1L
 
     /// The decoder of either phase: encoder output (B, buf + known, E), mask (B, L) -> (B, L, D), the
@@ -465,17 +483,14 @@ type HiMAR(config: HiMarConfig) as this =
     /// undivided batch's draws, and since every row masks the same number of tokens, the mean of the
     /// processes' losses is the undivided batch's loss.
     member this.TrainingLosses
-        (tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float, rows: RowWindow)
+        (tokens: torch.Tensor, pivots: torch.Tensor, condition: Condition, epoch: float, rows: RowWindow)
         =
         let b = tokens.shape.[0]
 
         if rows.Count <> b then
             invalidArg "rows" (sprintf "the batch has %d rows, its window %d" b rows.Count)
 
-        let dev = tokens.device
-        let dt = tokens.dtype
-        let mul = int64 config.Training.DiffusionBatchMul
-        use classEmb = this.ConditionEmbedding condition
+        use conditionEmb = this.ConditionEmbedding condition
 
         // The null embedding of caption/label dropout, made once for both phases' encoder passes.
         let nullEmb =
@@ -490,119 +505,107 @@ type HiMAR(config: HiMarConfig) as this =
                     nullEmb |> Option.iter (fun t -> t.Dispose())
             }
 
-        use orders = Masking.randomOrdersOf rows s n dev
+        use orders = Masking.randomOrdersOf rows s n tokens.device
 
-        // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
-        let phase1, smallZ, smallMask =
-            if hasPivots then
-                let rate1 =
-                    if config.Training.MaskRule = MaskRatioRule.Beta41 then
-                        Masking.betaRate 4.0
-                    else
-                        Masking.truncatedNormalRate config.Training.MaskRatioMin
+        let phase1, pivotStates, visiblePivots =
+            this.Phase1Loss(tokens, pivots, orders, rows, nullEmb, conditionEmb)
 
-                let k = int64 (Math.Ceiling(float s * rate1))
+        use phase1 = phase1
 
-                use m = Masking.maskByOrder k orders l dt
-                m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
-                use first1 = (required "pivots" cond_proj).call cond |> castTo dt
-                use enc = encodeRows rows nullEmb first1 tokens m classEmb 0L
-                use dec = this.Decoder(enc, m, 0L)
-                use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
-                use target = cond.reshape(b * s, c).repeat (mul, 1L)
-                use z = z1.reshape(b * s, d).repeat (mul, 1L)
-                use pm = m.narrow (1L, 0L, s)
-                use rowMask = pm.reshape(b * s).repeat (mul)
-
-                let loss1 =
-                    (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
-
-                loss1, z1.detach (), (1.0 - pm)
-            else
-                torch.zeros ([||], dtype = dt, device = dev), null, null
-
-        use loss1 = phase1
-
-        // Phase 2: mask ceil(N rate) dense tokens (cosine rule or truncated normal from 0.38); pivots known.
-        let rate =
-            if config.Training.MaskRule = MaskRatioRule.Beta41 then
-                Masking.betaRate 4.0
-            elif config.Training.CosineDenseMasking then
-                Masking.cosineRate ()
-            else
-                Masking.truncatedNormalRate 0.38
-
-        let k2 = int64 (Math.Ceiling(float n * rate))
+        // Phase 2: ceil(N rate) dense tokens masked; the pivots known, seen through the pivot condition.
+        let masked = int64 (Math.Ceiling(float n * PhaseLosses.denseMaskRate config))
         use denseOrders = orders.narrow (1L, s, n)
-        use bigMask = Masking.maskByOrder k2 denseOrders l dt
+        use mask = Masking.maskByOrder masked denseOrders l tokens.dtype
 
-        let warm =
-            min 1.0 (epoch / float (max 1 config.Training.PivotConditionWarmupEpochs))
-
-        use first =
+        use pivotCondition =
             if not hasPivots then
-                torch.zeros (b, 0L, e, dtype = dt, device = dev)
+                this.PivotCondition(tokens, pivots, null, null)
             else
-                // Pivot-condition dropout: per sample, with a probability that warms from 1 to 1 - rate, all
-                // pivots take the learned placeholder. Otherwise Hi-MAR sees the placeholder for the pivots still
-                // masked in phase 1 and the decoder states of the others; low-res pivots enter as they are (the
-                // reference's `small_z is None` branch, which applies the same dropout).
-                use placeholder =
-                    (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (b, -1L, -1L))
-                    |> castTo dt
+                use seen = this.PivotCondition(tokens, pivots, pivotStates, visiblePivots)
+                use placeholder = this.PivotPlaceholder(b, tokens.dtype)
+                PhaseLosses.pivotDropout config rows epoch placeholder seen
 
-                use seen =
-                    if config.Pivots.Source = PivotSource.LowResTokens then
-                        (required "pivots" cond_proj).call cond |> castTo dt
-                    else
-                        use states = (required "pivots" cond_z_proj).call smallZ |> castTo dt
-                        use sm = smallMask.unsqueeze (-1L)
-                        sm * placeholder + (1.0 - sm) * states
+        if not (isNull (box pivotStates)) then
+            pivotStates.Dispose()
+            visiblePivots.Dispose()
 
-                use u =
-                    rows.Draw(b, [| 1L; 1L |], fun shape -> torch.rand (shape, dtype = dt, device = dev))
+        use phase2 =
+            this.Phase2Loss(tokens, pivotCondition, mask, rows, nullEmb, conditionEmb)
 
-                use usePlaceholder =
-                    u.le(scalar (1.0 - config.Training.PivotConditionRate * warm)).``to`` dt
+        PhaseLosses.weigh config phase1 phase2
 
-                usePlaceholder * placeholder + (1.0 - usePlaceholder) * seen
+    /// Phase 1's loss: ceil(S rate) pivots masked (rate ~ truncated normal on [min, 1] or Beta(4, 1)) and every
+    /// dense token, the MLP head's loss on the masked pivots. Returns the loss, the decoder's pivot states
+    /// (B, S, D), detached, and the pivots phase 1 saw (B, S) (1 = visible); without pivots a zero loss and nulls.
+    member private this.Phase1Loss
+        (
+            tokens: torch.Tensor,
+            pivots: torch.Tensor,
+            orders: torch.Tensor,
+            rows: RowWindow,
+            nullEmb: torch.Tensor option,
+            conditionEmb: torch.Tensor
+        ) =
+        let b = tokens.shape.[0]
+        let dt = tokens.dtype
 
-        use enc2 = encodeRows rows nullEmb first tokens bigMask classEmb 1L
-        use dec2 = this.Decoder(enc2, bigMask, 1L)
-        use z2 = dec2.narrow (1L, s, n) // (B, N, D)
-        use denseMask = bigMask.narrow (1L, s, n)
+        if not hasPivots then
+            torch.zeros ([||], dtype = dt, device = tokens.device), null, null
+        else
+            let mul = int64 config.Training.DiffusionBatchMul
+            let masked = int64 (Math.Ceiling(float s * PhaseLosses.pivotMaskRate config))
+            use m = Masking.maskByOrder masked orders l dt
+            m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
+            use first = (required "pivots" cond_proj).call pivots |> castTo dt
+            use enc = encodeRows rows nullEmb first tokens m conditionEmb 0L
+            use dec = this.Decoder(enc, m, 0L)
+            use states = dec.narrow (1L, 0L, s) // (B, S, D)
+            use target = pivots.reshape(b * s, c).repeat (mul, 1L)
+            use z = states.reshape(b * s, d).repeat (mul, 1L)
+            use pivotMask = m.narrow (1L, 0L, s)
+            use rowMask = pivotMask.reshape(b * s).repeat (mul)
 
-        use loss2 =
-            match config.Phase2Head with
-            | Phase2Head.Transformer ->
-                let g = int64 config.SeqH
-                // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
-                use target =
-                    tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+            let loss =
+                (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
 
-                use zImg = z2.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
-                use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
-                (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
-            | _ ->
-                use target = tokens.reshape(b * n, c).repeat (mul, 1L)
-                use z = z2.reshape(b * n, d).repeat (mul, 1L)
-                use m = denseMask.reshape(b * n).repeat (mul)
-                (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
+            loss, states.detach (), (1.0 - pivotMask)
 
-        if not (isNull (box smallZ)) then
-            smallZ.Dispose()
-            smallMask.Dispose()
+    /// Phase 2's loss: the encoder sees `pivotCondition` and the dense tokens known under `mask` (B, L); the
+    /// dense decoder states go through the Transformer head (all tokens together, as a (B, C, g, g) grid) or
+    /// the MLP head (per token).
+    member private this.Phase2Loss
+        (
+            tokens: torch.Tensor,
+            pivotCondition: torch.Tensor,
+            mask: torch.Tensor,
+            rows: RowWindow,
+            nullEmb: torch.Tensor option,
+            conditionEmb: torch.Tensor
+        ) =
+        let b = tokens.shape.[0]
+        let mul = int64 config.Training.DiffusionBatchMul
+        use enc = encodeRows rows nullEmb pivotCondition tokens mask conditionEmb 1L
+        use dec = this.Decoder(enc, mask, 1L)
+        use states = dec.narrow (1L, s, n) // (B, N, D)
+        use denseMask = mask.narrow (1L, s, n)
 
-        let p1 = loss1 * config.Training.Phase1LossWeight
-        let p2 = loss2 * config.Training.Phase2LossWeight
-        let wl = float s / float l
-        let wn = float n / float l
+        match config.Phase2Head with
+        | Phase2Head.Transformer ->
+            let g = int64 config.SeqH
+            // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
+            use target =
+                tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
 
-        {
-            Phase1 = p1
-            Phase2 = p2
-            Total = p1 * wl + p2 * wn
-        }
+            use zImg =
+                states.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+
+            use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
+            (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
+        | _ ->
+            use target = tokens.reshape(b * n, c).repeat (mul, 1L)
+            use z = states.reshape(b * n, d).repeat (mul, 1L)
+            use m = denseMask.reshape(b * n).repeat (mul)
+            (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
 
     /// `forward(tokens, cond, labels)` is the training loss at the end of the warm-up; use `TrainingLosses`.
     override this.forward(tokens, cond, labels) =
@@ -612,88 +615,3 @@ type HiMAR(config: HiMarConfig) as this =
         r.Phase1.Dispose()
         r.Phase2.Dispose()
         r.Total
-
-/// Looking at a model's structure without paying for its weights.
-module Anatomy =
-    /// Builds a module with every tensor on the meta device: shapes and counts without memory or
-    /// initialisation cost. Sets TorchSharp's default device for the duration, so call it from one thread.
-    [<CompiledName("OnMeta")>]
-    let onMeta (build: unit -> 'M) =
-        let previous = torch.get_default_device ()
-        torch.set_default_device torch.META
-
-        try
-            build ()
-        finally
-            torch.set_default_device previous
-
-    /// Parameter counts of a configuration: per top-level module (in registration order) and in total.
-    [<CompiledName("ParameterCounts")>]
-    let parameterCounts (config: HiMarConfig) =
-        use m = onMeta (fun () -> new HiMAR(config))
-        Weights.parameterCounts m, Weights.parameterCount m
-
-/// From-scratch initialisation as the reference does it before training (MAE/DiT recipes): Linear layers
-/// xavier-uniform with zero bias, LayerNorms 1/0, tokens and learned positions N(0, 0.02), the patch
-/// embeddings xavier on their flattened kernels, the timestep MLPs N(0, 0.02), and the diffusion heads'
-/// adaLN modulations and output layers zero (so each head starts by predicting zero noise).
-module Init =
-    let private zeroLinear (m: torch.nn.Module) =
-        for struct (_, p) in m.named_parameters () do
-            p.zero_ () |> ignore
-
-    /// Initialises every parameter of a Hi-MAR model in place.
-    [<CompiledName("HiMar")>]
-    let himar (model: HiMAR) =
-        use _ = torch.no_grad ()
-
-        for struct (name, m) in model.named_modules () do
-            match m with
-            | :? Mixed.Linear as lin ->
-                torch.nn.init.xavier_uniform_ lin.Weight |> ignore
-
-                match lin.Bias with
-                | null -> ()
-                | b -> b.zero_ () |> ignore
-            | :? LayerNorm as ln ->
-                ln.weight.fill_ (scalar 1.0) |> ignore
-
-                match ln.bias with
-                | null -> ()
-                | b -> b.zero_ () |> ignore
-            | :? Mixed.Conv2d as conv when name.EndsWith "proj" ->
-                // xavier on the (out, in * k * k) view of the kernel, as DiT does for its patch embedding
-                let w = conv.Weight
-                use flat = w.view (w.shape.[0], -1L)
-                torch.nn.init.xavier_uniform_ flat |> ignore
-                conv.Bias.zero_ () |> ignore
-            | _ -> ()
-
-        for struct (name, p) in model.named_parameters () do
-            let isToken =
-                name = "fake_latent"
-                || name = "fake_context"
-                || name = "text_encoder.pos_embed"
-                || name = "text_encoder.token_embed.weight"
-                || name = "cond_tokens"
-                || name = "mask_token"
-                || name.EndsWith "pos_embed_learned"
-
-            if isToken || name = "class_emb.weight" then
-                torch.nn.init.normal_ (p, 0.0, 0.02) |> ignore
-            elif
-                (name.Contains "time_embed.mlp." || name.Contains "t_embedder.mlp.")
-                && name.EndsWith ".weight"
-            then
-                torch.nn.init.normal_ (p, 0.0, 0.02) |> ignore
-
-        for struct (name, m) in model.named_modules () do
-            let zero =
-                (name.StartsWith "diffloss.net.res_blocks." && name.EndsWith "adaLN_modulation.1")
-                || (name.StartsWith "cond_diffloss.net.blocks."
-                    && name.EndsWith "adaLN_modulation.1")
-                || name.EndsWith "net.final_layer.adaLN_modulation.1"
-                || name.EndsWith "net.final_layer.linear"
-
-            if zero then
-                zeroLinear m
