@@ -140,4 +140,4 @@ let noise = new HiMar.Runtime.Sampling.SeededNoise(0L, 0L, 1)
 let result =
     HiMar.Runtime.Sampling.HiMarSampler.Sample(model, torch.tensor [| 3L |], noise, options)
 
-printfn "pivots %A, dense tokens %A" result.SmallTokens.shape result.BigTokens.shape
+printfn "pivots %A, dense tokens %A" result.Pivots.shape result.Dense.shape

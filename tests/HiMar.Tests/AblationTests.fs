@@ -57,8 +57,8 @@ let tests =
                     use labels = torch.tensor [| 1L; 7L |]
                     use r = HiMarSampler.Sample(model, labels, noise, quick)
                     let g = int64 small.SeqH
-                    Expect.equal (shapeOf r.BigTokens) [ 2L; 16L; g; g ] (v.Key + ": dense shape")
-                    Expect.isTrue (r.BigTokens.isfinite().all().item<bool> ()) (v.Key + ": finite")
+                    Expect.equal (shapeOf r.Dense) [ 2L; 16L; g; g ] (v.Key + ": dense shape")
+                    Expect.isTrue (r.Dense.isfinite().all().item<bool> ()) (v.Key + ": finite")
                     let hasPivots = v.Config.Pivots.Source <> PivotSource.NoPivots
 
                     let pivots =
@@ -67,7 +67,7 @@ let tests =
                         else
                             0L
 
-                    Expect.equal (r.SmallTokens.numel ()) (2L * 16L * pivots) (v.Key + ": pivot values")
+                    Expect.equal (r.Pivots.numel ()) (2L * 16L * pivots) (v.Key + ": pivot values")
                     Expect.equal (noise.Rows NoiseRole.Phase1Init) pivots (v.Key + ": pivots drawn by the MLP head")
 
                     let phase2Rows =

@@ -272,9 +272,9 @@ let tests =
                 use a = run [ "a sandal"; "a coat" ]
                 use b = run [ "a sandal"; "a coat" ]
                 use c = run [ "a bag"; "a coat" ]
-                Expect.equal a.BigTokens.shape [| 2L; 16L; 8L; 8L |] "dense tokens"
-                Expect.equal (maxAbsDiff a.BigTokens b.BigTokens) 0.0 "deterministic"
-                Expect.isGreaterThan (maxAbsDiff a.BigTokens.[0] c.BigTokens.[0]) 1e-4 "the prompt matters"
+                Expect.equal a.Dense.shape [| 2L; 16L; 8L; 8L |] "dense tokens"
+                Expect.equal (maxAbsDiff a.Dense b.Dense) 0.0 "deterministic"
+                Expect.isGreaterThan (maxAbsDiff a.Dense.[0] c.Dense.[0]) 1e-4 "the prompt matters"
             }
 
             test "the sample job names files after prompts and refuses an unknown word before any work" {
@@ -490,7 +490,7 @@ let tests =
                     )
 
                 use r = HiMarSampler.Sample(m, c, noise, options)
-                use images = PixelPatchTokenizer.Fashion.Decode r.BigTokens
+                use images = PixelPatchTokenizer.Fashion.Decode r.Dense
                 Expect.equal images.shape [| 20L; 1L; 28L; 28L |] "28x28 grey images"
                 let struct (_, probs) = HiMar.Runtime.Evaluation.ClassifierRuns.Apply(clf, images)
                 use predicted = probs.argmax 1L

@@ -269,7 +269,7 @@ let tests =
                     )
 
                 use r = HiMar.Runtime.Sampling.HiMarSampler.Sample(m, labels, noise, options)
-                use images = PixelPatchTokenizer.Fashion.Decode r.BigTokens
+                use images = PixelPatchTokenizer.Fashion.Decode r.Dense
                 Expect.equal (shapeOf images) [ 10L; 1L; 28L; 28L ] "28x28 images"
                 // Trousers and sandals are dark beside tops and coats: the per-class ink follows the data's order.
                 use ink = (images + 1.0).mean ([| 1L; 2L; 3L |])

@@ -109,7 +109,7 @@ public static class EvalJob
                     ? Text.Prompts.Encode(model, idx.Select(i => prompts![i]).ToList(), textEncoder)
                     : Condition.NewLabels(torch.tensor(idx.Select(i => labels[i]).ToArray()));
                 using var r = HiMarSampler.Sample(model, condition, noise, options);
-                var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.BigTokens));
+                var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.Dense));
                 for (var k = 0; k < idx.Count; k++)
                 {
                     Imaging.Images.SavePng(pictures[k], PathOf(idx[k]));

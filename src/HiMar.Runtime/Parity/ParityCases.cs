@@ -121,6 +121,6 @@ public static class SamplerParityCases
         var skippedTail = roles.Skip(replay.Position).Count(r => r != "p2_unused");
         if (skippedTail > 0)
             throw new InvalidOperationException($"the sampler used {replay.Position} of {roles.Count} recorded draws");
-        return new() { ["small_tokens"] = result.SmallTokens, ["big_tokens"] = result.BigTokens };
+        return new() { ["small_tokens"] = result.Pivots, ["big_tokens"] = result.Dense };
     }
 }

@@ -103,7 +103,7 @@ public static class SampleJob
                 var condition = all.Narrow(start, count);
                 var done = start;
                 using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
-                var images = Images.FromTensor(vae.Decode(result.BigTokens, options.Precision));
+                var images = Images.FromTensor(vae.Decode(result.Dense, options.Precision));
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
@@ -122,7 +122,7 @@ public static class SampleJob
                         tiles.Add(images[i]);
                 }
                 if (request.Explain)
-                    explanations.AddRange(Explain(vae, result, request, start, count, Math.Max(96, (int)result.BigTokens.shape[2] * 16)));
+                    explanations.AddRange(Explain(vae, result, request, start, count, Math.Max(96, (int)result.Dense.shape[2] * 16)));
                 progress?.Invoke(start + count, default);
             }
             var named = request.ClassNames is { Count: > 0 };

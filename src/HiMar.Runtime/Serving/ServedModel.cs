@@ -314,7 +314,7 @@ public sealed class ServedModel : IDisposable
             ? Text.Prompts.Encode(Model, [settings.Prompt ?? ""], textEncoder)
             : Condition.NewLabels(torch.tensor(new[] { settings.Label }, device: Model.Device));
         using var result = HiMarSampler.Sample(Model, condition, noise, options, _ => token.ThrowIfCancellationRequested());
-        var png = Png(Tokenizer.Decode(result.BigTokens));
+        var png = Png(Tokenizer.Decode(result.Dense));
         return new GenerateResult(png, sw.Elapsed.TotalSeconds);
     }
 

@@ -578,7 +578,7 @@ public sealed class Trainer : IDisposable
             using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
             using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer, Precision = options.Precision });
-            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens, options.Precision);
+            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.Dense, options.Precision);
             // Captions need wider tiles than class numbers to be legible.
             var side = captions == null ? 56 : 84;
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, side)).ToList();
