@@ -63,7 +63,7 @@ for KeyValue(k, v) in Weights.stateDict model do
     then
         printfn "  %-48s %A" k v.shape
 
-// 3. Phase 1 (task 0): the pivots. Dense tokens are all masked; 6 pivots are known.
+// 3. Phase 1 (phase index 0): the pivots. Dense tokens are all masked; 6 pivots are known.
 let b = 2L
 let tokens = torch.randn (b, n, int64 config.TokenEmbedDim) // (B, N, C) dense latents
 let pivots = torch.randn (b, s, int64 config.Pivots.Channels) // (B, S, C) pivot latents
@@ -81,12 +81,12 @@ let x = torch.randn (b * s, int64 config.TokenEmbedDim)
 let t = torch.full ([| b * s |], scalarL 500L, dtype = torch.int64)
 printfn "MLP head output (noise | variance value): %A" (model.DiffLoss.Net.call (x, t, z)).shape
 
-// 4. Phase 2 (task 1): the dense tokens, conditioned on the pivots' conditional tokens (the phase-1 decoder
+// 4. Phase 2 (phase index 1): the dense tokens, conditioned on the pivots' conditional tokens (the phase-1 decoder
 // states), not on the sampled pivot latents. Half of the dense tokens are known.
 let mask2 = torch.ones (b, l)
 mask2.narrow(1L, 0L, s + n / 2L).fill_ (scalar 0.0) |> ignore
-let smallZ = dec1.narrow (1L, 0L, s)
-let enc2 = model.EncoderPhase2(tokens, mask2, classEmb, pivots, smallZ)
+let pivotStates = dec1.narrow (1L, 0L, s)
+let enc2 = model.EncoderPhase2(tokens, mask2, classEmb, pivots, pivotStates)
 let dec2 = model.Decoder(enc2, mask2, 1L)
 printfn "\nPhase 2: encoder sees %A, decoder returns %A" enc2.shape dec2.shape
 

@@ -7,8 +7,8 @@ open type TorchSharp.torch.nn
 
 /// Hi-MAR (models/himar.py `HiMAR`): one MAE-style encoder/decoder Transformer with buffer tokens and
 /// scale-aware blocks that serves both phases, the phase-1 MLP diffusion head `diffloss` and the phase-2
-/// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; task 0 is phase 1
-/// (pivots), task 1 phase 2 (dense). State-dict keys equal the reference's.
+/// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; a phase index
+/// selects the rows of the reference's per-task tables (`encoder_task_emb`, `mask_token`, positions): 0 for phase 1 (pivots), 1 for phase 2 (dense tokens). State-dict keys equal the reference's.
 type HiMAR(config: HiMarConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("HiMAR")
 
@@ -207,13 +207,13 @@ type HiMAR(config: HiMarConfig) as this =
         | Some v -> v
         | None -> invalidOp (sprintf "this configuration has no %s" name)
 
-    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares task 0.
-    let adaIndex (task: int64) =
-        if config.Backbone.ScaleAware then task else 0L
+    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares phase 1's.
+    let adaIndex (phase: int64) =
+        if config.Backbone.ScaleAware then phase else 0L
 
-    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[task])).
-    let phaseModulation (emb: Embedding) (ada: Sequential) (task: int64) =
-        use row = (nonNull emb.weight).[adaIndex task]
+    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[phase])).
+    let phaseModulation (emb: Embedding) (ada: Sequential) (phase: int64) =
+        use row = (nonNull emb.weight).[adaIndex phase]
         use r = row.reshape (1L, 1L, -1L)
         ada.call r
 
@@ -244,7 +244,7 @@ type HiMAR(config: HiMarConfig) as this =
         (x: torch.Tensor)
         (mask: torch.Tensor)
         (classEmb: torch.Tensor)
-        (task: int64)
+        (phase: int64)
         =
         let b = x.shape.[0]
         use dense = z_proj.call x |> castTo x.dtype
@@ -277,17 +277,17 @@ type HiMAR(config: HiMarConfig) as this =
                 classEmb.unsqueeze(1L).expand (b, buf, e)
 
         use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
-        use pos = encoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        use pos = encoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         use added = withBuf + pos
         use normed = z_proj_ln.call added
         use mwb = withBuffer mask
         use cols = knownColumns mwb
         // (B, buf + L, E) -> (B, buf + known, E)
         let visible = normed.gather (1L, cols.unsqueeze(-1L).expand (-1L, -1L, e))
-        use ada = phaseModulation encoder_task_emb encoder_blocks_ada task
+        use ada = phaseModulation encoder_task_emb encoder_blocks_ada phase
 
         let h =
-            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) visible encoder_blocks
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex phase)) visible encoder_blocks
 
         encoder_norm.call h
 
@@ -386,7 +386,7 @@ type HiMAR(config: HiMarConfig) as this =
     /// The phase-2 Transformer head.
     member _.CondDiffLoss = required "Transformer head (cond_diffloss)" cond_diffloss
 
-    /// Phase-1 encoder (task 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
+    /// Phase-1 encoder (phase index 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
     /// in practice. -> (B, buf + known, E).
     member _.EncoderPhase1(tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor) =
         use first = (required "pivots" cond_proj).call cond |> castTo tokens.dtype
@@ -425,7 +425,7 @@ type HiMAR(config: HiMarConfig) as this =
                 use v = visible.unsqueeze (-1L) // (B, S) -> (B, S, 1)
                 v * placeholder + (1.0 - v) * z
 
-    /// Phase-2 encoder (task 1), evaluation: the pivot condition (`PivotCondition`) of the pivot latents
+    /// Phase-2 encoder (phase index 1), evaluation: the pivot condition (`PivotCondition`) of the pivot latents
     /// `pivots` (B, S, C) or the phase-1 decoder states `pivotStates` (B, S, D). -> (B, buf + known, E).
     member this.EncoderPhase2
         (
@@ -440,21 +440,21 @@ type HiMAR(config: HiMarConfig) as this =
 
     /// The decoder of either phase: encoder output (B, buf + known, E), mask (B, L) -> (B, L, D), the
     /// masked positions filled with the phase's mask tokens, buffer dropped, diffusion positions added.
-    member _.Decoder(x: torch.Tensor, mask: torch.Tensor, task: int64) =
+    member _.Decoder(x: torch.Tensor, mask: torch.Tensor, phase: int64) =
         let b = x.shape.[0]
         use xe = decoder_embed.call x |> castTo x.dtype
         use mwb = withBuffer mask
         use cols = knownColumns mwb
-        use tokens = mask_token.narrow(1L, task * l, l).expand (b, l, e)
+        use tokens = mask_token.narrow(1L, phase * l, l).expand (b, l, e)
         use zeros = torch.zeros (b, buf, e, dtype = xe.dtype, device = xe.device)
         use full = torch.cat ([| zeros; tokens |], 1L) // (B, buf + L, D)
         use placed = full.scatter (1L, cols.unsqueeze(-1L).expand (-1L, -1L, d), xe)
-        use pos = decoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        use pos = decoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         let h0 = placed + pos
-        use ada = phaseModulation decoder_task_emb decoder_blocks_ada task
+        use ada = phaseModulation decoder_task_emb decoder_blocks_ada phase
 
         let h =
-            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) h0 decoder_blocks
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex phase)) h0 decoder_blocks
 
         use normed = decoder_norm.call h
         use noBuffer = normed.narrow (1L, buf, l) // (B, L, D)

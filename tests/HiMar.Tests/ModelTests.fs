@@ -147,8 +147,8 @@ let tests =
                 // phase 2: pivots known, 24 dense tokens known
                 use mask2 = torch.ones (b, l)
                 mask2.narrow(1L, 0L, s + 24L).fill_ (scalar 0.0) |> ignore
-                use smallZ = dec1.narrow (1L, 0L, s)
-                use enc2 = m.EncoderPhase2(tokens, mask2, emb, cond, smallZ)
+                use pivotStates = dec1.narrow (1L, 0L, s)
+                use enc2 = m.EncoderPhase2(tokens, mask2, emb, cond, pivotStates)
                 Expect.equal (shapeOf enc2) [ b; 2L + s + 24L; 32L ] "phase-2 encoder"
                 use dec2 = m.Decoder(enc2, mask2, 1L)
                 use zImg = dec2.narrow(1L, s, n).reshape(b, 8L, 8L, 32L).permute (0L, 3L, 1L, 2L)
