@@ -460,21 +460,21 @@ type HiMAR(config: HiMarConfig) as this =
         use noBuffer = normed.narrow (1L, buf, l) // (B, L, D)
         noBuffer + diffusion_pos_embed_learned
 
-    /// The training losses of one batch: tokens (B, N, C) dense latents, cond (B, S, C) pivot latents,
+    /// The training losses of one batch: tokens (B, N, C) dense latents, pivots (B, S, C) pivot latents,
     /// labels (B,), epoch (for the pivot-condition warm-up). Draws orders, masks, label drops and diffusion
     /// noise from torch's generator.
-    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float) =
-        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, RowWindow.Whole tokens.shape.[0])
+    member this.TrainingLosses(tokens: torch.Tensor, pivots: torch.Tensor, labels: torch.Tensor, epoch: float) =
+        this.TrainingLosses(tokens, pivots, Condition.Labels labels, epoch, RowWindow.Whole tokens.shape.[0])
 
     /// The training losses of one batch under any condition (labels or captions).
-    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float) =
-        this.TrainingLosses(tokens, cond, condition, epoch, RowWindow.Whole tokens.shape.[0])
+    member this.TrainingLosses(tokens: torch.Tensor, pivots: torch.Tensor, condition: Condition, epoch: float) =
+        this.TrainingLosses(tokens, pivots, condition, epoch, RowWindow.Whole tokens.shape.[0])
 
     /// The training losses of this process's rows of a class-conditioned global batch.
     member this.TrainingLosses
-        (tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
+        (tokens: torch.Tensor, pivots: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
         =
-        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, rows)
+        this.TrainingLosses(tokens, pivots, Condition.Labels labels, epoch, rows)
 
     /// The training losses of this process's rows of a global batch (data-parallel training). Every per-row
     /// draw (orders, label drops, pivot dropout, diffusion steps and noise) is made for all rows of the global
