@@ -15,21 +15,21 @@ torch.manual_seed 0L |> ignore
 // pivots (S = 16, the latent of a 64x64 image), 2 + 2 blocks of width 64, both diffusion heads tiny.
 let config =
     { HiMarConfig.hiMarB with
-        ImgSize = 128
-        EncoderEmbedDim = 64
-        EncoderDepth = 2
-        EncoderNumHeads = 4
-        DecoderEmbedDim = 64
-        DecoderDepth = 2
-        DecoderNumHeads = 4
-        ClassNum = 10
-        BufferSize = 4
-        CondScale = 4
-        DiffLossD = 2
-        DiffLossW = 96
-        GdmW = 64
-        GdmD = 2
-        GdmHeads = 4
+        Backbone.ImageSize = 128
+        Backbone.EncoderWidth = 64
+        Backbone.EncoderDepth = 2
+        Backbone.EncoderHeads = 4
+        Backbone.DecoderWidth = 64
+        Backbone.DecoderDepth = 2
+        Backbone.DecoderHeads = 4
+        Backbone.ClassCount = 10
+        Backbone.BufferSize = 4
+        Pivots.GridSide = 4
+        MlpHead.Depth = 2
+        MlpHead.Width = 96
+        TransformerHead.Width = 64
+        TransformerHead.Depth = 2
+        TransformerHead.Heads = 4
     }
 
 let model = new HiMAR(config)
@@ -38,7 +38,7 @@ model.eval ()
 let s, n, l =
     int64 config.PivotTokens, int64 config.DenseTokens, int64 config.SeqLen
 
-printfn "Sequence: %d buffer tokens | %d pivots | %d dense tokens (L = %d)" config.BufferSize s n l
+printfn "Sequence: %d buffer tokens | %d pivots | %d dense tokens (L = %d)" config.Backbone.BufferSize s n l
 
 // 1. Modules and parameter counts. The presets are exact: Hi-MAR-B has 244,730,160 parameters.
 printfn "\n%-30s %12s" "module" "parameters"
@@ -63,10 +63,10 @@ for KeyValue(k, v) in Weights.stateDict model do
     then
         printfn "  %-48s %A" k v.shape
 
-// 3. Phase 1 (task 0): the pivots. Dense tokens are all masked; 6 pivots are known.
+// 3. Phase 1 (phase index 0): the pivots. Dense tokens are all masked; 6 pivots are known.
 let b = 2L
 let tokens = torch.randn (b, n, int64 config.TokenEmbedDim) // (B, N, C) dense latents
-let pivots = torch.randn (b, s, int64 config.CondDim) // (B, S, C) pivot latents
+let pivots = torch.randn (b, s, int64 config.Pivots.Channels) // (B, S, C) pivot latents
 let labels = torch.tensor [| 3L; 7L |]
 let classEmb = model.ClassEmbedding labels // (B, E)
 let mask1 = torch.ones (b, l) // 1 = unknown
@@ -81,12 +81,12 @@ let x = torch.randn (b * s, int64 config.TokenEmbedDim)
 let t = torch.full ([| b * s |], scalarL 500L, dtype = torch.int64)
 printfn "MLP head output (noise | variance value): %A" (model.DiffLoss.Net.call (x, t, z)).shape
 
-// 4. Phase 2 (task 1): the dense tokens, conditioned on the pivots' conditional tokens (the phase-1 decoder
+// 4. Phase 2 (phase index 1): the dense tokens, conditioned on the pivots' conditional tokens (the phase-1 decoder
 // states), not on the sampled pivot latents. Half of the dense tokens are known.
 let mask2 = torch.ones (b, l)
 mask2.narrow(1L, 0L, s + n / 2L).fill_ (scalar 0.0) |> ignore
-let smallZ = dec1.narrow (1L, 0L, s)
-let enc2 = model.EncoderPhase2(tokens, mask2, classEmb, pivots, smallZ)
+let pivotStates = dec1.narrow (1L, 0L, s)
+let enc2 = model.EncoderPhase2(tokens, mask2, classEmb, pivots, pivotStates)
 let dec2 = model.Decoder(enc2, mask2, 1L)
 printfn "\nPhase 2: encoder sees %A, decoder returns %A" enc2.shape dec2.shape
 
@@ -140,4 +140,4 @@ let noise = new HiMar.Runtime.Sampling.SeededNoise(0L, 0L, 1)
 let result =
     HiMar.Runtime.Sampling.HiMarSampler.Sample(model, torch.tensor [| 3L |], noise, options)
 
-printfn "pivots %A, dense tokens %A" result.SmallTokens.shape result.BigTokens.shape
+printfn "pivots %A, dense tokens %A" result.Pivots.shape result.Dense.shape

@@ -18,18 +18,23 @@ let model =
     ReferenceImport.LoadModel(Path.Combine(__SOURCE_DIRECTORY__, "..", "models", "fashion-text"))
 
 let config = model.Config
-printfn "%d context tokens of width %d; %d words known" config.ContextLength config.TextWidth config.TextVocab.Length
+
+printfn
+    "%d context tokens of width %d; %d words known"
+    config.ContextLength
+    config.Text.Width
+    config.Text.Vocabulary.Length
 
 // 1. Tokenise: lower-case words, each the id of its place in the vocabulary (0 pads to the context length).
 let prompt = "a photo of an ankle boot"
 printfn "%A" (WordVocabulary.words prompt)
 
-match WordVocabulary.tryEncode config.TextVocab config.ContextLength prompt with
+match WordVocabulary.tryEncode config.Text.Vocabulary config.ContextLength prompt with
 | Ok ids -> printfn "ids: %A" ids
 | Error message -> printfn "%s" message
 
 // A word the model never saw gets a message, not a crash.
-match WordVocabulary.tryEncode config.TextVocab config.ContextLength "a red boot" with
+match WordVocabulary.tryEncode config.Text.Vocabulary config.ContextLength "a red boot" with
 | Ok _ -> ()
 | Error message -> printfn "%s" (message.Substring(0, min 60 message.Length))
 

@@ -534,12 +534,12 @@ let private modelInfo (nameOrFile: string) =
                 sprintf
                     "%s: %d+%d blocks of width %d, pivots %dx%d, %d classes"
                     nameOrFile
-                    config.EncoderDepth
-                    config.DecoderDepth
-                    config.EncoderEmbedDim
-                    config.CondScale
-                    config.CondScale
-                    config.ClassNum
+                    config.Backbone.EncoderDepth
+                    config.Backbone.DecoderDepth
+                    config.Backbone.EncoderWidth
+                    config.Pivots.GridSide
+                    config.Pivots.GridSide
+                    config.Backbone.ClassCount
             )
         )
 
@@ -783,7 +783,9 @@ let private sample (args: ParseResults<SampleArgs>) =
         HiMar.Runtime.Checkpoints.ReferenceImport.LoadModel(ckpt, useEma, allowNonFinite, warn)
 
     model.``to`` dev |> ignore
-    let pixelModel = model.Config.ImgSize = 32 && model.Config.VaeStride = 4
+
+    let pixelModel =
+        model.Config.Backbone.ImageSize = 32 && model.Config.Backbone.VaeStride = 4
 
     let tokenizer: HiMar.Runtime.Data.ITokenizer =
         match args.TryGetResult SampleArgs.Vae with
@@ -811,7 +813,7 @@ let private sample (args: ParseResults<SampleArgs>) =
                      1)
         )
 
-    let classNum = model.Config.ClassNum
+    let classNum = model.Config.Backbone.ClassCount
 
     let unconditional = args.Contains SampleArgs.Unconditional
 
@@ -838,14 +840,19 @@ let private sample (args: ParseResults<SampleArgs>) =
         | None, None when preset.IsSome -> [| 0L .. int64 classNum - 1L |]
         | None, None -> [| 0L .. int64 (min 4 classNum) - 1L |]
 
-    let textModel = model.Config.Conditioning = HiMar.Model.Conditioning.Text
+    let textModel = model.Config.Text.Conditioning = HiMar.Model.Conditioning.Text
     let promptsGiven = args.GetResults SampleArgs.Prompt
 
     // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
     let promptsGiven =
         if textModel && unconditional then
             [ "" ]
-        elif textModel && promptsGiven.IsEmpty && preset.IsSome && model.Config.ClassNum = 10 then
+        elif
+            textModel
+            && promptsGiven.IsEmpty
+            && preset.IsSome
+            && model.Config.Backbone.ClassCount = 10
+        then
             [
                 for phrases in HiMar.Model.FashionCaptions.classPhrases ->
                     HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
@@ -1053,7 +1060,10 @@ let private train (args: ParseResults<TrainArgs>) =
 
     let cache = args.TryGetResult TrainArgs.Cache
 
-    if cache.IsNone && (config.ImgSize <> 32 || config.VaeStride <> 4) then
+    if
+        cache.IsNone
+        && (config.Backbone.ImageSize <> 32 || config.Backbone.VaeStride <> 4)
+    then
         raise (
             CliError
                 "IDX data trains with the pixel-patch tokenizer (img_size 32, vae_stride 4, as the fashion preset); for other configs make a latent cache with `himar cache` and pass --cache and --vae"
@@ -1092,7 +1102,10 @@ let private train (args: ParseResults<TrainArgs>) =
             threads
             (if threads = 1 then "" else "s")
 
-        if config.AttnDropout > 0.0 || config.ProjDropout > 0.0 then
+        if
+            config.Backbone.AttentionDropout > 0.0
+            || config.Backbone.ProjectionDropout > 0.0
+        then
             eprintfn
                 "himar: warning: dropout masks are drawn per rank from the shared generator (ranks share masks); %s"
                 "the N-rank run no longer equals one process of the global batch exactly"
@@ -1153,7 +1166,7 @@ let private train (args: ParseResults<TrainArgs>) =
                         emb,
                         HiMar.Runtime.Text.CaptionTexts.FashionMnistKeys data.Count
                     )
-                | None when config.Conditioning = HiMar.Model.Conditioning.Text ->
+                | None when config.Text.Conditioning = HiMar.Model.Conditioning.Text ->
                     HiMar.Runtime.Text.CaptionTexts.FashionMnist data.Labels
                 | None -> null
 
@@ -1449,9 +1462,9 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
         )
 
     if
-        model.Config.ImgSize <> 32
-        || model.Config.VaeStride <> 4
-        || model.Config.ClassNum <> 10
+        model.Config.Backbone.ImageSize <> 32
+        || model.Config.Backbone.VaeStride <> 4
+        || model.Config.Backbone.ClassCount <> 10
     then
         raise (
             CliError
@@ -1520,7 +1533,7 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
 
     table.AddRow("images", sprintf "%d (%d reused)" count result.Reused) |> ignore
 
-    if model.Config.Conditioning = HiMar.Model.Conditioning.Text then
+    if model.Config.Text.Conditioning = HiMar.Model.Conditioning.Text then
         table.AddRow(
             "prompts",
             (if args.Contains Training_Templates then
@@ -1552,7 +1565,11 @@ let private ablation (args: ParseResults<AblationArgs>) =
             args.GetResult(AblationArgs.Config, defaultValue = "fashion-small")
         )
 
-    if config.ImgSize <> 32 || config.VaeStride <> 4 || config.ClassNum <> 10 then
+    if
+        config.Backbone.ImageSize <> 32
+        || config.Backbone.VaeStride <> 4
+        || config.Backbone.ClassCount <> 10
+    then
         raise (CliError "the ablation trains on Fashion-MNIST pixel patches: img_size 32, vae_stride 4, 10 classes")
 
     let ints name dflt (case: Quotations.Expr<string -> AblationArgs>) =

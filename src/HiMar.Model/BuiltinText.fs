@@ -38,11 +38,13 @@ type Condition =
     /// A random condition of `batch` rows for a configuration (benchmarks, smoke runs): labels, word ids or
     /// context vectors, from torch's generator.
     static member Random(config: HiMarConfig, batch: int64) =
-        match config.Conditioning, config.TextEncoder with
-        | Conditioning.Class, _ -> Labels(torch.randint (0L, int64 config.ClassNum, [| batch |]))
+        match config.Text.Conditioning, config.Text.Encoder with
+        | Conditioning.Class, _ -> Labels(torch.randint (0L, int64 config.Backbone.ClassCount, [| batch |]))
         | _, TextEncoderKind.Builtin ->
-            Tokens(torch.randint (1L, int64 config.TextVocab.Length + 1L, [| batch; int64 config.ContextLength |]))
-        | _ -> Context(torch.randn (batch, int64 config.ContextLength, int64 config.ContextDim))
+            Tokens(
+                torch.randint (1L, int64 config.Text.Vocabulary.Length + 1L, [| batch; int64 config.ContextLength |])
+            )
+        | _ -> Context(torch.randn (batch, int64 config.ContextLength, int64 config.Text.ExternalWidth))
 
     /// Disposes the tensor it holds.
     interface System.IDisposable with

@@ -5,41 +5,31 @@ open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
 
-/// The two weighted training losses of one step and their combination.
-/// `Phase1` = 2.0 x MLP-head loss, `Phase2` = 0.75 x phase-2 head loss (reference `HiMAR.forward`), and
-/// `Total` = (S / L) Phase1 + (N / L) Phase2 (reference engine: 64/320 and 256/320).
-type HiMarLosses =
-    {
-        Phase1: torch.Tensor
-        Phase2: torch.Tensor
-        Total: torch.Tensor
-    }
-
 /// Hi-MAR (models/himar.py `HiMAR`): one MAE-style encoder/decoder Transformer with buffer tokens and
 /// scale-aware blocks that serves both phases, the phase-1 MLP diffusion head `diffloss` and the phase-2
-/// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; task 0 is phase 1
-/// (pivots), task 1 phase 2 (dense). State-dict keys equal the reference's.
+/// Transformer head `cond_diffloss`. Sequences are [buffer | pivots (S) | dense (N)]; a phase index
+/// selects the rows of the reference's per-task tables (`encoder_task_emb`, `mask_token`, positions): 0 for phase 1 (pivots), 1 for phase 2 (dense tokens). State-dict keys equal the reference's.
 type HiMAR(config: HiMarConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("HiMAR")
 
     do
-        match HiMarConfig.validate config with
+        match ConfigCodec.validate config with
         | [] -> ()
         | problems -> invalidArg "config" (String.Join("; ", problems))
 
-    let e = int64 config.EncoderEmbedDim
-    let d = int64 config.DecoderEmbedDim
+    let e = int64 config.Backbone.EncoderWidth
+    let d = int64 config.Backbone.DecoderWidth
     let c = int64 config.TokenEmbedDim
     let s = int64 config.PivotTokens
     let n = int64 config.DenseTokens
     let l = int64 config.SeqLen
-    let buf = int64 config.BufferSize
-    let hasPivots = config.Pivots <> PivotSource.NoPivots
-    let eps = config.LayerNormEps
+    let buf = int64 config.Backbone.BufferSize
+    let hasPivots = config.Pivots.Source <> PivotSource.NoPivots
+    let eps = config.Backbone.LayerNormEps
     let normal (shape: int64[]) = torch.randn(shape).mul_ (scalar 0.02)
 
-    let isText = config.Conditioning = Conditioning.Text
-    let builtinText = isText && config.TextEncoder = TextEncoderKind.Builtin
+    let isText = config.Text.Conditioning = Conditioning.Text
+    let builtinText = isText && config.Text.Encoder = TextEncoderKind.Builtin
 
     // Class models: the unconditional embedding (1, E); text models have their own null context.
     let fake_latent: Parameter | null =
@@ -51,7 +41,7 @@ type HiMAR(config: HiMarConfig) as this =
     // A plain field, not an option: TorchSharp's `.to(dtype/device)` rebinds parameter fields by name.
     let cond_tokens: Parameter | null =
         if hasPivots then
-            this.Param("cond_tokens", normal [| 1L; s; int64 config.CondDim |])
+            this.Param("cond_tokens", normal [| 1L; s; int64 config.Pivots.Channels |])
         else
             null
 
@@ -70,7 +60,7 @@ type HiMAR(config: HiMarConfig) as this =
         if isText then
             None
         else
-            Some(this.Child("class_emb", Embedding(int64 config.ClassNum, e)))
+            Some(this.Child("class_emb", Embedding(int64 config.Backbone.ClassCount, e)))
 
     // Text models: the context (B, L, ContextWidth) is projected to the encoder width, one vector per buffer slot.
     let context_proj =
@@ -85,11 +75,11 @@ type HiMAR(config: HiMarConfig) as this =
                 this.Child(
                     "text_encoder",
                     new BuiltinTextEncoder(
-                        int64 config.TextVocab.Length,
+                        int64 config.Text.Vocabulary.Length,
                         buf,
-                        int64 config.TextWidth,
-                        config.TextDepth,
-                        int64 config.TextHeads
+                        int64 config.Text.Width,
+                        config.Text.Depth,
+                        int64 config.Text.Heads
                     )
                 )
             )
@@ -101,15 +91,15 @@ type HiMAR(config: HiMarConfig) as this =
     let empty_context: Parameter | null =
         if
             isText
-            && config.TextEncoder = TextEncoderKind.External
-            && config.NullContext = NullContextKind.Empty
+            && config.Text.Encoder = TextEncoderKind.External
+            && config.Text.NullContext = NullContextKind.Empty
         then
-            this.Param("empty_context", torch.zeros (1L, buf, int64 config.ContextDim), requiresGrad = false)
+            this.Param("empty_context", torch.zeros (1L, buf, int64 config.Text.ExternalWidth), requiresGrad = false)
         else
             null
 
     let fake_context: Parameter | null =
-        if isText && config.NullContext = NullContextKind.Learned then
+        if isText && config.Text.NullContext = NullContextKind.Learned then
             this.Param("fake_context", normal [| 1L; buf; e |])
         else
             null
@@ -125,19 +115,28 @@ type HiMAR(config: HiMarConfig) as this =
 
     let cond_proj =
         if hasPivots then
-            Some(this.Child("cond_proj", new Mixed.Linear(int64 config.CondDim, e)))
+            Some(this.Child("cond_proj", new Mixed.Linear(int64 config.Pivots.Channels, e)))
         else
             None
 
     let block (width: int) (heads: int) =
-        new Block(int64 width, int64 heads, config.MlpRatio, 2L, eps, config.AttnDropout, config.ProjDropout)
+        new Block(
+            int64 width,
+            int64 heads,
+            config.Backbone.MlpRatio,
+            2L,
+            eps,
+            config.Backbone.AttentionDropout,
+            config.Backbone.ProjectionDropout
+        )
 
     let encoder_blocks =
         this.Child(
             "encoder_blocks",
             ModuleList<Block>(
                 [|
-                    for _ in 1 .. config.EncoderDepth -> block config.EncoderEmbedDim config.EncoderNumHeads
+                    for _ in 1 .. config.Backbone.EncoderDepth ->
+                        block config.Backbone.EncoderWidth config.Backbone.EncoderHeads
                 |]
             )
         )
@@ -152,7 +151,8 @@ type HiMAR(config: HiMarConfig) as this =
             "decoder_blocks",
             ModuleList<Block>(
                 [|
-                    for _ in 1 .. config.DecoderDepth -> block config.DecoderEmbedDim config.DecoderNumHeads
+                    for _ in 1 .. config.Backbone.DecoderDepth ->
+                        block config.Backbone.DecoderWidth config.Backbone.DecoderHeads
                 |]
             )
         )
@@ -162,18 +162,18 @@ type HiMAR(config: HiMarConfig) as this =
     let decoder_norm = this.Child("decoder_norm", LayerNorm(d, eps = eps))
 
     let diffloss =
-        if hasPivots || config.Phase2 = Phase2Head.Mlp then
+        if hasPivots || config.Phase2Head = Phase2Head.Mlp then
             Some(
                 this.Child(
                     "diffloss",
                     new DiffLoss(
                         c,
                         d,
-                        int64 config.DiffLossW,
-                        config.DiffLossD,
-                        config.NumSamplingSteps,
-                        config.NoiseSchedule,
-                        config.DiffusionSteps
+                        int64 config.MlpHead.Width,
+                        config.MlpHead.Depth,
+                        config.MlpHead.SamplingSteps,
+                        config.Training.NoiseSchedule,
+                        config.Training.DiffusionSteps
                     )
                 )
             )
@@ -181,7 +181,7 @@ type HiMAR(config: HiMarConfig) as this =
             None
 
     let cond_diffloss =
-        if config.Phase2 = Phase2Head.Transformer then
+        if config.Phase2Head = Phase2Head.Transformer then
             Some(
                 this.Child(
                     "cond_diffloss",
@@ -189,13 +189,13 @@ type HiMAR(config: HiMarConfig) as this =
                         c,
                         int64 config.SeqH,
                         d,
-                        int64 config.GdmW,
-                        config.GdmD,
-                        int64 config.GdmHeads,
-                        config.GdmMlpRatio,
-                        config.DitSamplingSteps,
-                        config.NoiseSchedule,
-                        config.DiffusionSteps
+                        int64 config.TransformerHead.Width,
+                        config.TransformerHead.Depth,
+                        int64 config.TransformerHead.Heads,
+                        config.TransformerHead.MlpRatio,
+                        config.TransformerHead.SamplingSteps,
+                        config.Training.NoiseSchedule,
+                        config.Training.DiffusionSteps
                     )
                 )
             )
@@ -207,12 +207,13 @@ type HiMAR(config: HiMarConfig) as this =
         | Some v -> v
         | None -> invalidOp (sprintf "this configuration has no %s" name)
 
-    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares task 0.
-    let adaIndex (task: int64) = if config.ScaleAware then task else 0L
+    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares phase 1's.
+    let adaIndex (phase: int64) =
+        if config.Backbone.ScaleAware then phase else 0L
 
-    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[task])).
-    let phaseModulation (emb: Embedding) (ada: Sequential) (task: int64) =
-        use row = (nonNull emb.weight).[adaIndex task]
+    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[phase])).
+    let phaseModulation (emb: Embedding) (ada: Sequential) (phase: int64) =
+        use row = (nonNull emb.weight).[adaIndex phase]
         use r = row.reshape (1L, 1L, -1L)
         ada.call r
 
@@ -243,7 +244,7 @@ type HiMAR(config: HiMarConfig) as this =
         (x: torch.Tensor)
         (mask: torch.Tensor)
         (classEmb: torch.Tensor)
-        (task: int64)
+        (phase: int64)
         =
         let b = x.shape.[0]
         use dense = z_proj.call x |> castTo x.dtype
@@ -251,9 +252,9 @@ type HiMAR(config: HiMarConfig) as this =
 
         // Class models: (B, E), repeated over the buffer slots; text models: (B, buf, E), one per slot.
         use classEmb =
-            if this.training && config.LabelDropProb > 0.0 then
+            if this.training && config.Training.LabelDropProb > 0.0 then
                 use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
-                use drop0 = u.lt (scalar config.LabelDropProb)
+                use drop0 = u.lt (scalar config.Training.LabelDropProb)
 
                 use drop =
                     if classEmb.dim () = 3L then
@@ -276,17 +277,17 @@ type HiMAR(config: HiMarConfig) as this =
                 classEmb.unsqueeze(1L).expand (b, buf, e)
 
         use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
-        use pos = encoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        use pos = encoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         use added = withBuf + pos
         use normed = z_proj_ln.call added
         use mwb = withBuffer mask
         use cols = knownColumns mwb
         // (B, buf + L, E) -> (B, buf + known, E)
         let visible = normed.gather (1L, cols.unsqueeze(-1L).expand (-1L, -1L, e))
-        use ada = phaseModulation encoder_task_emb encoder_blocks_ada task
+        use ada = phaseModulation encoder_task_emb encoder_blocks_ada phase
 
         let h =
-            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) visible encoder_blocks
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex phase)) visible encoder_blocks
 
         encoder_norm.call h
 
@@ -352,7 +353,7 @@ type HiMAR(config: HiMarConfig) as this =
     member this.NullEmbedding(rows: int64) =
         if not isText then
             this.FakeLatent.expand (rows, e)
-        elif config.NullContext = NullContextKind.Learned then
+        elif config.Text.NullContext = NullContextKind.Learned then
             (nonNull fake_context).expand (rows, buf, e)
         else
             use empty =
@@ -385,64 +386,95 @@ type HiMAR(config: HiMarConfig) as this =
     /// The phase-2 Transformer head.
     member _.CondDiffLoss = required "Transformer head (cond_diffloss)" cond_diffloss
 
-    /// Phase-1 encoder (task 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
+    /// Phase-1 encoder (phase index 0): the pivots enter as cond_proj(cond (B, S, cd)); every dense token is masked
     /// in practice. -> (B, buf + known, E).
     member _.EncoderPhase1(tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor) =
         use first = (required "pivots" cond_proj).call cond |> castTo tokens.dtype
         encode first tokens mask classEmb 0L
 
-    /// Phase-2 encoder (task 1), evaluation branch: the pivots enter as cond_z_proj(smallZ (B, S, D)) (Hi-MAR)
-    /// or, without smallZ or with low-res pivots, as cond_proj(cond). -> (B, buf + known, E).
-    member _.EncoderPhase2
-        (tokens: torch.Tensor, mask: torch.Tensor, classEmb: torch.Tensor, cond: torch.Tensor, smallZ: torch.Tensor)
-        =
-        use first =
-            if not hasPivots then
-                torch.zeros (tokens.shape.[0], 0L, e, dtype = tokens.dtype, device = tokens.device)
-            elif config.Pivots = PivotSource.ConditionalTokens && not (isNull (box smallZ)) then
-                (required "pivots" cond_z_proj).call smallZ |> castTo tokens.dtype
-            else
-                (required "pivots" cond_proj).call cond |> castTo tokens.dtype
+    /// The learned placeholder of pivots that phase 2 does not see: cond_proj(cond_tokens), (rows, S, E).
+    member _.PivotPlaceholder(rows: int64, dtype: torch.ScalarType) =
+        (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (rows, -1L, -1L))
+        |> castTo dtype
 
+    /// Phase 2's pivot condition (B, S, E), one function for training and evaluation: nothing without pivots;
+    /// Hi-MAR's phase-1 decoder states `pivotStates` (B, S, D) through cond_z_proj; low-res pivots, or no states,
+    /// the pivot latents `pivots` (B, S, C) through cond_proj. In training `visiblePivots` (B, S) marks (1) the
+    /// pivots phase 1 saw, which take the placeholder instead of their states; evaluation passes null.
+    member this.PivotCondition
+        (
+            tokens: torch.Tensor,
+            pivots: torch.Tensor,
+            pivotStates: torch.Tensor | null,
+            visiblePivots: torch.Tensor | null
+        ) =
+        let dt = tokens.dtype
+
+        if not hasPivots then
+            torch.zeros (tokens.shape.[0], 0L, e, dtype = dt, device = tokens.device)
+        elif config.Pivots.Source <> PivotSource.ConditionalTokens || isNull pivotStates then
+            (required "pivots" cond_proj).call pivots |> castTo dt
+        else
+            let z = (required "pivots" cond_z_proj).call (nonNull pivotStates) |> castTo dt
+
+            match visiblePivots with
+            | null -> z
+            | visible ->
+                use z = z
+                use placeholder = this.PivotPlaceholder(tokens.shape.[0], dt)
+                use v = visible.unsqueeze (-1L) // (B, S) -> (B, S, 1)
+                v * placeholder + (1.0 - v) * z
+
+    /// Phase-2 encoder (phase index 1), evaluation: the pivot condition (`PivotCondition`) of the pivot latents
+    /// `pivots` (B, S, C) or the phase-1 decoder states `pivotStates` (B, S, D). -> (B, buf + known, E).
+    member this.EncoderPhase2
+        (
+            tokens: torch.Tensor,
+            mask: torch.Tensor,
+            classEmb: torch.Tensor,
+            pivots: torch.Tensor,
+            pivotStates: torch.Tensor | null
+        ) =
+        use first = this.PivotCondition(tokens, pivots, pivotStates, null)
         encode first tokens mask classEmb 1L
 
     /// The decoder of either phase: encoder output (B, buf + known, E), mask (B, L) -> (B, L, D), the
     /// masked positions filled with the phase's mask tokens, buffer dropped, diffusion positions added.
-    member _.Decoder(x: torch.Tensor, mask: torch.Tensor, task: int64) =
+    member _.Decoder(x: torch.Tensor, mask: torch.Tensor, phase: int64) =
         let b = x.shape.[0]
         use xe = decoder_embed.call x |> castTo x.dtype
         use mwb = withBuffer mask
         use cols = knownColumns mwb
-        use tokens = mask_token.narrow(1L, task * l, l).expand (b, l, e)
+        use tokens = mask_token.narrow(1L, phase * l, l).expand (b, l, e)
         use zeros = torch.zeros (b, buf, e, dtype = xe.dtype, device = xe.device)
         use full = torch.cat ([| zeros; tokens |], 1L) // (B, buf + L, D)
         use placed = full.scatter (1L, cols.unsqueeze(-1L).expand (-1L, -1L, d), xe)
-        use pos = decoder_pos_embed_learned.narrow (1L, task * (l + buf), l + buf)
+        use pos = decoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         let h0 = placed + pos
-        use ada = phaseModulation decoder_task_emb decoder_blocks_ada task
+        use ada = phaseModulation decoder_task_emb decoder_blocks_ada phase
 
         let h =
-            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex task)) h0 decoder_blocks
+            Seq.fold (fun (h: torch.Tensor) (blk: Block) -> blk.call (h, ada, adaIndex phase)) h0 decoder_blocks
 
         use normed = decoder_norm.call h
         use noBuffer = normed.narrow (1L, buf, l) // (B, L, D)
         noBuffer + diffusion_pos_embed_learned
 
-    /// The training losses of one batch: tokens (B, N, C) dense latents, cond (B, S, C) pivot latents,
+    /// The training losses of one batch: tokens (B, N, C) dense latents, pivots (B, S, C) pivot latents,
     /// labels (B,), epoch (for the pivot-condition warm-up). Draws orders, masks, label drops and diffusion
     /// noise from torch's generator.
-    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float) =
-        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, RowWindow.Whole tokens.shape.[0])
+    member this.TrainingLosses(tokens: torch.Tensor, pivots: torch.Tensor, labels: torch.Tensor, epoch: float) =
+        this.TrainingLosses(tokens, pivots, Condition.Labels labels, epoch, RowWindow.Whole tokens.shape.[0])
 
     /// The training losses of one batch under any condition (labels or captions).
-    member this.TrainingLosses(tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float) =
-        this.TrainingLosses(tokens, cond, condition, epoch, RowWindow.Whole tokens.shape.[0])
+    member this.TrainingLosses(tokens: torch.Tensor, pivots: torch.Tensor, condition: Condition, epoch: float) =
+        this.TrainingLosses(tokens, pivots, condition, epoch, RowWindow.Whole tokens.shape.[0])
 
     /// The training losses of this process's rows of a class-conditioned global batch.
     member this.TrainingLosses
-        (tokens: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
+        (tokens: torch.Tensor, pivots: torch.Tensor, labels: torch.Tensor, epoch: float, rows: RowWindow)
         =
-        this.TrainingLosses(tokens, cond, Condition.Labels labels, epoch, rows)
+        this.TrainingLosses(tokens, pivots, Condition.Labels labels, epoch, rows)
 
     /// The training losses of this process's rows of a global batch (data-parallel training). Every per-row
     /// draw (orders, label drops, pivot dropout, diffusion steps and noise) is made for all rows of the global
@@ -451,21 +483,18 @@ type HiMAR(config: HiMarConfig) as this =
     /// undivided batch's draws, and since every row masks the same number of tokens, the mean of the
     /// processes' losses is the undivided batch's loss.
     member this.TrainingLosses
-        (tokens: torch.Tensor, cond: torch.Tensor, condition: Condition, epoch: float, rows: RowWindow)
+        (tokens: torch.Tensor, pivots: torch.Tensor, condition: Condition, epoch: float, rows: RowWindow)
         =
         let b = tokens.shape.[0]
 
         if rows.Count <> b then
             invalidArg "rows" (sprintf "the batch has %d rows, its window %d" b rows.Count)
 
-        let dev = tokens.device
-        let dt = tokens.dtype
-        let mul = int64 config.DiffusionBatchMul
-        use classEmb = this.ConditionEmbedding condition
+        use conditionEmb = this.ConditionEmbedding condition
 
         // The null embedding of caption/label dropout, made once for both phases' encoder passes.
         let nullEmb =
-            if this.training && config.LabelDropProb > 0.0 then
+            if this.training && config.Training.LabelDropProb > 0.0 then
                 Some(this.NullEmbedding b)
             else
                 None
@@ -476,204 +505,113 @@ type HiMAR(config: HiMarConfig) as this =
                     nullEmb |> Option.iter (fun t -> t.Dispose())
             }
 
-        use orders = Masking.randomOrdersOf rows s n dev
+        use orders = Masking.randomOrdersOf rows s n tokens.device
 
-        // Phase 1: mask ceil(S rate) pivots (rate ~ truncated normal on [min, 1]) and every dense token.
-        let phase1, smallZ, smallMask =
-            if hasPivots then
-                let rate1 =
-                    if config.MaskRatio = MaskRatioRule.Beta41 then
-                        Masking.betaRate 4.0
-                    else
-                        Masking.truncatedNormalRate config.MaskRatioMin
+        let phase1, pivotStates, visiblePivots =
+            this.Phase1Loss(tokens, pivots, orders, rows, nullEmb, conditionEmb)
 
-                let k = int64 (Math.Ceiling(float s * rate1))
+        use phase1 = phase1
 
-                use m = Masking.maskByOrder k orders l dt
-                m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
-                use first1 = (required "pivots" cond_proj).call cond |> castTo dt
-                use enc = encodeRows rows nullEmb first1 tokens m classEmb 0L
-                use dec = this.Decoder(enc, m, 0L)
-                use z1 = dec.narrow (1L, 0L, s) // (B, S, D)
-                use target = cond.reshape(b * s, c).repeat (mul, 1L)
-                use z = z1.reshape(b * s, d).repeat (mul, 1L)
-                use pm = m.narrow (1L, 0L, s)
-                use rowMask = pm.reshape(b * s).repeat (mul)
-
-                let loss1 =
-                    (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
-
-                loss1, z1.detach (), (1.0 - pm)
-            else
-                torch.zeros ([||], dtype = dt, device = dev), null, null
-
-        use loss1 = phase1
-
-        // Phase 2: mask ceil(N rate) dense tokens (cosine rule or truncated normal from 0.38); pivots known.
-        let rate =
-            if config.MaskRatio = MaskRatioRule.Beta41 then
-                Masking.betaRate 4.0
-            elif config.Cos then
-                Masking.cosineRate ()
-            else
-                Masking.truncatedNormalRate 0.38
-
-        let k2 = int64 (Math.Ceiling(float n * rate))
+        // Phase 2: ceil(N rate) dense tokens masked; the pivots known, seen through the pivot condition.
+        let masked = int64 (Math.Ceiling(float n * PhaseLosses.denseMaskRate config))
         use denseOrders = orders.narrow (1L, s, n)
-        use bigMask = Masking.maskByOrder k2 denseOrders l dt
-        let warm = min 1.0 (epoch / float (max 1 config.StepWarmup))
+        use mask = Masking.maskByOrder masked denseOrders l tokens.dtype
 
-        use first =
+        use pivotCondition =
             if not hasPivots then
-                torch.zeros (b, 0L, e, dtype = dt, device = dev)
+                this.PivotCondition(tokens, pivots, null, null)
             else
-                // Pivot-condition dropout: per sample, with a probability that warms from 1 to 1 - rate, all
-                // pivots take the learned placeholder. Otherwise Hi-MAR sees the placeholder for the pivots still
-                // masked in phase 1 and the decoder states of the others; low-res pivots enter as they are (the
-                // reference's `small_z is None` branch, which applies the same dropout).
-                use placeholder =
-                    (required "pivots" cond_proj).call ((nonNull cond_tokens).expand (b, -1L, -1L))
-                    |> castTo dt
+                use seen = this.PivotCondition(tokens, pivots, pivotStates, visiblePivots)
+                use placeholder = this.PivotPlaceholder(b, tokens.dtype)
+                PhaseLosses.pivotDropout config rows epoch placeholder seen
 
-                use seen =
-                    if config.Pivots = PivotSource.LowResTokens then
-                        (required "pivots" cond_proj).call cond |> castTo dt
-                    else
-                        use states = (required "pivots" cond_z_proj).call smallZ |> castTo dt
-                        use sm = smallMask.unsqueeze (-1L)
-                        sm * placeholder + (1.0 - sm) * states
+        if not (isNull (box pivotStates)) then
+            pivotStates.Dispose()
+            visiblePivots.Dispose()
 
-                use u =
-                    rows.Draw(b, [| 1L; 1L |], fun shape -> torch.rand (shape, dtype = dt, device = dev))
+        use phase2 =
+            this.Phase2Loss(tokens, pivotCondition, mask, rows, nullEmb, conditionEmb)
 
-                use usePlaceholder = u.le(scalar (1.0 - config.StepStage2Rate * warm)).``to`` dt
-                usePlaceholder * placeholder + (1.0 - usePlaceholder) * seen
+        PhaseLosses.weigh config phase1 phase2
 
-        use enc2 = encodeRows rows nullEmb first tokens bigMask classEmb 1L
-        use dec2 = this.Decoder(enc2, bigMask, 1L)
-        use z2 = dec2.narrow (1L, s, n) // (B, N, D)
-        use denseMask = bigMask.narrow (1L, s, n)
+    /// Phase 1's loss: ceil(S rate) pivots masked (rate ~ truncated normal on [min, 1] or Beta(4, 1)) and every
+    /// dense token, the MLP head's loss on the masked pivots. Returns the loss, the decoder's pivot states
+    /// (B, S, D), detached, and the pivots phase 1 saw (B, S) (1 = visible); without pivots a zero loss and nulls.
+    member private this.Phase1Loss
+        (
+            tokens: torch.Tensor,
+            pivots: torch.Tensor,
+            orders: torch.Tensor,
+            rows: RowWindow,
+            nullEmb: torch.Tensor option,
+            conditionEmb: torch.Tensor
+        ) =
+        let b = tokens.shape.[0]
+        let dt = tokens.dtype
 
-        use loss2 =
-            match config.Phase2 with
-            | Phase2Head.Transformer ->
-                let g = int64 config.SeqH
-                // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
-                use target =
-                    tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+        if not hasPivots then
+            torch.zeros ([||], dtype = dt, device = tokens.device), null, null
+        else
+            let mul = int64 config.Training.DiffusionBatchMul
+            let masked = int64 (Math.Ceiling(float s * PhaseLosses.pivotMaskRate config))
+            use m = Masking.maskByOrder masked orders l dt
+            m.narrow(1L, s, n).fill_ (scalar 1.0) |> ignore
+            use first = (required "pivots" cond_proj).call pivots |> castTo dt
+            use enc = encodeRows rows nullEmb first tokens m conditionEmb 0L
+            use dec = this.Decoder(enc, m, 0L)
+            use states = dec.narrow (1L, 0L, s) // (B, S, D)
+            use target = pivots.reshape(b * s, c).repeat (mul, 1L)
+            use z = states.reshape(b * s, d).repeat (mul, 1L)
+            use pivotMask = m.narrow (1L, 0L, s)
+            use rowMask = pivotMask.reshape(b * s).repeat (mul)
 
-                use zImg = z2.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
-                use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
-                (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
-            | _ ->
-                use target = tokens.reshape(b * n, c).repeat (mul, 1L)
-                use z = z2.reshape(b * n, d).repeat (mul, 1L)
-                use m = denseMask.reshape(b * n).repeat (mul)
-                (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
+            let loss =
+                (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
 
-        if not (isNull (box smallZ)) then
-            smallZ.Dispose()
-            smallMask.Dispose()
+            loss, states.detach (), (1.0 - pivotMask)
 
-        let p1 = loss1 * config.Phase1LossWeight
-        let p2 = loss2 * config.Phase2LossWeight
-        let wl = float s / float l
-        let wn = float n / float l
+    /// Phase 2's loss: the encoder sees `pivotCondition` and the dense tokens known under `mask` (B, L); the
+    /// dense decoder states go through the Transformer head (all tokens together, as a (B, C, g, g) grid) or
+    /// the MLP head (per token).
+    member private this.Phase2Loss
+        (
+            tokens: torch.Tensor,
+            pivotCondition: torch.Tensor,
+            mask: torch.Tensor,
+            rows: RowWindow,
+            nullEmb: torch.Tensor option,
+            conditionEmb: torch.Tensor
+        ) =
+        let b = tokens.shape.[0]
+        let mul = int64 config.Training.DiffusionBatchMul
+        use enc = encodeRows rows nullEmb pivotCondition tokens mask conditionEmb 1L
+        use dec = this.Decoder(enc, mask, 1L)
+        use states = dec.narrow (1L, s, n) // (B, N, D)
+        use denseMask = mask.narrow (1L, s, n)
 
-        {
-            Phase1 = p1
-            Phase2 = p2
-            Total = p1 * wl + p2 * wn
-        }
+        match config.Phase2Head with
+        | Phase2Head.Transformer ->
+            let g = int64 config.SeqH
+            // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
+            use target =
+                tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+
+            use zImg =
+                states.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
+
+            use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
+            (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
+        | _ ->
+            use target = tokens.reshape(b * n, c).repeat (mul, 1L)
+            use z = states.reshape(b * n, d).repeat (mul, 1L)
+            use m = denseMask.reshape(b * n).repeat (mul)
+            (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
 
     /// `forward(tokens, cond, labels)` is the training loss at the end of the warm-up; use `TrainingLosses`.
     override this.forward(tokens, cond, labels) =
-        let r = this.TrainingLosses(tokens, cond, labels, float config.StepWarmup)
+        let r =
+            this.TrainingLosses(tokens, cond, labels, float config.Training.PivotConditionWarmupEpochs)
+
         r.Phase1.Dispose()
         r.Phase2.Dispose()
         r.Total
-
-/// Looking at a model's structure without paying for its weights.
-module Anatomy =
-    /// Builds a module with every tensor on the meta device: shapes and counts without memory or
-    /// initialisation cost. Sets TorchSharp's default device for the duration, so call it from one thread.
-    [<CompiledName("OnMeta")>]
-    let onMeta (build: unit -> 'M) =
-        let previous = torch.get_default_device ()
-        torch.set_default_device torch.META
-
-        try
-            build ()
-        finally
-            torch.set_default_device previous
-
-    /// Parameter counts of a configuration: per top-level module (in registration order) and in total.
-    [<CompiledName("ParameterCounts")>]
-    let parameterCounts (config: HiMarConfig) =
-        use m = onMeta (fun () -> new HiMAR(config))
-        Weights.parameterCounts m, Weights.parameterCount m
-
-/// From-scratch initialisation as the reference does it before training (MAE/DiT recipes): Linear layers
-/// xavier-uniform with zero bias, LayerNorms 1/0, tokens and learned positions N(0, 0.02), the patch
-/// embeddings xavier on their flattened kernels, the timestep MLPs N(0, 0.02), and the diffusion heads'
-/// adaLN modulations and output layers zero (so each head starts by predicting zero noise).
-module Init =
-    let private zeroLinear (m: torch.nn.Module) =
-        for struct (_, p) in m.named_parameters () do
-            p.zero_ () |> ignore
-
-    /// Initialises every parameter of a Hi-MAR model in place.
-    [<CompiledName("HiMar")>]
-    let himar (model: HiMAR) =
-        use _ = torch.no_grad ()
-
-        for struct (name, m) in model.named_modules () do
-            match m with
-            | :? Mixed.Linear as lin ->
-                torch.nn.init.xavier_uniform_ lin.Weight |> ignore
-
-                match lin.Bias with
-                | null -> ()
-                | b -> b.zero_ () |> ignore
-            | :? LayerNorm as ln ->
-                ln.weight.fill_ (scalar 1.0) |> ignore
-
-                match ln.bias with
-                | null -> ()
-                | b -> b.zero_ () |> ignore
-            | :? Mixed.Conv2d as conv when name.EndsWith "proj" ->
-                // xavier on the (out, in * k * k) view of the kernel, as DiT does for its patch embedding
-                let w = conv.Weight
-                use flat = w.view (w.shape.[0], -1L)
-                torch.nn.init.xavier_uniform_ flat |> ignore
-                conv.Bias.zero_ () |> ignore
-            | _ -> ()
-
-        for struct (name, p) in model.named_parameters () do
-            let isToken =
-                name = "fake_latent"
-                || name = "fake_context"
-                || name = "text_encoder.pos_embed"
-                || name = "text_encoder.token_embed.weight"
-                || name = "cond_tokens"
-                || name = "mask_token"
-                || name.EndsWith "pos_embed_learned"
-
-            if isToken || name = "class_emb.weight" then
-                torch.nn.init.normal_ (p, 0.0, 0.02) |> ignore
-            elif
-                (name.Contains "time_embed.mlp." || name.Contains "t_embedder.mlp.")
-                && name.EndsWith ".weight"
-            then
-                torch.nn.init.normal_ (p, 0.0, 0.02) |> ignore
-
-        for struct (name, m) in model.named_modules () do
-            let zero =
-                (name.StartsWith "diffloss.net.res_blocks." && name.EndsWith "adaLN_modulation.1")
-                || (name.StartsWith "cond_diffloss.net.blocks."
-                    && name.EndsWith "adaLN_modulation.1")
-                || name.EndsWith "net.final_layer.adaLN_modulation.1"
-                || name.EndsWith "net.final_layer.linear"
-
-            if zero then
-                zeroLinear m

@@ -51,12 +51,12 @@ module Weights =
 
         d
 
-    /// Copies `weights` into the model by key, casting to each parameter's dtype and device. Strict (the
-    /// default everywhere) raises one WeightMismatchException listing every missing, unexpected and
-    /// shape-mismatched key; non-strict loads the keys that fit and returns the ones it skipped.
-    [<CompiledName("Load")>]
-    let load (model: torch.nn.Module) (weights: IReadOnlyDictionary<string, torch.Tensor>) (strict: bool) =
-        let own = stateDict model
+    /// How `weights` differ from a model's state_dict `own`: keys the model has and the weights lack, keys the
+    /// weights have and the model lacks (sorted), and keys whose shapes differ (key, model shape, file shape).
+    let private differences
+        (own: IReadOnlyDictionary<string, torch.Tensor>)
+        (weights: IReadOnlyDictionary<string, torch.Tensor>)
+        =
         let missing = own.Keys |> Seq.filter (weights.ContainsKey >> not) |> List.ofSeq
 
         let unexpected =
@@ -70,8 +70,31 @@ module Weights =
                     | _ -> ()
             ]
 
-        if strict && not (missing.IsEmpty && unexpected.IsEmpty && mismatched.IsEmpty) then
+        missing, unexpected, mismatched
+
+    /// Raises one WeightMismatchException listing every missing, unexpected and shape-mismatched key when
+    /// `weights` do not fit the state_dict `own` exactly (the check of strict loading and of import).
+    [<CompiledName("RequireFit")>]
+    let requireFit
+        (own: IReadOnlyDictionary<string, torch.Tensor>)
+        (weights: IReadOnlyDictionary<string, torch.Tensor>)
+        =
+        let missing, unexpected, mismatched = differences own weights
+
+        if not (missing.IsEmpty && unexpected.IsEmpty && mismatched.IsEmpty) then
             raise (WeightMismatchException(missing, unexpected, mismatched))
+
+    /// Copies `weights` into the model by key, casting to each parameter's dtype and device. Strict (the
+    /// default everywhere) raises one WeightMismatchException listing every missing, unexpected and
+    /// shape-mismatched key; non-strict loads the keys that fit and returns the ones it skipped.
+    [<CompiledName("Load")>]
+    let load (model: torch.nn.Module) (weights: IReadOnlyDictionary<string, torch.Tensor>) (strict: bool) =
+        let own = stateDict model
+
+        if strict then
+            requireFit own weights
+
+        let missing, unexpected, mismatched = differences own weights
 
         use _ = torch.no_grad ()
         let bad = mismatched |> List.map (fun (k, _, _) -> k) |> Set.ofList

@@ -42,6 +42,7 @@ let main argv =
                 InceptionTests.tests
                 DistributedTests.tests
                 PrecisionTests.tests
+                ConfigCodecTests.tests
                 HardeningTests.tests
                 ReaderFuzzTests.tests
                 ServeTests.tests

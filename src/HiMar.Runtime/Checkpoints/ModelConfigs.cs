@@ -40,7 +40,7 @@ public static class ModelConfigs
     /// <summary>
     /// A configuration from a parsed config file: the reference arguments (at the top, or under `model_config` in a
     /// parity manifest) over the preset named by `model` (Hi-MAR-B otherwise). Every key must be known, of the exact
-    /// JSON type (<see cref="CheckArguments"/>), and the result must pass <see cref="HiMarConfigModule.Validate"/>;
+    /// JSON type (<see cref="CheckArguments"/>), and the result must pass <see cref="ConfigCodec.Validate"/>;
     /// the first problems found are named in one <see cref="CheckpointFormatException"/> about <paramref name="what"/>.
     /// </summary>
     public static HiMarConfig FromJson(JsonObject root, string what)
@@ -61,13 +61,13 @@ public static class ModelConfigs
         HiMarConfig config;
         try
         {
-            config = HiMarConfigModule.FromReferenceArgs(baseConfig?.Value ?? HiMarConfigModule.Base, args);
+            config = ConfigCodec.FromReferenceArgs(baseConfig?.Value ?? HiMarConfigModule.Base, args);
         }
         catch (ArgumentException e)
         {
             throw new CheckpointFormatException($"{what}: {e.Message}.", e);
         }
-        var problems = HiMarConfigModule.Validate(config);
+        var problems = ConfigCodec.Validate(config);
         if (!problems.IsEmpty)
             throw new CheckpointFormatException($"{what}: {string.Join("; ", problems.Take(4))}{(problems.Length > 4 ? $"; and {problems.Length - 4} more" : "")}.");
         return config;
@@ -82,9 +82,9 @@ public static class ModelConfigs
         var problems = new List<string>();
         foreach (var (key, node) in args)
         {
-            if (!HiMarConfigModule.ArgumentKinds.TryGetValue(key, out var kind))
+            if (!ConfigCodec.ArgumentKinds.TryGetValue(key, out var kind))
             {
-                var near = Nearest(key, HiMarConfigModule.ArgumentKinds.Keys);
+                var near = Nearest(key, ConfigCodec.ArgumentKinds.Keys);
                 problems.Add(near == null ? $"unknown key '{Failures.OneLine(key)}'" : $"unknown key '{Failures.OneLine(key)}' (did you mean '{near}'?)");
                 continue;
             }

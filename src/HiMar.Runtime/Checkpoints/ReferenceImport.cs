@@ -70,7 +70,7 @@ public static class ReferenceImport
         }
         var dense = l - pivots;
         var side = (long)Math.Round(Math.Sqrt(dense));
-        var vaeStride = a.TryGetValue("vae_stride", out var vs) ? Convert.ToInt64(vs) : baseConfig.VaeStride;
+        var vaeStride = a.TryGetValue("vae_stride", out var vs) ? Convert.ToInt64(vs) : baseConfig.Backbone.VaeStride;
         a["img_size"] = side * vaeStride;
         a["mlp_ratio"] = (double)Dim(s, "encoder_blocks.0.mlp.fc1.weight", 0, what) / e;
         if (s.ContainsKey("diffloss.net.input_proj.weight"))
@@ -91,13 +91,13 @@ public static class ReferenceImport
         if (!s.ContainsKey("cond_diffloss.net.x_embedder.proj.weight") && !a.ContainsKey("phase2_head"))
             a["phase2_head"] = "mlp";
         // Head counts cannot be read off shapes: from args, else the reference preset of that width (B/L/H).
-        var byWidth = new[] { HiMarConfigModule.Base, HiMarConfigModule.Large, HiMarConfigModule.Huge }.FirstOrDefault(x => x.EncoderEmbedDim == e);
+        var byWidth = new[] { HiMarConfigModule.Base, HiMarConfigModule.Large, HiMarConfigModule.Huge }.FirstOrDefault(x => x.Backbone.EncoderWidth == e);
         if (!a.ContainsKey("encoder_num_heads") && byWidth != null)
-            a["encoder_num_heads"] = (long)byWidth.EncoderNumHeads;
+            a["encoder_num_heads"] = (long)byWidth.Backbone.EncoderHeads;
         if (!a.ContainsKey("decoder_num_heads") && byWidth != null)
-            a["decoder_num_heads"] = (long)byWidth.DecoderNumHeads;
-        var config = HiMarConfigModule.FromReferenceArgs(baseConfig, a);
-        var problems = HiMarConfigModule.Validate(config);
+            a["decoder_num_heads"] = (long)byWidth.Backbone.DecoderHeads;
+        var config = ConfigCodec.FromReferenceArgs(baseConfig, a);
+        var problems = ConfigCodec.Validate(config);
         if (!problems.IsEmpty)
         {
             var hint = a.ContainsKey("encoder_num_heads") && a.ContainsKey("head") ? ""
@@ -122,73 +122,6 @@ public static class ReferenceImport
             (int)Dim(s, "decoder.conv_out.weight", 0, what), attn, (int)z, true, kl.ScaleFactor);
     }
 
-    /// <summary>The reference-argument JSON of a configuration (the format `--config` and import folders use).</summary>
-    public static JsonObject ToJson(HiMarConfig c)
-    {
-        var json = ReferenceJson(c);
-        // Our ablation switches, written only where a model differs from Hi-MAR (reference files stay as they are).
-        if (c.Pivots != PivotSource.ConditionalTokens)
-            json["pivots"] = AblationNames.NameOf(AblationNames.Pivots, c.Pivots);
-        if (c.Phase2 != Phase2Head.Transformer)
-            json["phase2_head"] = AblationNames.NameOf(AblationNames.Phase2Heads, c.Phase2);
-        if (!c.ScaleAware)
-            json["scale_aware"] = false;
-        if (c.MaskRatio != MaskRatioRule.Reference)
-            json["mask_ratio"] = AblationNames.NameOf(AblationNames.MaskRatios, c.MaskRatio);
-        if (c.Conditioning == Conditioning.Text)
-        {
-            // Text-to-image settings (ours: the reference releases no text path).
-            json["conditioning"] = AblationNames.NameOf(AblationNames.Conditionings, c.Conditioning);
-            json["text_encoder"] = AblationNames.NameOf(AblationNames.TextEncoders, c.TextEncoder);
-            json["null_context"] = AblationNames.NameOf(AblationNames.NullContexts, c.NullContext);
-            if (c.TextEncoder == TextEncoderKind.External)
-                json["context_dim"] = c.ContextDim;
-            else
-            {
-                json["text_width"] = c.TextWidth;
-                json["text_depth"] = c.TextDepth;
-                json["text_heads"] = c.TextHeads;
-                json["text_vocab"] = new JsonArray(c.TextVocab.Select(w => (JsonNode)JsonValue.Create(w)!).ToArray());
-            }
-        }
-        return json;
-    }
-
-    static JsonObject ReferenceJson(HiMarConfig c) => new()
-    {
-        ["img_size"] = c.ImgSize,
-        ["vae_stride"] = c.VaeStride,
-        ["patch_size"] = c.PatchSize,
-        ["encoder_embed_dim"] = c.EncoderEmbedDim,
-        ["encoder_depth"] = c.EncoderDepth,
-        ["encoder_num_heads"] = c.EncoderNumHeads,
-        ["decoder_embed_dim"] = c.DecoderEmbedDim,
-        ["decoder_depth"] = c.DecoderDepth,
-        ["decoder_num_heads"] = c.DecoderNumHeads,
-        ["mlp_ratio"] = c.MlpRatio,
-        ["vae_embed_dim"] = c.VaeEmbedDim,
-        ["mask_ratio_min"] = c.MaskRatioMin,
-        ["label_drop_prob"] = c.LabelDropProb,
-        ["class_num"] = c.ClassNum,
-        ["attn_dropout"] = c.AttnDropout,
-        ["proj_dropout"] = c.ProjDropout,
-        ["buffer_size"] = c.BufferSize,
-        ["diffloss_d"] = c.DiffLossD,
-        ["diffloss_w"] = c.DiffLossW,
-        ["num_sampling_steps"] = c.NumSamplingSteps,
-        ["dit_head_sampling_steps"] = c.DitSamplingSteps,
-        ["diffusion_batch_mul"] = c.DiffusionBatchMul,
-        ["cond_scale"] = c.CondScale,
-        ["cond_dim"] = c.CondDim,
-        ["gdm_w"] = c.GdmW,
-        ["gdm_d"] = c.GdmD,
-        ["head"] = c.GdmHeads,
-        ["ratio"] = c.GdmMlpRatio,
-        ["cos"] = c.Cos,
-        ["step_warmup"] = c.StepWarmup,
-        ["step_stage2_rate"] = c.StepStage2Rate,
-    };
-
     static JsonObject VaeToJson(VaeConfig v) => new()
     {
         ["kind"] = "vae",
@@ -209,16 +142,12 @@ public static class ReferenceImport
     static void CheckFits(Func<nn.Module> build, IReadOnlyDictionary<string, Tensor> state, string what)
     {
         using var meta = Anatomy.OnMeta(Microsoft.FSharp.Core.FuncConvert.FromFunc(build));
-        var own = Weights.StateDict(meta);
-        var missing = own.Keys.Where(k => !state.ContainsKey(k)).ToList();
-        var unexpected = state.Keys.Where(k => !own.ContainsKey(k)).ToList();
-        var mismatched = own.Where(kv => state.TryGetValue(kv.Key, out var t) && !t.shape.SequenceEqual(kv.Value.shape)).Select(kv => kv.Key).ToList();
-        if (missing.Count + unexpected.Count + mismatched.Count > 0)
+        try
         {
-            var e = new WeightMismatchException(
-                Microsoft.FSharp.Collections.ListModule.OfSeq(missing),
-                Microsoft.FSharp.Collections.ListModule.OfSeq(unexpected),
-                Microsoft.FSharp.Collections.ListModule.OfSeq(mismatched.Select(k => Tuple.Create(k, own[k].shape, state[k].shape))));
+            Weights.RequireFit(Weights.StateDict(meta), state);
+        }
+        catch (WeightMismatchException e)
+        {
             throw new CheckpointFormatException($"{what}: {e.Message}", e);
         }
     }
@@ -256,7 +185,7 @@ public static class ReferenceImport
             {
                 var c = InferConfig(args, state, source);
                 CheckFits(() => new HiMAR(c), state, source);
-                config = ToJson(c);
+                config = ConfigCodec.ToJson(c);
             }
             else
             {

@@ -59,8 +59,8 @@ public sealed class TokenizedImages(IImageDataset images, ITokenizer tokenizer) 
     /// <inheritdoc/>
     public void CheckFits(HiMarConfig config)
     {
-        if (images.ClassCount > config.ClassNum)
-            throw new InvalidDataException($"the data has {images.ClassCount} classes, the model {config.ClassNum}.");
+        if (images.ClassCount > config.Backbone.ClassCount)
+            throw new InvalidDataException($"the data has {images.ClassCount} classes, the model {config.Backbone.ClassCount}.");
     }
 }
 
@@ -215,12 +215,12 @@ public sealed class LatentCache : ITokenSource, IDisposable
             problems.Add($"latents have {channels} channels, the model's tokens {config.TokenEmbedDim}");
         var grid = Manifest["dense_grid"]!.GetValue<int>();
         if (grid != config.SeqH)
-            problems.Add($"the dense grid is {grid}x{grid}, the model's {config.SeqH}x{config.SeqH} (img_size {config.ImgSize} / vae_stride {config.VaeStride})");
+            problems.Add($"the dense grid is {grid}x{grid}, the model's {config.SeqH}x{config.SeqH} (img_size {config.Backbone.ImageSize} / vae_stride {config.Backbone.VaeStride})");
         var pgrid = Manifest["pivot_grid"]!.GetValue<int>();
-        if (pgrid != config.CondScale)
-            problems.Add($"the pivot grid is {pgrid}x{pgrid}, the model's cond_scale is {config.CondScale}");
-        if (ClassCount > config.ClassNum)
-            problems.Add($"{ClassCount} classes, the model has {config.ClassNum}");
+        if (pgrid != config.Pivots.GridSide)
+            problems.Add($"the pivot grid is {pgrid}x{pgrid}, the model's cond_scale is {config.Pivots.GridSide}");
+        if (ClassCount > config.Backbone.ClassCount)
+            problems.Add($"{ClassCount} classes, the model has {config.Backbone.ClassCount}");
         if (problems.Count > 0)
             throw new InvalidDataException($"{where}: this cache does not match the model: {string.Join("; ", problems)}.");
     }

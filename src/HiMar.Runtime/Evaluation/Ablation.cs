@@ -122,7 +122,7 @@ public static class Ablation
             throw new ArgumentException($"no such variant: {string.Join(", ", plan.Only ?? [])} (known: {string.Join(", ", Variants(plan.Base).Select(v => v.Key))})");
         Directory.CreateDirectory(plan.OutDir);
         var statsPath = Path.Combine(plan.ClassifierDir, "train-stats.npz");
-        using var classifier = ClassifierRuns.Load(plan.ClassifierDir, plan.Base.ClassNum);
+        using var classifier = ClassifierRuns.Load(plan.ClassifierDir, plan.Base.Backbone.ClassCount);
         var data = IdxDataset.FashionMnist(plan.DataDir);
         var floor = Floor(classifier, IdxDataset.FashionMnist(plan.DataDir, train: false), statsPath, plan.Samples);
 
@@ -152,7 +152,7 @@ public static class Ablation
                     (d, n) => Report($"{tag}: sampling {d}/{n}", d));
                 done += plan.Samples;
                 if (seed == plan.Seeds[0])
-                    SaveSampleGrid(Path.Combine(dir, "eval", "images"), Path.Combine(plan.OutDir, $"samples-{v.Key}.png"), plan.Base.ClassNum);
+                    SaveSampleGrid(Path.Combine(dir, "eval", "images"), Path.Combine(plan.OutDir, $"samples-{v.Key}.png"), plan.Base.Backbone.ClassCount);
                 runs.Add(new JsonObject
                 {
                     ["seed"] = seed,
@@ -187,9 +187,9 @@ public static class Ablation
                 ["key"] = v.Key,
                 ["label"] = v.Label,
                 ["parameters"] = parameters,
-                ["pivots"] = AblationNames.NameOf(AblationNames.Pivots, v.Config.Pivots),
-                ["phase2_head"] = AblationNames.NameOf(AblationNames.Phase2Heads, v.Config.Phase2),
-                ["scale_aware"] = v.Config.ScaleAware,
+                ["pivots"] = AblationNames.NameOf(AblationNames.Pivots, v.Config.Pivots.Source),
+                ["phase2_head"] = AblationNames.NameOf(AblationNames.Phase2Heads, v.Config.Phase2Head),
+                ["scale_aware"] = v.Config.Backbone.ScaleAware,
                 ["fd_fmnist_mean"] = fdMean,
                 ["fd_fmnist_std"] = fdStd,
                 ["class_accuracy_mean"] = accMean,
@@ -202,7 +202,7 @@ public static class Ablation
         {
             ["plan"] = new JsonObject
             {
-                ["model"] = ReferenceImport.ToJson(plan.Base),
+                ["model"] = ConfigCodec.ToJson(plan.Base),
                 ["steps"] = plan.Steps,
                 ["batch"] = plan.Batch,
                 ["blr"] = plan.BaseLr,

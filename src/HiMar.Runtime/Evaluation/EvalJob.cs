@@ -66,8 +66,8 @@ public static class EvalJob
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
         long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null, bool trainingTemplates = false)
     {
-        var text = model.Config.Conditioning == Conditioning.Text;
-        var classes = text ? FashionCaptions.ClassPhrases.Length : model.Config.ClassNum;
+        var text = model.Config.Text.Conditioning == Conditioning.Text;
+        var classes = text ? FashionCaptions.ClassPhrases.Length : model.Config.Backbone.ClassCount;
         var labels = Enumerable.Range(0, count).Select(i => (long)(i % classes)).ToArray();
         var templates = trainingTemplates ? FashionCaptions.TrainTemplates : FashionCaptions.HeldOutTemplates;
         var templateName = trainingTemplates ? "training templates" : "held-out templates";
@@ -109,7 +109,7 @@ public static class EvalJob
                     ? Text.Prompts.Encode(model, idx.Select(i => prompts![i]).ToList(), textEncoder)
                     : Condition.NewLabels(torch.tensor(idx.Select(i => labels[i]).ToArray()));
                 using var r = HiMarSampler.Sample(model, condition, noise, options);
-                var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.BigTokens));
+                var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.Dense));
                 for (var k = 0; k < idx.Count; k++)
                 {
                     Imaging.Images.SavePng(pictures[k], PathOf(idx[k]));

@@ -65,7 +65,7 @@ public static class ParityCases
         return new() { ["loss"] = f.Model.CondDiffLoss.Losses(f.Tensor(c, "target"), f.Tensor(c, "z"), f.Tensor(c, "t"), f.Tensor(c, "noise"), null!) };
     }
 
-    /// <summary>`backbone_phase1`: encoder and decoder of phase 1 (task 0).</summary>
+    /// <summary>`backbone_phase1`: encoder and decoder of phase 1 (phase index 0).</summary>
     public static Dictionary<string, Tensor> BackbonePhase1(ParityFixture f, ParityCase c)
     {
         using var _ = torch.no_grad();
@@ -75,7 +75,7 @@ public static class ParityCases
         return new() { ["encoder_out"] = enc, ["decoder_out"] = m.Decoder(enc, mask, 0) };
     }
 
-    /// <summary>`backbone_phase2`: encoder and decoder of phase 2 (task 1), pivots from small_z.</summary>
+    /// <summary>`backbone_phase2`: encoder and decoder of phase 2 (phase index 1), pivot states from the fixture's small_z.</summary>
     public static Dictionary<string, Tensor> BackbonePhase2(ParityFixture f, ParityCase c)
     {
         using var _ = torch.no_grad();
@@ -121,6 +121,6 @@ public static class SamplerParityCases
         var skippedTail = roles.Skip(replay.Position).Count(r => r != "p2_unused");
         if (skippedTail > 0)
             throw new InvalidOperationException($"the sampler used {replay.Position} of {roles.Count} recorded draws");
-        return new() { ["small_tokens"] = result.SmallTokens, ["big_tokens"] = result.BigTokens };
+        return new() { ["small_tokens"] = result.Pivots, ["big_tokens"] = result.Dense };
     }
 }

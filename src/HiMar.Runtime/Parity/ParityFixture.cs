@@ -138,7 +138,7 @@ public sealed class ParityFixture : IDisposable
             var args = ReferenceArgs.FromJson(ModelConfig);
             if (Manifest["dit_head_sampling_steps"] is { } dit)
                 args["dit_head_sampling_steps"] = dit.GetValue<string>();
-            return HiMarConfigModule.FromReferenceArgs(HiMarConfigModule.Base, args);
+            return ConfigCodec.FromReferenceArgs(HiMarConfigModule.Base, args);
         }
     }
 

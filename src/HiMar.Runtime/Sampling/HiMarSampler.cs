@@ -85,8 +85,8 @@ public static class SamplerSettings
         ["temperature"] = o.Temperature,
         ["phase1_steps"] = o.Phase1Steps ?? c.Phase1Steps,
         ["num_iter"] = o.Phase2Steps,
-        ["mlp_head_steps"] = o.MlpHeadSteps ?? c.NumSamplingSteps,
-        ["dit_head_steps"] = o.DitHeadSteps ?? c.DitSamplingSteps,
+        ["mlp_head_steps"] = o.MlpHeadSteps ?? c.MlpHead.SamplingSteps,
+        ["dit_head_steps"] = o.DitHeadSteps ?? c.TransformerHead.SamplingSteps,
         ["clip_denoised"] = o.ClipDenoised,
         ["precision"] = o.Precision == Precision.Bf16 ? "bf16" : "fp32",
     };
@@ -154,19 +154,47 @@ public sealed record SamplerStep(int Phase, int Step, int Steps, Tensor Pivots, 
 }
 
 /// <summary>The tokens of one run. The caller owns (and disposes) the tensors.</summary>
-/// <param name="SmallTokens">Pivot latents (B, C, s, s).</param>
-/// <param name="BigTokens">Dense latents (B, C, g, g).</param>
+/// <param name="Pivots">Pivot latents (B, C, s, s).</param>
+/// <param name="Dense">Dense latents (B, C, g, g).</param>
 /// <param name="Intermediates">With <see cref="SamplerOptions.KeepIntermediates"/>: every step of both phases, in order.</param>
-public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnlyList<SamplerStep> Intermediates) : IDisposable
+public sealed record SampleResult(Tensor Pivots, Tensor Dense, IReadOnlyList<SamplerStep> Intermediates) : IDisposable
 {
     /// <summary>Disposes every tensor.</summary>
     public void Dispose()
     {
-        SmallTokens.Dispose();
-        BigTokens.Dispose();
+        Pivots.Dispose();
+        Dense.Dispose();
         foreach (var step in Intermediates)
             step.Dispose();
     }
+}
+
+/// <summary>
+/// Classifier-free guidance of one phase, in one place: on when the scale is not 1; the batch doubling
+/// [conditional | unconditional] of every input; the condition embedding beside the null embedding; the scale at a
+/// step (constant, or MAR's linear schedule over the tokens already known); the conditional half of a doubled result.
+/// </summary>
+/// <param name="Scale">The guidance scale (1 = off).</param>
+/// <param name="Schedule">Constant or linear in the known tokens.</param>
+/// <param name="Condition">The condition's embedding (B, E) or (B, L, E).</param>
+/// <param name="Null">The null embedding of the same shape.</param>
+readonly record struct Guidance(double Scale, CfgSchedule Schedule, Tensor Condition, Tensor Null)
+{
+    /// <summary>Whether guidance is on: every input is doubled and the heads combine the two halves.</summary>
+    public bool On => Scale != 1.0;
+
+    /// <summary>(B, ...) -> (2B, ...) with the second half a copy, when guidance is on; the tensor itself otherwise.</summary>
+    public Tensor Double(Tensor t) => On ? torch.cat([t, t], 0) : t;
+
+    /// <summary>The encoder's condition: [condition | null] when guidance is on, the condition otherwise.</summary>
+    public Tensor Embedding => On ? torch.cat([Condition, Null], 0) : Condition;
+
+    /// <summary>The scale at a step that leaves <paramref name="maskLength"/> of <paramref name="tokens"/> masked.</summary>
+    public double At(int tokens, float maskLength) =>
+        Schedule == CfgSchedule.Linear ? Masking.LinearCfg(Scale, tokens, maskLength) : Scale;
+
+    /// <summary>The conditional (first) half of a doubled result; the result itself when guidance is off.</summary>
+    public Tensor ConditionalHalf(Tensor t) => On ? t.narrow(0, 0, t.shape[0] / 2) : t;
 }
 
 /// <summary>
@@ -181,7 +209,7 @@ public sealed record SampleResult(Tensor SmallTokens, Tensor BigTokens, IReadOnl
 /// </summary>
 public static class HiMarSampler
 {
-    /// <summary>Generates tokens for <paramref name="labels"/> (B,) (the null class `ClassNum` for unconditional rows).</summary>
+    /// <summary>Generates tokens for <paramref name="labels"/> (B,) (the null class `ClassCount` for unconditional rows).</summary>
     public static SampleResult Sample(HiMAR model, Tensor labels, INoiseSource noise, SamplerOptions options, Action<SamplerProgress>? progress = null) =>
         Sample(model, Condition.NewLabels(labels), noise, options, progress);
 
@@ -198,8 +226,8 @@ public static class HiMarSampler
             using var precision = MixedPrecision.ForInference(model, options.Precision);
             using var outer = torch.NewDisposeScope();
             var result = Run(model, condition, noise, options, progress);
-            result.SmallTokens.MoveToOuterDisposeScope();
-            result.BigTokens.MoveToOuterDisposeScope();
+            result.Pivots.MoveToOuterDisposeScope();
+            result.Dense.MoveToOuterDisposeScope();
             foreach (var step in result.Intermediates)
                 step.MoveToOuterDisposeScope();
             return result;
@@ -211,15 +239,10 @@ public static class HiMarSampler
         }
     }
 
-    static double GuidanceAt(CfgSchedule schedule, double scale, int n, float maskLength) =>
-        schedule == CfgSchedule.Linear ? Masking.LinearCfg(scale, n, maskLength) : scale;
-
     static GaussianDiffusion Diffusion(GaussianDiffusion modelDiffusion, string? respacing, HiMarConfig cfg) =>
         respacing == null
             ? modelDiffusion
-            : new GaussianDiffusion(ScheduleModule.Create(cfg.NoiseSchedule, cfg.DiffusionSteps, respacing), modelDiffusion.VarianceKind);
-
-    static Tensor Repeat2(Tensor t) => torch.cat([t, t], 0);
+            : new GaussianDiffusion(ScheduleModule.Create(cfg.Training.NoiseSchedule, cfg.Training.DiffusionSteps, respacing), modelDiffusion.VarianceKind);
 
     static SampleResult Run(HiMAR model, Condition condition, INoiseSource noise, SamplerOptions o, Action<SamplerProgress>? progress)
     {
@@ -227,34 +250,32 @@ public static class HiMarSampler
         var dev = model.Device;
         var dtype = model.DType;
         long b = condition.Rows, s = cfg.PivotTokens, n = cfg.DenseTokens, l = cfg.SeqLen;
-        long c = cfg.TokenEmbedDim, cd = cfg.CondDim, d = cfg.DecoderEmbedDim, side = cfg.CondScale, g = cfg.SeqH;
+        long c = cfg.TokenEmbedDim, cd = cfg.Pivots.Channels, d = cfg.Backbone.DecoderWidth, side = cfg.Pivots.GridSide, g = cfg.SeqH;
         var steps1 = o.Phase1Steps ?? cfg.Phase1Steps;
         var steps2 = o.Phase2Steps;
         if (steps1 < 1 || steps2 < 1)
             throw new ArgumentException("each phase needs at least one step");
-        var ditHead = cfg.Phase2 == Phase2Head.Transformer;
+        var ditHead = cfg.Phase2Head == Phase2Head.Transformer;
         var mlpDiffusion = s > 0 || !ditHead ? Diffusion(model.DiffLoss.GenDiffusion, o.MlpHeadSteps, cfg) : null;
         var ditDiffusion = ditHead ? Diffusion(model.CondDiffLoss.GenDiffusion, o.DitHeadSteps, cfg) : null;
         var intermediates = new List<SamplerStep>();
 
-        var classEmb = model.ConditionEmbedding(OnDevice(condition, dev)); // (B, E) or (B, L, E)
-        var uncondEmb = model.NullEmbedding(b);
+        var conditionEmb = model.ConditionEmbedding(OnDevice(condition, dev)); // (B, E) or (B, L, E)
+        var nullEmb = model.NullEmbedding(b);
+        var guidance1 = new Guidance(o.ReCfg, o.ReCfgSchedule ?? o.Schedule, conditionEmb, nullEmb);
+        var guidance2 = new Guidance(o.Cfg, o.Schedule, conditionEmb, nullEmb);
         var orders = noise.Orders(s, n, dev);
         var mask = torch.ones(b, l, dtype: dtype, device: dev);
         var tokens = torch.zeros(b, n, c, dtype: dtype, device: dev);
-        var condTok = torch.zeros(b, s, cd, dtype: dtype, device: dev);
-        var smallZ = torch.zeros(b, s, d, dtype: dtype, device: dev);
+        var pivots = torch.zeros(b, s, cd, dtype: dtype, device: dev);
+        var pivotStates = torch.zeros(b, s, d, dtype: dtype, device: dev);
 
         // Phase 1: the pivots (none for plain MAR).
-        var guided1 = o.ReCfg != 1.0;
         for (var step = 0; s > 0 && step < steps1; step++)
         {
             using var scope = torch.NewDisposeScope();
-            var tok = guided1 ? Repeat2(tokens) : tokens;
-            var ct = guided1 ? Repeat2(condTok) : condTok;
-            var m = guided1 ? Repeat2(mask) : mask;
-            var ce = guided1 ? torch.cat([classEmb, uncondEmb], 0) : classEmb;
-            var z = model.Decoder(model.EncoderPhase1(tok, m, ce, ct), m, 0); // (B', L, D)
+            var m = guidance1.Double(mask);
+            var z = model.Decoder(model.EncoderPhase1(guidance1.Double(tokens), m, guidance1.Embedding, guidance1.Double(pivots)), m, 0); // (B', L, D)
             var remaining = (int)mask[0].narrow(0, 0, s).sum().item<float>();
             var len = Masking.NextMaskLength((int)s, step, steps1, remaining);
             var maskNext = Masking.MaskByOrder((long)len, orders, l, dtype);
@@ -265,52 +286,46 @@ public static class HiMarSampler
             var k = toPred[0].sum().item<long>();
             var zPiv = z.narrow(1, 0, s).narrow(0, 0, b); // conditional half (B, S, D)
             var toPred3 = toPred.unsqueeze(-1);
-            var newSmallZ = torch.where(toPred3, zPiv, smallZ);
-            var toPredAll = guided1 ? Repeat2(toPred) : toPred;
-            var zSel = z.narrow(1, 0, s).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
-            var scale = GuidanceAt(o.ReCfgSchedule ?? o.Schedule, o.ReCfg, (int)s, len);
-            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guided1, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, 1, step, steps1, dev);
-            var sampledCond = guided1 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
-            var newCond = condTok.masked_scatter(toPred.unsqueeze(-1), sampledCond);
-            Replace(ref smallZ, newSmallZ);
-            Replace(ref condTok, newCond);
+            var newStates = torch.where(toPred3, zPiv, pivotStates);
+            var zSel = z.narrow(1, 0, s).masked_select(guidance1.Double(toPred).unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
+            var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guidance1, guidance1.At((int)s, len), o.Temperature, o.ClipDenoised, k, c, noise, progress, 1, step, steps1, dev);
+            var newPivots = pivots.masked_scatter(toPred.unsqueeze(-1), guidance1.ConditionalHalf(sampled));
+            Replace(ref pivotStates, newStates);
+            Replace(ref pivots, newPivots);
             Replace(ref mask, maskNext);
             if (o.KeepIntermediates || o.OnStep != null)
             {
                 // (B, S) -> (B, s, s): the pivots chosen now, and every pivot chosen so far.
                 var known = pivMask.logical_not().logical_or(toPred);
-                Report(o, intermediates, new SamplerStep(1, step, steps1, ToGrid(condTok, side), ToGrid(tokens, g), toPred.reshape(b, side, side), known.reshape(b, side, side)));
+                Report(o, intermediates, new SamplerStep(1, step, steps1, ToGrid(pivots, side), ToGrid(tokens, g), toPred.reshape(b, side, side), known.reshape(b, side, side)));
             }
         }
 
-        var smallTokens = s > 0 ? ToGrid(condTok, side) : torch.zeros(b, c, 0, 0, dtype: dtype, device: dev);
+        var pivotGrid = s > 0 ? ToGrid(pivots, side) : torch.zeros(b, c, 0, 0, dtype: dtype, device: dev);
 
         // Phase 2: the dense tokens, conditioned on the pivots' decoder states (both halves use the conditional ones),
         // or on the sampled pivot latents (low-res pivots), or on nothing (plain MAR).
         mask.narrow(1, 0, s).fill_(0.0);
-        var guided2 = o.Cfg != 1.0;
-        var smallZ2 = guided2 ? Repeat2(smallZ) : smallZ;
+        var pivotStates2 = guidance2.Double(pivotStates);
         for (var step = 0; step < steps2; step++)
         {
             using var scope = torch.NewDisposeScope();
-            var tok = guided2 ? Repeat2(tokens) : tokens;
-            var ct = guided2 ? Repeat2(condTok) : condTok;
-            var m = guided2 ? Repeat2(mask) : mask;
-            var ce = guided2 ? torch.cat([classEmb, uncondEmb], 0) : classEmb;
+            var tok = guidance2.Double(tokens);
+            var m = guidance2.Double(mask);
             var bb = m.shape[0];
-            var z = model.Decoder(model.EncoderPhase2(tok, m, ce, ct, smallZ2), m, 1); // (B', L, D)
+            var z = model.Decoder(model.EncoderPhase2(tok, m, guidance2.Embedding, guidance2.Double(pivots), pivotStates2), m, 1); // (B', L, D)
             var remaining = (int)mask[0].sum().item<float>();
             var len = Masking.NextMaskLength((int)n, step, steps2, remaining);
             var maskNext = Masking.MaskByOrder((long)len, orders.narrow(1, s, n), l, dtype);
             var unknown = m.narrow(1, s, n).to(ScalarType.Bool); // (B', N): unknown before this step
-            var scale = GuidanceAt(o.Schedule, o.Cfg, (int)n, len);
+            var scale = guidance2.At((int)n, len);
             Tensor newTokens;
             if (ditHead)
             {
                 var thisMask = unknown.reshape(bb, g, g);
                 var thisTok = tok.reshape(bb, g, g, c).permute(0, 3, 1, 2); // (B', C, g, g)
                 var zImg = z.narrow(1, s, n).reshape(bb, g, g, d).permute(0, 3, 1, 2); // (B', D, g, g)
-                var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion!, zImg, guided2, scale, o.Temperature, o.ClipDenoised, thisMask, thisTok, noise, progress, step, steps2, dev);
+                var outImg = SampleDitHead(model.CondDiffLoss.Net, ditDiffusion!, zImg, guidance2, scale, o.Temperature, o.ClipDenoised, thisMask, thisTok, noise, progress, step, steps2, dev);
                 var flat = outImg.narrow(0, 0, b).permute(0, 2, 3, 1).reshape(b, n, c); // (B, N, C)
                 // Every position unknown before the step takes its new value.
                 newTokens = torch.where(unknown.narrow(0, 0, b).unsqueeze(-1), flat, tokens);
@@ -321,11 +336,9 @@ public static class HiMarSampler
                 var unknownB = unknown.narrow(0, 0, b);
                 var toPred = step == steps2 - 1 ? unknownB : unknownB.logical_xor(maskNext.narrow(1, s, n).to(ScalarType.Bool)); // (B, N)
                 var k = toPred[0].sum().item<long>();
-                var toPredAll = guided2 ? Repeat2(toPred) : toPred;
-                var zSel = z.narrow(1, s, n).masked_select(toPredAll.unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
-                var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guided2, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, 2, step, steps2, dev);
-                var sampledCond = guided2 ? sampled.narrow(0, 0, sampled.shape[0] / 2) : sampled;
-                newTokens = tokens.masked_scatter(toPred.unsqueeze(-1), sampledCond);
+                var zSel = z.narrow(1, s, n).masked_select(guidance2.Double(toPred).unsqueeze(-1)).reshape(-1, d); // (n', D), sample-major
+                var sampled = SampleMlpHead(model.DiffLoss.Net, mlpDiffusion!, zSel, guidance2, scale, o.Temperature, o.ClipDenoised, k, c, noise, progress, 2, step, steps2, dev);
+                newTokens = tokens.masked_scatter(toPred.unsqueeze(-1), guidance2.ConditionalHalf(sampled));
             }
             Replace(ref tokens, newTokens);
             if (o.KeepIntermediates || o.OnStep != null)
@@ -334,13 +347,12 @@ public static class HiMarSampler
                 var unknownB = unknown.narrow(0, 0, b);
                 var decided = step == steps2 - 1 ? unknownB : unknownB.logical_and(maskNext.narrow(1, s, n).to(ScalarType.Bool).logical_not());
                 var known = unknownB.logical_not().logical_or(decided);
-                Report(o, intermediates, new SamplerStep(2, step, steps2, smallTokens.clone(), ToGrid(tokens, g), decided.reshape(b, g, g), known.reshape(b, g, g)));
+                Report(o, intermediates, new SamplerStep(2, step, steps2, pivotGrid.clone(), ToGrid(tokens, g), decided.reshape(b, g, g), known.reshape(b, g, g)));
             }
             Replace(ref mask, maskNext);
         }
 
-        var bigTokens = ToGrid(tokens, g);
-        return new SampleResult(smallTokens, bigTokens, intermediates);
+        return new SampleResult(pivotGrid, ToGrid(tokens, g), intermediates);
     }
 
     static Condition OnDevice(Condition c, Device dev) => c switch
@@ -371,21 +383,21 @@ public static class HiMarSampler
     static Tensor ToGrid(Tensor t, long side) => t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2).contiguous();
 
     /// <summary>One MLP-head loop (reference `DiffLoss.sample` + `p_sample_loop`) over the selected rows.</summary>
-    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int phase, int step, int steps, Device dev)
+    static Tensor SampleMlpHead(SimpleMLPAdaLN net, GaussianDiffusion diffusion, Tensor z, Guidance guidance, double scale, double temperature, bool clip, long perImage, long c, INoiseSource noise, Action<SamplerProgress>? progress, int phase, int step, int steps, Device dev)
     {
         var rows = z.shape[0];
         var (initRole, stepRole) = phase == 1 ? (NoiseRole.Phase1Init, NoiseRole.Phase1Step) : (NoiseRole.Phase2Init, NoiseRole.Phase2Step);
         var start = noise.Draw(initRole, 1, perImage, [c], dev).to(z.dtype);
-        var x = guided ? Repeat2(start) : start;
+        var x = guidance.Double(start);
         var total = diffusion.NumTimesteps;
         for (var i = total - 1; i >= 0; i--)
         {
             using var inner = torch.NewDisposeScope();
             var t = torch.full([rows], i, dtype: ScalarType.Int64, device: dev);
             var tm = diffusion.MapTimesteps(t);
-            var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
+            var output = guidance.On ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
             var ps = diffusion.PMeanVariance(output, x, t, clip);
-            var eps = noise.Draw(stepRole, guided ? 2 : 1, perImage, [c], dev).to(z.dtype);
+            var eps = noise.Draw(stepRole, guidance.On ? 2 : 1, perImage, [c], dev).to(z.dtype);
             var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
             x.Dispose();
             x = next;
@@ -396,12 +408,12 @@ public static class HiMarSampler
 
     /// <summary>One Transformer-head loop: the whole grid each diffusion step, known tokens replaced by
     /// q_sample(tokens, t, start noise) before every call.</summary>
-    static Tensor SampleDitHead(DiT net, GaussianDiffusion diffusion, Tensor z, bool guided, double scale, double temperature, bool clip, Tensor unknown, Tensor known, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
+    static Tensor SampleDitHead(DiT net, GaussianDiffusion diffusion, Tensor z, Guidance guidance, double scale, double temperature, bool clip, Tensor unknown, Tensor known, INoiseSource noise, Action<SamplerProgress>? progress, int step, int steps, Device dev)
     {
         var bb = z.shape[0];
         var shape = new[] { known.shape[1], known.shape[2], known.shape[3] };
         var start = noise.Draw(NoiseRole.Phase2Init, 1, 1, shape, dev).to(z.dtype);
-        var init = guided ? Repeat2(start) : start;
+        var init = guidance.Double(start);
         var img = init.clone();
         var unknown4 = unknown.unsqueeze(1);
         var total = diffusion.NumTimesteps;
@@ -412,9 +424,9 @@ public static class HiMarSampler
             var xKnown = diffusion.QSample(known, t, init);
             var x = torch.where(unknown4, img, xKnown);
             var tm = diffusion.MapTimesteps(t);
-            var output = guided ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
+            var output = guidance.On ? net.ForwardWithCfg(x, tm, z, scale) : net.call(x, tm, z);
             var ps = diffusion.PMeanVariance(output, x, t, clip);
-            var eps = noise.Draw(NoiseRole.Phase2Step, guided ? 2 : 1, 1, shape, dev).to(z.dtype);
+            var eps = noise.Draw(NoiseRole.Phase2Step, guidance.On ? 2 : 1, 1, shape, dev).to(z.dtype);
             var next = diffusion.PSample(ps, t, eps, temperature).MoveToOuterDisposeScope();
             img.Dispose();
             img = next;

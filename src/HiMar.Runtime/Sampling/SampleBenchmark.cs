@@ -27,12 +27,12 @@ public static class SampleBenchmark
     /// <summary>Runs one warm-up and <paramref name="repeat"/> timed runs of <paramref name="images"/> images; returns the report.</summary>
     public static JsonObject Run(HiMAR model, string modelName, SamplerOptions options, int images, int repeat, long seed = 0)
     {
-        var labels = Enumerable.Range(0, images).Select(i => (long)(i % model.Config.ClassNum)).ToArray();
+        var labels = Enumerable.Range(0, images).Select(i => (long)(i % model.Config.Backbone.ClassCount)).ToArray();
         double Once(int run)
         {
             // Class models sample classes 0, 1, ...; text models a random caption (words or context) per image.
             torch.manual_seed(seed);
-            using var condition = model.Config.Conditioning == Conditioning.Text
+            using var condition = model.Config.Text.Conditioning == Conditioning.Text
                 ? Condition.Random(model.Config, images)
                 : Condition.NewLabels(torch.tensor(labels));
             using var noise = new SeededNoise(seed + run, 0, images);

@@ -64,7 +64,7 @@ public static class SampleJob
     /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
     public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
-        var text = model.Config.Conditioning == Conditioning.Text;
+        var text = model.Config.Text.Conditioning == Conditioning.Text;
         if (text && request.Prompts == null)
             throw new Text.PromptException("this is a text-to-image model: give prompts (--prompt)");
         if (!text && request.Prompts != null)
@@ -76,8 +76,8 @@ public static class SampleJob
         if (request.BatchSize < 1)
             throw new BadInputException($"--batch: {request.BatchSize} images per batch; give at least 1.");
         foreach (var l in request.Labels)
-            if (l < 0 || l > model.Config.ClassNum)
-                throw new ArgumentException($"class {l} is outside 0..{model.Config.ClassNum - 1} (and {model.Config.ClassNum} for unconditional)");
+            if (l < 0 || l > model.Config.Backbone.ClassCount)
+                throw new ArgumentException($"class {l} is outside 0..{model.Config.Backbone.ClassCount - 1} (and {model.Config.Backbone.ClassCount} for unconditional)");
         // The whole request's condition, made (and every prompt checked) once, before any work; batches take rows of it.
         using var all = text
             ? Text.Prompts.Encode(model, request.Prompts!, request.TextEncoder)
@@ -103,7 +103,7 @@ public static class SampleJob
                 var condition = all.Narrow(start, count);
                 var done = start;
                 using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
-                var images = Images.FromTensor(vae.Decode(result.BigTokens, options.Precision));
+                var images = Images.FromTensor(vae.Decode(result.Dense, options.Precision));
                 for (var i = 0; i < count; i++)
                 {
                     var index = start + i;
@@ -122,12 +122,12 @@ public static class SampleJob
                         tiles.Add(images[i]);
                 }
                 if (request.Explain)
-                    explanations.AddRange(Explain(vae, result, request, start, count, Math.Max(96, (int)result.BigTokens.shape[2] * 16)));
+                    explanations.AddRange(Explain(vae, result, request, start, count, Math.Max(96, (int)result.Dense.shape[2] * 16)));
                 progress?.Invoke(start + count, default);
             }
             var named = request.ClassNames is { Count: > 0 };
             string Name(long l) => named && l < request.ClassNames!.Count ? request.ClassNames[(int)l] : $"class {l}";
-            var captions = text ? request.Prompts!.Select(p => p.Length == 0 ? "uncond" : p).ToList() : request.Labels.Select((l, i) => l == model.Config.ClassNum ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
+            var captions = text ? request.Prompts!.Select(p => p.Length == 0 ? "uncond" : p).ToList() : request.Labels.Select((l, i) => l == model.Config.Backbone.ClassCount ? $"{i} uncond" : named ? Name(l) : $"{i} {Name(l)}").ToList();
             var columns = request.Columns > 0 ? request.Columns : (int)Math.Ceiling(Math.Sqrt(tiles.Count));
             using var grid = Images.Grid(tiles, captions, columns);
             var gridPath = request.GridPath ?? Path.Combine(request.OutDir, "grid.png");

@@ -14,31 +14,31 @@ public static class SamplerFlops
 
     static double Backbone(HiMarConfig c, double batch, double encoderTokens, bool phase2)
     {
-        double e = c.EncoderEmbedDim, d = c.DecoderEmbedDim, s = c.PivotTokens, n = c.DenseTokens, l = c.SeqLen, buf = c.BufferSize;
-        var inputs = 2 * n * c.TokenEmbedDim * e + 2 * s * (phase2 ? d : c.CondDim) * e;
-        var encoder = c.EncoderDepth * Block(e, encoderTokens, c.MlpRatio);
-        var decoder = 2 * encoderTokens * e * d + c.DecoderDepth * Block(d, buf + l, c.MlpRatio);
+        double e = c.Backbone.EncoderWidth, d = c.Backbone.DecoderWidth, s = c.PivotTokens, n = c.DenseTokens, l = c.SeqLen, buf = c.Backbone.BufferSize;
+        var inputs = 2 * n * c.TokenEmbedDim * e + 2 * s * (phase2 ? d : c.Pivots.Channels) * e;
+        var encoder = c.Backbone.EncoderDepth * Block(e, encoderTokens, c.Backbone.MlpRatio);
+        var decoder = 2 * encoderTokens * e * d + c.Backbone.DecoderDepth * Block(d, buf + l, c.Backbone.MlpRatio);
         return batch * (inputs + encoder + decoder);
     }
 
     static double MlpHeadRow(HiMarConfig c)
     {
-        double w = c.DiffLossW, cc = c.TokenEmbedDim, d = c.DecoderEmbedDim;
-        return 2 * 256 * w + 2 * w * w + 2 * d * w + 2 * cc * w + c.DiffLossD * 10 * w * w + 4 * w * w + 4 * w * cc;
+        double w = c.MlpHead.Width, cc = c.TokenEmbedDim, d = c.Backbone.DecoderWidth;
+        return 2 * 256 * w + 2 * w * w + 2 * d * w + 2 * cc * w + c.MlpHead.Depth * 10 * w * w + 4 * w * w + 4 * w * cc;
     }
 
     static double DitImage(HiMarConfig c)
     {
-        double g = c.GdmW, t = c.DenseTokens, cc = c.TokenEmbedDim, d = c.DecoderEmbedDim;
-        var perBlock = Block(g, t, c.GdmMlpRatio) + 2 * t * g * 6 * g;
-        return 2 * t * cc * g + 2 * t * d * g + 2 * 256 * g + 2 * g * g + c.GdmD * perBlock + 4 * t * g * g + 2 * t * g * cc;
+        double g = c.TransformerHead.Width, t = c.DenseTokens, cc = c.TokenEmbedDim, d = c.Backbone.DecoderWidth;
+        var perBlock = Block(g, t, c.TransformerHead.MlpRatio) + 2 * t * g * 6 * g;
+        return 2 * t * cc * g + 2 * t * d * g + 2 * 256 * g + 2 * g * g + c.TransformerHead.Depth * perBlock + 4 * t * g * g + 2 * t * g * cc;
     }
 
     /// <summary>Total FLOPs of sampling <paramref name="images"/> images with these options.</summary>
     public static double Count(HiMarConfig c, SamplerOptions o, int images)
     {
-        var mlpSteps = ScheduleModule.SpaceTimesteps(c.DiffusionSteps, o.MlpHeadSteps ?? c.NumSamplingSteps).Length;
-        var ditSteps = ScheduleModule.SpaceTimesteps(c.DiffusionSteps, o.DitHeadSteps ?? c.DitSamplingSteps).Length;
+        var mlpSteps = ScheduleModule.SpaceTimesteps(c.Training.DiffusionSteps, o.MlpHeadSteps ?? c.MlpHead.SamplingSteps).Length;
+        var ditSteps = ScheduleModule.SpaceTimesteps(c.Training.DiffusionSteps, o.DitHeadSteps ?? c.TransformerHead.SamplingSteps).Length;
         int s = c.PivotTokens, n = c.DenseTokens;
         double total = 0;
         var b1 = images * (o.ReCfg != 1.0 ? 2.0 : 1.0);
@@ -47,7 +47,7 @@ public static class SamplerFlops
         for (var step = 0; step < steps1; step++)
         {
             var len = step == steps1 - 1 ? 0 : (int)Masking.NextMaskLength(s, step, steps1, remaining);
-            total += Backbone(c, b1, c.BufferSize + (s - remaining), false);
+            total += Backbone(c, b1, c.Backbone.BufferSize + (s - remaining), false);
             total += b1 * (remaining - len) * mlpSteps * MlpHeadRow(c);
             remaining = len;
         }
@@ -56,7 +56,7 @@ public static class SamplerFlops
         for (var step = 0; step < o.Phase2Steps; step++)
         {
             var len = step == o.Phase2Steps - 1 ? 0 : (int)Masking.NextMaskLength(n, step, o.Phase2Steps, remaining);
-            total += Backbone(c, b2, c.BufferSize + s + (n - remaining), true);
+            total += Backbone(c, b2, c.Backbone.BufferSize + s + (n - remaining), true);
             total += b2 * ditSteps * DitImage(c);
             remaining = len;
         }

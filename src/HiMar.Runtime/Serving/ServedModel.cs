@@ -91,10 +91,10 @@ public sealed class ServedModel : IDisposable
         this.defaults = defaults;
         Queue = new GenerationQueue(waiting);
         var c = model.Config;
-        PixelModel = c.ImgSize == 32 && c.VaeStride == 4;
-        ClassNames = c.Conditioning == Conditioning.Text ? []
-            : c.ClassNum == 10 && PixelModel ? IdxDataset.FashionClasses
-            : Enumerable.Range(0, c.ClassNum).Select(i => $"class {i}").ToList();
+        PixelModel = c.Backbone.ImageSize == 32 && c.Backbone.VaeStride == 4;
+        ClassNames = c.Text.Conditioning == Conditioning.Text ? []
+            : c.Backbone.ClassCount == 10 && PixelModel ? IdxDataset.FashionClasses
+            : Enumerable.Range(0, c.Backbone.ClassCount).Select(i => $"class {i}").ToList();
         Parts = Architecture.Describe(model, tokenizer);
     }
 
@@ -114,17 +114,17 @@ public sealed class ServedModel : IDisposable
     public bool PixelModel { get; }
 
     /// <summary>True for a text-to-image model.</summary>
-    public bool IsText => Model.Config.Conditioning == Conditioning.Text;
+    public bool IsText => Model.Config.Text.Conditioning == Conditioning.Text;
 
     /// <summary>The class names (class models), in label order.</summary>
     public IReadOnlyList<string> ClassNames { get; }
 
     /// <summary>The words a built-in text encoder knows (empty otherwise: any caption goes to the external encoder).</summary>
-    public IReadOnlyList<string> Vocabulary => IsText ? Model.Config.TextVocab : [];
+    public IReadOnlyList<string> Vocabulary => IsText ? Model.Config.Text.Vocabulary : [];
 
     /// <summary>Prompts to offer: one per Fashion-MNIST class for the shipped text model.</summary>
     public IReadOnlyList<string> ExamplePrompts =>
-        IsText && Model.Config.ClassNum == 10 && Vocabulary.Count > 0
+        IsText && Model.Config.Backbone.ClassCount == 10 && Vocabulary.Count > 0
             ? FashionCaptions.ClassPhrases.Select(p => FashionCaptions.Fill("{a} {x}", p[0])).ToList()
             : [];
 
@@ -162,7 +162,7 @@ public sealed class ServedModel : IDisposable
         {
             model.to(device);
             model.eval();
-            var pixel = model.Config.ImgSize == 32 && model.Config.VaeStride == 4;
+            var pixel = model.Config.Backbone.ImageSize == 32 && model.Config.Backbone.VaeStride == 4;
             ITokenizer tokenizer;
             if (vae != null)
             {
@@ -177,11 +177,11 @@ public sealed class ServedModel : IDisposable
             ITextEncoder? encoder = null;
             if (textEncoder != null)
             {
-                if (model.Config.Conditioning != Conditioning.Text)
+                if (model.Config.Text.Conditioning != Conditioning.Text)
                     throw new BadInputException($"--text-encoder: {checkpoint} is conditioned on class labels, not captions.");
                 encoder = Text.TextEncoders.Load(textEncoder, device);
             }
-            else if (model.Config.Conditioning == Conditioning.Text && model.Config.TextEncoder != TextEncoderKind.Builtin)
+            else if (model.Config.Text.Conditioning == Conditioning.Text && model.Config.Text.Encoder != TextEncoderKind.Builtin)
                 throw new BadInputException($"{checkpoint}: this text model reads an external encoder's context; give it with --text-encoder.");
             var defaults = Directory.Exists(checkpoint) ? SamplerSettings.Defaults(checkpoint) : new Dictionary<string, double>();
             return new ServedModel(name, model, tokenizer, encoder, defaults, waiting);
@@ -240,7 +240,7 @@ public sealed class ServedModel : IDisposable
             Temperature = Number("temperature", d.Temperature, 0.0, MaxTemperature, minOpen: true),
             Steps1 = (int)Integer("steps1", d.Steps1, 1, MaxSteps1, $" (one pivot per step: the model has {MaxSteps1} pivots)"),
             Steps2 = (int)Integer("steps2", d.Steps2, 1, Math.Min(MaxSteps2, Model.Config.DenseTokens), ""),
-            HeadSteps = (int)Integer("head_steps", d.HeadSteps, 1, Math.Min(MaxHeadSteps, Model.Config.DiffusionSteps), ""),
+            HeadSteps = (int)Integer("head_steps", d.HeadSteps, 1, Math.Min(MaxHeadSteps, Model.Config.Training.DiffusionSteps), ""),
             Seed = Integer("seed", d.Seed, 0, int.MaxValue, ""),
         };
         if (IsText)
@@ -256,7 +256,7 @@ public sealed class ServedModel : IDisposable
                 throw new BadInputException("prompt: it has no words.");
             if (Vocabulary.Count > 0)
             {
-                var r = WordVocabulary.TryEncode(Model.Config.TextVocab, Model.Config.ContextLength, prompt);
+                var r = WordVocabulary.TryEncode(Model.Config.Text.Vocabulary, Model.Config.ContextLength, prompt);
                 if (r.IsError)
                     throw new BadInputException("prompt: " + r.ErrorValue);
             }
@@ -270,9 +270,9 @@ public sealed class ServedModel : IDisposable
         var named = ClassNames.Select((n, i) => (n, i)).FirstOrDefault(x => string.Equals(x.n, cls.Trim(), StringComparison.OrdinalIgnoreCase));
         if (named.n != null)
             return settings with { Label = named.i };
-        if (long.TryParse(cls, NumberStyles.None, CultureInfo.InvariantCulture, out var label) && label < Model.Config.ClassNum)
+        if (long.TryParse(cls, NumberStyles.None, CultureInfo.InvariantCulture, out var label) && label < Model.Config.Backbone.ClassCount)
             return settings with { Label = label };
-        throw new BadInputException($"class: '{Clip(cls)}' is not a class of this model (0..{Model.Config.ClassNum - 1}{(PixelModel && ClassNames.Count == 10 ? ", or a name such as " + ClassNames[7] : "")}).");
+        throw new BadInputException($"class: '{Clip(cls)}' is not a class of this model (0..{Model.Config.Backbone.ClassCount - 1}{(PixelModel && ClassNames.Count == 10 ? ", or a name such as " + ClassNames[7] : "")}).");
     }
 
     /// <summary>A value quoted in a message: at most 40 characters, control characters shown as '?'.</summary>
@@ -314,7 +314,7 @@ public sealed class ServedModel : IDisposable
             ? Text.Prompts.Encode(Model, [settings.Prompt ?? ""], textEncoder)
             : Condition.NewLabels(torch.tensor(new[] { settings.Label }, device: Model.Device));
         using var result = HiMarSampler.Sample(Model, condition, noise, options, _ => token.ThrowIfCancellationRequested());
-        var png = Png(Tokenizer.Decode(result.BigTokens));
+        var png = Png(Tokenizer.Decode(result.Dense));
         return new GenerateResult(png, sw.Elapsed.TotalSeconds);
     }
 

@@ -170,10 +170,10 @@ public sealed class CaptionEmbeddings : ICaptionSource, IDisposable
     /// <inheritdoc/>
     public void CheckFits(HiMarConfig config)
     {
-        if (config.Conditioning != Conditioning.Text || config.TextEncoder != TextEncoderKind.External)
+        if (config.Text.Conditioning != Conditioning.Text || config.Text.Encoder != TextEncoderKind.External)
             throw new ArgumentException($"{dir}: precomputed embeddings condition a text model with an external encoder (conditioning text, text_encoder external)");
-        if (config.ContextLength != ContextLength || config.ContextDim != Width)
-            throw new ArgumentException($"{dir}: embeddings are {ContextLength} x {Width}, the model reads {config.ContextLength} (buffer_size) x {config.ContextDim} (context_dim)");
+        if (config.ContextLength != ContextLength || config.Text.ExternalWidth != Width)
+            throw new ArgumentException($"{dir}: embeddings are {ContextLength} x {Width}, the model reads {config.ContextLength} (buffer_size) x {config.Text.ExternalWidth} (context_dim)");
     }
 
     /// <summary>Closes the shards.</summary>

@@ -54,17 +54,17 @@ public sealed class CaptionTexts(IReadOnlyList<IReadOnlyList<string>> captions, 
     /// <inheritdoc/>
     public void CheckFits(HiMarConfig config)
     {
-        if (config.Conditioning != Conditioning.Text)
+        if (config.Text.Conditioning != Conditioning.Text)
             throw new ArgumentException("captions given, but the model is conditioned on class labels (conditioning: class)");
-        if (config.TextEncoder == TextEncoderKind.External && encoder == null)
+        if (config.Text.Encoder == TextEncoderKind.External && encoder == null)
             throw new ArgumentException("the model reads an external encoder's context: precompute it with `himar embed-captions` and train with --embeddings");
-        if (config.TextEncoder == TextEncoderKind.Builtin)
+        if (config.Text.Encoder == TextEncoderKind.Builtin)
         {
             // Every caption must be readable before the first step, not at step 40,000.
             for (var e = 0; e < captions.Count; e++)
                 foreach (var c in captions[e])
                 {
-                    var r = WordVocabulary.TryEncode(config.TextVocab, config.ContextLength, c);
+                    var r = WordVocabulary.TryEncode(config.Text.Vocabulary, config.ContextLength, c);
                     if (r.IsError)
                         throw new PromptException($"caption {e}: {r.ErrorValue}");
                 }

@@ -15,7 +15,7 @@ public sealed class ModelTextEncoder : ITextEncoder
     /// <summary>Wraps a model with a built-in encoder; <paramref name="owned"/> disposes it with this.</summary>
     public ModelTextEncoder(HiMAR model, bool owned = false)
     {
-        if (model.Config.Conditioning != Conditioning.Text || model.Config.TextEncoder != TextEncoderKind.Builtin)
+        if (model.Config.Text.Conditioning != Conditioning.Text || model.Config.Text.Encoder != TextEncoderKind.Builtin)
             throw new ArgumentException("the model has no built-in text encoder");
         this.model = model;
         this.owned = owned;
@@ -25,7 +25,7 @@ public sealed class ModelTextEncoder : ITextEncoder
     public int ContextLength => model.Config.ContextLength;
 
     /// <inheritdoc/>
-    public int Width => model.Config.TextWidth;
+    public int Width => model.Config.Text.Width;
 
     /// <inheritdoc/>
     public Tensor Encode(IReadOnlyList<string> captions)

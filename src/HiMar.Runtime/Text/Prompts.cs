@@ -19,7 +19,7 @@ public static class Prompts
         foreach (var p in prompts)
         {
             var empty = string.IsNullOrWhiteSpace(p)
-                || (config.Conditioning == Conditioning.Text && config.TextEncoder == TextEncoderKind.Builtin && WordVocabulary.Words(p).Length == 0);
+                || (config.Text.Conditioning == Conditioning.Text && config.Text.Encoder == TextEncoderKind.Builtin && WordVocabulary.Words(p).Length == 0);
             if (empty)
                 throw new PromptException($"--prompt {WordVocabulary.Quote(p)}: the caption has no words, which would sample the null condition (no caption) without saying so; to sample it on purpose, use --unconditional instead.");
         }
@@ -33,14 +33,14 @@ public static class Prompts
     public static Condition Encode(HiMAR model, IReadOnlyList<string> captions, ITextEncoder? encoder = null)
     {
         var c = model.Config;
-        if (c.Conditioning != Conditioning.Text)
+        if (c.Text.Conditioning != Conditioning.Text)
             throw new PromptException("this model is conditioned on class labels, not captions (use --class)");
-        if (c.TextEncoder == TextEncoderKind.Builtin)
+        if (c.Text.Encoder == TextEncoderKind.Builtin)
         {
             var ids = new long[captions.Count * c.ContextLength];
             for (var i = 0; i < captions.Count; i++)
             {
-                var r = WordVocabulary.TryEncode(c.TextVocab, c.ContextLength, captions[i]);
+                var r = WordVocabulary.TryEncode(c.Text.Vocabulary, c.ContextLength, captions[i]);
                 if (r.IsError)
                     throw new PromptException(r.ErrorValue);
                 r.ResultValue.CopyTo(ids, i * c.ContextLength);
@@ -48,9 +48,9 @@ public static class Prompts
             return Condition.NewTokens(tensor(ids, [captions.Count, c.ContextLength], device: model.Device));
         }
         if (encoder == null)
-            throw new PromptException($"this model reads an external text encoder's {c.ContextLength} x {c.ContextDim} context; give the encoder (--text-encoder DIR: a CLIP text-model folder, or the himar model whose built-in encoder made the embeddings)");
-        if (encoder.ContextLength != c.ContextLength || encoder.Width != c.ContextDim)
-            throw new PromptException($"the text encoder gives {encoder.ContextLength} x {encoder.Width} context, the model reads {c.ContextLength} x {c.ContextDim}");
+            throw new PromptException($"this model reads an external text encoder's {c.ContextLength} x {c.Text.ExternalWidth} context; give the encoder (--text-encoder DIR: a CLIP text-model folder, or the himar model whose built-in encoder made the embeddings)");
+        if (encoder.ContextLength != c.ContextLength || encoder.Width != c.Text.ExternalWidth)
+            throw new PromptException($"the text encoder gives {encoder.ContextLength} x {encoder.Width} context, the model reads {c.ContextLength} x {c.Text.ExternalWidth}");
         var ctx = encoder.Encode(captions);
         return Condition.NewContext(ctx.to(model.DType, model.Device));
     }

@@ -40,7 +40,7 @@ public static partial class Checkpoint
             ModelFiles.Save(ema, Path.Combine(staging, EmaFile));
             SafeTensors.Save(Path.Combine(staging, OptimizerFile), optimizer.State());
             var indented = new JsonSerializerOptions { WriteIndented = true };
-            AtomicFile.WriteText(Path.Combine(staging, ConfigFile), ReferenceImport.ToJson(model.Config).ToJsonString(indented));
+            AtomicFile.WriteText(Path.Combine(staging, ConfigFile), ConfigCodec.ToJson(model.Config).ToJsonString(indented));
             AtomicFile.WriteText(Path.Combine(staging, StateFile), state.ToJsonString(indented));
             WriteManifest(staging);
             Replace(staging, final);

@@ -40,13 +40,13 @@ public static class TrainBenchmark
             {
                 using var scope = torch.NewDisposeScope();
                 var tokens = torch.randn(batch, config.DenseTokens, config.TokenEmbedDim);
-                var pivots = torch.randn(batch, config.PivotTokens, config.CondDim);
+                var pivots = torch.randn(batch, config.PivotTokens, config.Pivots.Channels);
                 var condition = Condition.Random(config, batch);
                 var sw = Stopwatch.StartNew();
                 optimizer.ZeroGrad();
                 using (var mixed = MixedPrecision.ForTraining(model, precision))
                 {
-                    var losses = model.TrainingLosses(tokens, pivots, condition, config.StepWarmup);
+                    var losses = model.TrainingLosses(tokens, pivots, condition, config.Training.PivotConditionWarmupEpochs);
                     losses.Total.backward();
                 }
                 var reduceStart = sw.Elapsed.TotalSeconds;
@@ -103,7 +103,7 @@ public static class TrainBenchmark
             report["scaling_efficiency"] = alone[0] / slowest[0];
         }
         report["steps_timed"] = Math.Max(1, steps);
-        report["diffusion_batch_mul"] = config.DiffusionBatchMul;
+        report["diffusion_batch_mul"] = config.Training.DiffusionBatchMul;
         report["precision"] = Native.Precisions.Name(precision);
         report["weights_dtype"] = "float32";
         report["threads"] = torch.get_num_threads();

@@ -167,7 +167,7 @@ public sealed class Trainer : IDisposable
         this.options = options;
         data.CheckFits(config);
         this.captions = captions;
-        if (config.Conditioning == Conditioning.Text)
+        if (config.Text.Conditioning == Conditioning.Text)
         {
             if (captions == null)
                 throw new ArgumentException("a text-to-image model trains on captions: give a caption source");
@@ -177,8 +177,8 @@ public sealed class Trainer : IDisposable
         }
         else if (captions != null)
             throw new ArgumentException("captions given, but the model is conditioned on class labels (conditioning: class)");
-        else if (data.ClassCount > config.ClassNum)
-            throw new ArgumentException($"the data has {data.ClassCount} classes, the model {config.ClassNum}");
+        else if (data.ClassCount > config.Backbone.ClassCount)
+            throw new ArgumentException($"the data has {data.ClassCount} classes, the model {config.Backbone.ClassCount}");
         if (comm.Size > 1 && data.Count < ImagesPerStep)
             throw new ArgumentException($"the data has {data.Count} examples, fewer than one global step of {ImagesPerStep} ({comm.Size} ranks x batch {options.BatchSize} x {options.Accumulation} micro-batches)");
         torch.manual_seed(options.Seed);
@@ -191,7 +191,7 @@ public sealed class Trainer : IDisposable
         buckets = new GradientBuckets(optimizer.Parameters, comm);
         if (comm.IsRoot())
             Directory.CreateDirectory(options.OutDir);
-        if (config.Conditioning == Conditioning.Text && config.TextEncoder == TextEncoderKind.External && config.NullContext == NullContextKind.Empty)
+        if (config.Text.Conditioning == Conditioning.Text && config.Text.Encoder == TextEncoderKind.External && config.Text.NullContext == NullContextKind.Empty)
         {
             using var empty = captions!.EmptyContext
                 ?? throw new ArgumentException("the caption source has no empty-caption context, which this model's null context needs");
@@ -556,7 +556,7 @@ public sealed class Trainer : IDisposable
     /// then of the next examples) with the EMA model and writes a labelled grid.</summary>
     public void SamplePreview(string path, int perClass = 1)
     {
-        var labels = Enumerable.Range(0, model.Config.ClassNum).SelectMany(c => Enumerable.Repeat((long)c, perClass)).ToArray();
+        var labels = Enumerable.Range(0, model.Config.Backbone.ClassCount).SelectMany(c => Enumerable.Repeat((long)c, perClass)).ToArray();
         var rng = torch.get_rng_state();
         try
         {
@@ -578,7 +578,7 @@ public sealed class Trainer : IDisposable
             using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
             using var r = HiMarSampler.Sample(ema, condition, noise, new SamplerOptions { ClipDenoised = tokenizer is PixelPatchTokenizer, Precision = options.Precision });
-            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.BigTokens, options.Precision);
+            using var images = (tokenizer ?? throw new InvalidOperationException("previews need a tokenizer to decode")).Decode(r.Dense, options.Precision);
             // Captions need wider tiles than class numbers to be legible.
             var side = captions == null ? 56 : 84;
             var tiles = Imaging.Images.FromTensor(images).Select(img => Imaging.Images.Resize(img, side)).ToList();

@@ -60,7 +60,7 @@ let private expectFailure (o: Outcome) (code: int) (fragment: string) =
 /// The tiny training config as a config file, and 48 IDX images: what the child training processes read.
 let private trainingInputs (dir: string) =
     let config = Path.Combine(dir, "tiny.json")
-    File.WriteAllText(config, (ReferenceImport.ToJson TrainingTests.tinyConfig).ToJsonString())
+    File.WriteAllText(config, (ConfigCodec.toJson TrainingTests.tinyConfig).ToJsonString())
     let data = Path.Combine(dir, "idx")
     writeIdx data 48
     config, data
@@ -138,7 +138,7 @@ let private lastLoggedStep (run: string) =
 /// A config file of the fashion preset with some fields replaced (raw JSON text per key).
 let private configWith (dir: string) (fields: (string * string) list) =
     let path = Path.Combine(dir, "config.json")
-    let root = ReferenceImport.ToJson HiMarConfig.fashion
+    let root = ConfigCodec.toJson HiMarConfig.fashion
 
     for key, raw in fields do
         root.[key] <- JsonNode.Parse raw
@@ -244,7 +244,7 @@ let configTests =
                     let c =
                         ModelConfigs.Resolve(configWith dir [ "encoder_depth", "3.0"; "decoder_depth", "3" ])
 
-                    Expect.equal c.EncoderDepth 3 "3.0 is 3")
+                    Expect.equal c.Backbone.EncoderDepth 3 "3.0 is 3")
 
                 Expect.equal
                     (ModelConfigs.Resolve(Path.Combine(repoRoot, "models", "fashion", "config.json")))
@@ -259,12 +259,12 @@ let configTests =
                 let tiny = ModelConfigs.Resolve(Path.Combine(tinyFixture, "manifest.json"))
 
                 Expect.equal
-                    (tiny.EncoderEmbedDim, tiny.DiffLossW, tiny.NumSamplingSteps)
+                    (tiny.Backbone.EncoderWidth, tiny.MlpHead.Width, tiny.MlpHead.SamplingSteps)
                     (64, 96, "ddim10")
                     "tiny fixture"
 
                 let generic = ModelConfigs.Resolve(Path.Combine(genericFixture, "manifest.json"))
-                Expect.equal (generic.DecoderDepth, generic.ClassNum) (3, 7) "generic fixture"
+                Expect.equal (generic.Backbone.DecoderDepth, generic.Backbone.ClassCount) (3, 7) "generic fixture"
             }
 
             test "reference arguments in memory (a checkpoint's Namespace) are typed exactly too" {
@@ -274,14 +274,14 @@ let configTests =
 
                 let e =
                     catchT<ArgumentException> (fun () ->
-                        HiMarConfig.fromReferenceArgs HiMarConfig.fashion args |> ignore)
+                        ConfigCodec.fromReferenceArgs HiMarConfig.fashion args |> ignore)
 
                 Expect.equal e.Message "encoder_depth must be a whole number, not 128.5" "message, no parameter suffix"
 
                 let problems =
-                    HiMarConfig.validate
+                    ConfigCodec.validate
                         { HiMarConfig.fashion with
-                            EncoderDepth = -1
+                            Backbone.EncoderDepth = -1
                         }
 
                 Expect.equal problems [ "encoder_depth must be a whole number from 1 to 1000, not -1" ] "validate"
@@ -290,7 +290,7 @@ let configTests =
                     catchT<ArgumentException> (fun () ->
                         new HiMAR(
                             { HiMarConfig.fashion with
-                                GdmHeads = 0
+                                TransformerHead.Heads = 0
                             }
                         )
                         |> ignore)
@@ -314,7 +314,7 @@ let promptTests =
                 Expect.stringContains q (sprintf "(%d characters)" huge.Length) "the length"
                 Expect.isFalse (q |> Seq.exists Char.IsControl) "no raw control characters"
 
-                match WordVocabulary.tryEncode HiMarConfig.fashionText.TextVocab 12 huge with
+                match WordVocabulary.tryEncode HiMarConfig.fashionText.Text.Vocabulary 12 huge with
                 | Ok _ -> failtest "unknown words accepted"
                 | Error e ->
                     Expect.isLessThan e.Length 1000 "the whole message is short"
@@ -396,7 +396,7 @@ let failureTests =
             test "argument errors raised by himar itself are bad input, without .NET's parameter suffix" {
                 let e =
                     catchT<ArgumentException> (fun () ->
-                        HiMarConfig.fromReferenceArgs
+                        ConfigCodec.fromReferenceArgs
                             HiMarConfig.fashion
                             (readOnlyDict [ "conditioning", ("audio" :> obj) ])
                         |> ignore)

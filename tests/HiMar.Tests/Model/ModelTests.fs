@@ -14,24 +14,24 @@ open HiMar.Tests.TestUtil
 /// encoder, buffer 2, 7 classes, 128x128 images (an 8x8 dense grid).
 let small =
     { HiMarConfig.hiMarB with
-        ImgSize = 128
-        EncoderEmbedDim = 32
-        EncoderDepth = 1
-        EncoderNumHeads = 2
-        DecoderEmbedDim = 32
-        DecoderDepth = 3
-        DecoderNumHeads = 4
-        ClassNum = 7
-        BufferSize = 2
-        DiffLossD = 1
-        DiffLossW = 24
-        CondScale = 4
-        GdmW = 16
-        GdmD = 1
-        GdmHeads = 2
-        NumSamplingSteps = "ddim5"
-        DitSamplingSteps = "ddim5"
-        DiffusionBatchMul = 2
+        Backbone.ImageSize = 128
+        Backbone.EncoderWidth = 32
+        Backbone.EncoderDepth = 1
+        Backbone.EncoderHeads = 2
+        Backbone.DecoderWidth = 32
+        Backbone.DecoderDepth = 3
+        Backbone.DecoderHeads = 4
+        Backbone.ClassCount = 7
+        Backbone.BufferSize = 2
+        MlpHead.Depth = 1
+        MlpHead.Width = 24
+        Pivots.GridSide = 4
+        TransformerHead.Width = 16
+        TransformerHead.Depth = 1
+        TransformerHead.Heads = 2
+        MlpHead.SamplingSteps = "ddim5"
+        TransformerHead.SamplingSteps = "ddim5"
+        Training.DiffusionBatchMul = 2
     }
 
 let private fixtureWeights =
@@ -90,8 +90,8 @@ let tests =
                     catchT<ArgumentException> (fun () ->
                         new HiMAR(
                             { small with
-                                DecoderEmbedDim = 48
-                                DecoderNumHeads = 4
+                                Backbone.DecoderWidth = 48
+                                Backbone.DecoderHeads = 4
                             }
                         )
                         |> ignore)
@@ -147,8 +147,8 @@ let tests =
                 // phase 2: pivots known, 24 dense tokens known
                 use mask2 = torch.ones (b, l)
                 mask2.narrow(1L, 0L, s + 24L).fill_ (scalar 0.0) |> ignore
-                use smallZ = dec1.narrow (1L, 0L, s)
-                use enc2 = m.EncoderPhase2(tokens, mask2, emb, cond, smallZ)
+                use pivotStates = dec1.narrow (1L, 0L, s)
+                use enc2 = m.EncoderPhase2(tokens, mask2, emb, cond, pivotStates)
                 Expect.equal (shapeOf enc2) [ b; 2L + s + 24L; 32L ] "phase-2 encoder"
                 use dec2 = m.Decoder(enc2, mask2, 1L)
                 use zImg = dec2.narrow(1L, s, n).reshape(b, 8L, 8L, 32L).permute (0L, 3L, 1L, 2L)
@@ -198,8 +198,8 @@ let tests =
             test "the ablation switches build plain MAR and an MLP phase-2 head" {
                 let plain =
                     { small with
-                        Pivots = PivotSource.NoPivots
-                        Phase2 = Phase2Head.Mlp
+                        Pivots.Source = PivotSource.NoPivots
+                        Phase2Head = Phase2Head.Mlp
                     }
 
                 use m = new HiMAR(plain)
@@ -263,7 +263,7 @@ let fileTests =
                     use a = new HiMAR(small)
                     let path = IO.Path.Combine(dir.FullName, "w.safetensors")
                     ModelFiles.Save(a, path)
-                    use b = new HiMAR({ small with ClassNum = 9 })
+                    use b = new HiMAR({ small with Backbone.ClassCount = 9 })
 
                     let e =
                         catchT<CheckpointFormatException> (fun () -> ModelFiles.Load(b, path) |> ignore)

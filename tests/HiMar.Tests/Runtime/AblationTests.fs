@@ -57,21 +57,21 @@ let tests =
                     use labels = torch.tensor [| 1L; 7L |]
                     use r = HiMarSampler.Sample(model, labels, noise, quick)
                     let g = int64 small.SeqH
-                    Expect.equal (shapeOf r.BigTokens) [ 2L; 16L; g; g ] (v.Key + ": dense shape")
-                    Expect.isTrue (r.BigTokens.isfinite().all().item<bool> ()) (v.Key + ": finite")
-                    let hasPivots = v.Config.Pivots <> PivotSource.NoPivots
+                    Expect.equal (shapeOf r.Dense) [ 2L; 16L; g; g ] (v.Key + ": dense shape")
+                    Expect.isTrue (r.Dense.isfinite().all().item<bool> ()) (v.Key + ": finite")
+                    let hasPivots = v.Config.Pivots.Source <> PivotSource.NoPivots
 
                     let pivots =
                         if hasPivots then
-                            int64 (small.CondScale * small.CondScale)
+                            int64 (small.Pivots.GridSide * small.Pivots.GridSide)
                         else
                             0L
 
-                    Expect.equal (r.SmallTokens.numel ()) (2L * 16L * pivots) (v.Key + ": pivot values")
+                    Expect.equal (r.Pivots.numel ()) (2L * 16L * pivots) (v.Key + ": pivot values")
                     Expect.equal (noise.Rows NoiseRole.Phase1Init) pivots (v.Key + ": pivots drawn by the MLP head")
 
                     let phase2Rows =
-                        if v.Config.Phase2 = Phase2Head.Mlp then
+                        if v.Config.Phase2Head = Phase2Head.Mlp then
                             int64 small.DenseTokens
                         else
                             3L
@@ -86,11 +86,11 @@ let tests =
                 withTempDir (fun dir ->
                     for v in Ablation.Variants small do
                         let path = Path.Combine(dir, v.Key + ".json")
-                        File.WriteAllText(path, (ReferenceImport.ToJson v.Config).ToJsonString())
+                        File.WriteAllText(path, (ConfigCodec.toJson v.Config).ToJsonString())
                         let back = ModelConfigs.Resolve path
                         Expect.equal back v.Config (v.Key + ": same config")
 
-                    let hiMar = (ReferenceImport.ToJson small).ToJsonString()
+                    let hiMar = (ConfigCodec.toJson small).ToJsonString()
                     Expect.isFalse (hiMar.Contains "pivots") "Hi-MAR's own config has no ablation keys"
                     let bad = Path.Combine(dir, "bad.json")
                     File.WriteAllText(bad, """{"model": "fashion", "pivots": "sideways"}""")
@@ -116,17 +116,17 @@ let tests =
 
                     ReferenceImport.Import(src, Path.Combine(dir, "out")) |> ignore
                     use back = ReferenceImport.LoadModel(Path.Combine(dir, "out"))
-                    Expect.equal back.Config.Pivots PivotSource.NoPivots "no pivots"
-                    Expect.equal back.Config.Phase2 Phase2Head.Mlp "MLP phase-2 head")
+                    Expect.equal back.Config.Pivots.Source PivotSource.NoPivots "no pivots"
+                    Expect.equal back.Config.Phase2Head Phase2Head.Mlp "MLP phase-2 head")
             }
 
             test "low-res pivots get the pivot-condition dropout too: phase 2 ignores them at epoch 0, not once warm" {
                 let lowRes =
                     { (Ablation.Variants small).[1].Config with
-                        StepStage2Rate = 1.0
+                        Training.PivotConditionRate = 1.0
                     }
 
-                Expect.equal lowRes.Pivots PivotSource.LowResTokens "the low-res variant"
+                Expect.equal lowRes.Pivots.Source PivotSource.LowResTokens "the low-res variant"
                 torch.manual_seed 11L |> ignore
                 // Default (random) weights: Init.himar zeroes the heads' output layers, so no loss would see z.
                 use model = new HiMAR(lowRes)
@@ -144,7 +144,7 @@ let tests =
                     p.item<float32> () |> float
 
                 Expect.equal (phase2 condA 0.0) (phase2 condB 0.0) "epoch 0: every sample takes the placeholder"
-                let warm = float lowRes.StepWarmup
+                let warm = float lowRes.Training.PivotConditionWarmupEpochs
 
                 Expect.isGreaterThan
                     (abs (phase2 condA warm - phase2 condB warm))

@@ -17,7 +17,7 @@ open HiMar.Tests.TestUtil
 /// The tiny training model with repeated head rows (diffusion_batch_mul 2), so windows cover several blocks.
 let private config =
     { TrainingTests.tinyConfig with
-        DiffusionBatchMul = 2
+        Training.DiffusionBatchMul = 2
     }
 
 /// A communicator that pretends to be one of two ranks whose partner holds the same values: a sum doubles, and
@@ -318,7 +318,7 @@ let tests =
                     let data = Path.Combine(dir, "data")
                     writeIdx data 40
                     let cfg = Path.Combine(dir, "tiny.json")
-                    File.WriteAllText(cfg, HiMar.Runtime.Checkpoints.ReferenceImport.ToJson(config).ToJsonString())
+                    File.WriteAllText(cfg, (HiMar.Model.ConfigCodec.toJson config).ToJsonString())
 
                     let train out steps batch =
                         [

@@ -22,9 +22,14 @@ let tests =
 
                     Expect.equal kind CheckpointKind.HiMar "kind"
                     use m = ReferenceImport.LoadModel out
-                    Expect.equal m.Config.ClassNum 10 "class_num from args"
-                    Expect.equal m.Config.BufferSize 4 "buffer size from shapes"
-                    Expect.equal (m.Config.EncoderNumHeads, m.Config.GdmHeads) (4, 4) "heads from args"
+                    Expect.equal m.Config.Backbone.ClassCount 10 "class_num from args"
+                    Expect.equal m.Config.Backbone.BufferSize 4 "buffer size from shapes"
+
+                    Expect.equal
+                        (m.Config.Backbone.EncoderHeads, m.Config.TransformerHead.Heads)
+                        (4, 4)
+                        "heads from args"
+
                     let ema = SafeTensors.Load(Path.Combine(tinyFixture, "ema-weights.safetensors"))
 
                     for KeyValue(k, t) in Weights.stateDict m do

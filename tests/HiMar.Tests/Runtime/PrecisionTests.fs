@@ -120,8 +120,8 @@ let tests =
                             SamplerOptions(Cfg = 2.0, ReCfg = 2.0, ClipDenoised = true, Precision = p)
                         )
 
-                    Expect.equal r.BigTokens.dtype torch.ScalarType.Float32 "tokens between and after steps are fp32"
-                    noise.Draws |> List.ofSeq, r.BigTokens.clone().DetachFromDisposeScope()
+                    Expect.equal r.Dense.dtype torch.ScalarType.Float32 "tokens between and after steps are fp32"
+                    noise.Draws |> List.ofSeq, r.Dense.clone().DetachFromDisposeScope()
 
                 let d32, t32 = run Precision.Fp32
                 let d16, t16 = run Precision.Bf16

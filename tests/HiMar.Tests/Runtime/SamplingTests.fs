@@ -38,18 +38,15 @@ let tests =
                 use all = sample [| 1L; 2L; 3L |] noise3
                 use noise1 = new SeededNoise(42L, 2L, 1)
                 use third = sample [| 3L |] noise1
-                Expect.equal (shapeOf all.BigTokens) [ 3L; 16L; 16L; 16L ] "dense shape"
-                Expect.equal (shapeOf all.SmallTokens) [ 3L; 16L; 8L; 8L ] "pivot shape"
+                Expect.equal (shapeOf all.Dense) [ 3L; 16L; 16L; 16L ] "dense shape"
+                Expect.equal (shapeOf all.Pivots) [ 3L; 16L; 8L; 8L ] "pivot shape"
 
                 Expect.isLessThan
-                    (maxAbsDiff (all.BigTokens.narrow (0L, 2L, 1L)) third.BigTokens)
+                    (maxAbsDiff (all.Dense.narrow (0L, 2L, 1L)) third.Dense)
                     1e-4
                     "dense tokens of image 2"
 
-                Expect.isLessThan
-                    (maxAbsDiff (all.SmallTokens.narrow (0L, 2L, 1L)) third.SmallTokens)
-                    1e-4
-                    "pivots of image 2"
+                Expect.isLessThan (maxAbsDiff (all.Pivots.narrow (0L, 2L, 1L)) third.Pivots) 1e-4 "pivots of image 2"
             }
 
             test "two images of one class in one batch get different noise" {
@@ -57,7 +54,7 @@ let tests =
                 use r = sample [| 5L; 5L |] noise
 
                 Expect.isGreaterThan
-                    (maxAbsDiff (r.BigTokens.narrow (0L, 0L, 1L)) (r.BigTokens.narrow (0L, 1L, 1L)))
+                    (maxAbsDiff (r.Dense.narrow (0L, 0L, 1L)) (r.Dense.narrow (0L, 1L, 1L)))
                     0.1
                     "distinct"
             }

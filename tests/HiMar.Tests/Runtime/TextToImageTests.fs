@@ -20,26 +20,26 @@ open HiMar.Tests.TestUtil
 /// The training tests' tiny model, conditioned on captions through a tiny built-in encoder.
 let tinyText =
     { TrainingTests.tinyConfig with
-        BufferSize = 12
-        Conditioning = Conditioning.Text
-        TextEncoder = TextEncoderKind.Builtin
-        NullContext = NullContextKind.Empty
-        MaskRatio = MaskRatioRule.Beta41
-        TextVocab = FashionCaptions.vocabulary
-        TextWidth = 16
-        TextDepth = 1
-        TextHeads = 2
+        Backbone.BufferSize = 12
+        Text.Conditioning = Conditioning.Text
+        Text.Encoder = TextEncoderKind.Builtin
+        Text.NullContext = NullContextKind.Empty
+        Training.MaskRule = MaskRatioRule.Beta41
+        Text.Vocabulary = FashionCaptions.vocabulary
+        Text.Width = 16
+        Text.Depth = 1
+        Text.Heads = 2
     }
 
 /// The same with an external encoder's 12 x 16 context.
 let tinyExternal =
     { tinyText with
-        TextEncoder = TextEncoderKind.External
-        ContextDim = 16
-        TextVocab = [||]
-        TextWidth = 0
-        TextDepth = 0
-        TextHeads = 0
+        Text.Encoder = TextEncoderKind.External
+        Text.ExternalWidth = 16
+        Text.Vocabulary = [||]
+        Text.Width = 0
+        Text.Depth = 0
+        Text.Heads = 0
     }
 
 let private build (config: HiMarConfig) =
@@ -112,7 +112,10 @@ let tests =
                 for t in FashionCaptions.heldOutTemplates do
                     Expect.isFalse (Array.contains t FashionCaptions.trainTemplates) t
 
-                Expect.isLessThanOrEqual FashionCaptions.maxWords HiMarConfig.fashionText.BufferSize "fits the context"
+                Expect.isLessThanOrEqual
+                    FashionCaptions.maxWords
+                    HiMarConfig.fashionText.Backbone.BufferSize
+                    "fits the context"
 
                 Expect.equal
                     FashionCaptions.vocabulary.Length
@@ -121,19 +124,19 @@ let tests =
             }
 
             test "a text config survives its JSON; class configs write no text keys" {
-                let json = ReferenceImport.ToJson HiMarConfig.fashionText
+                let json = ConfigCodec.toJson HiMarConfig.fashionText
 
                 let back =
-                    HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson json)
+                    ConfigCodec.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson json)
 
                 Expect.equal back HiMarConfig.fashionText "fashion-text round trip"
-                let s = ReferenceImport.ToJson HiMarConfig.hiMarS
+                let s = ConfigCodec.toJson HiMarConfig.hiMarS
 
                 let backS =
-                    HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson s)
+                    ConfigCodec.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson s)
 
                 Expect.equal backS HiMarConfig.hiMarS "hi-mar-s round trip"
-                let b = ReferenceImport.ToJson HiMarConfig.hiMarB
+                let b = ConfigCodec.toJson HiMarConfig.hiMarB
                 Expect.isNull b.["conditioning"] "no text keys for class models"
                 Expect.isNull b.["mask_ratio"] "no mask-ratio key for the reference rule"
 
@@ -142,7 +145,7 @@ let tests =
 
                 let e =
                     catchT<ArgumentException> (fun () ->
-                        HiMarConfig.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson bad)
+                        ConfigCodec.fromReferenceArgs HiMarConfig.hiMarB (ReferenceArgs.FromJson bad)
                         |> ignore)
 
                 Expect.stringContains e.Message "conditioning must be one of class, text, not 'audio'" "message"
@@ -201,7 +204,7 @@ let tests =
                 use learned =
                     build
                         { tinyExternal with
-                            NullContext = NullContextKind.Learned
+                            Text.NullContext = NullContextKind.Learned
                         }
 
                 let names =
@@ -227,8 +230,17 @@ let tests =
 
                 let captions = [ "a sandal"; "a coat"; "the bag"; "a boot" ]
                 let empty = [ ""; ""; ""; "" ]
-                let dropAll = { tinyText with LabelDropProb = 1.0 }
-                let keepAll = { tinyText with LabelDropProb = 0.0 }
+
+                let dropAll =
+                    { tinyText with
+                        Training.LabelDropProb = 1.0
+                    }
+
+                let keepAll =
+                    { tinyText with
+                        Training.LabelDropProb = 0.0
+                    }
+
                 Expect.equal (loss dropAll captions) (loss dropAll empty) "every caption dropped: the text is ignored"
                 Expect.isGreaterThan (abs (loss keepAll captions - loss keepAll empty)) 1e-6 "kept: the text matters"
 
@@ -260,9 +272,9 @@ let tests =
                 use a = run [ "a sandal"; "a coat" ]
                 use b = run [ "a sandal"; "a coat" ]
                 use c = run [ "a bag"; "a coat" ]
-                Expect.equal a.BigTokens.shape [| 2L; 16L; 8L; 8L |] "dense tokens"
-                Expect.equal (maxAbsDiff a.BigTokens b.BigTokens) 0.0 "deterministic"
-                Expect.isGreaterThan (maxAbsDiff a.BigTokens.[0] c.BigTokens.[0]) 1e-4 "the prompt matters"
+                Expect.equal a.Dense.shape [| 2L; 16L; 8L; 8L |] "dense tokens"
+                Expect.equal (maxAbsDiff a.Dense b.Dense) 0.0 "deterministic"
+                Expect.isGreaterThan (maxAbsDiff a.Dense.[0] c.Dense.[0]) 1e-4 "the prompt matters"
             }
 
             test "the sample job names files after prompts and refuses an unknown word before any work" {
@@ -478,7 +490,7 @@ let tests =
                     )
 
                 use r = HiMarSampler.Sample(m, c, noise, options)
-                use images = PixelPatchTokenizer.Fashion.Decode r.BigTokens
+                use images = PixelPatchTokenizer.Fashion.Decode r.Dense
                 Expect.equal images.shape [| 20L; 1L; 28L; 28L |] "28x28 grey images"
                 let struct (_, probs) = HiMar.Runtime.Evaluation.ClassifierRuns.Apply(clf, images)
                 use predicted = probs.argmax 1L
@@ -563,9 +575,9 @@ let tests =
 
                     let config =
                         { tinyText with
-                            ImgSize = 64
-                            VaeStride = 16
-                            CondScale = 2
+                            Backbone.ImageSize = 64
+                            Backbone.VaeStride = 16
+                            Pivots.GridSide = 2
                         }
 
                     use t =
@@ -589,10 +601,10 @@ let tests =
 
                     let external =
                         { tinyExternal with
-                            ImgSize = 64
-                            VaeStride = 16
-                            CondScale = 2
-                            ContextDim = 16
+                            Backbone.ImageSize = 64
+                            Backbone.VaeStride = 16
+                            Pivots.GridSide = 2
+                            Text.ExternalWidth = 16
                         }
 
                     use t2 =
@@ -631,8 +643,8 @@ let tests =
 
                     let model =
                         { tinyExternal with
-                            BufferSize = 77
-                            ContextDim = 32
+                            Backbone.BufferSize = 77
+                            Text.ExternalWidth = 32
                         }
 
                     emb.CheckFits model
@@ -718,7 +730,9 @@ let tests =
                     let wrong =
                         catchT<ArgumentException> (fun () ->
                             new Trainer(
-                                { tinyExternal with ContextDim = 8 },
+                                { tinyExternal with
+                                    Text.ExternalWidth = 8
+                                },
                                 TrainingTests.SyntheticData(),
                                 PixelPatchTokenizer.Fashion,
                                 options (Path.Combine(dir, "run2")) 1,

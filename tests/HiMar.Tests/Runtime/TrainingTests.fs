@@ -15,19 +15,19 @@ open HiMar.Tests.TestUtil
 /// A tiny model on 32x32 pixel patches (the fashion layout, much narrower).
 let tinyConfig =
     { HiMarConfig.fashion with
-        EncoderEmbedDim = 32
-        EncoderDepth = 1
-        EncoderNumHeads = 2
-        DecoderEmbedDim = 32
-        DecoderDepth = 1
-        DecoderNumHeads = 2
-        DiffLossD = 1
-        DiffLossW = 32
-        GdmW = 16
-        GdmD = 1
-        GdmHeads = 2
-        NumSamplingSteps = "ddim3"
-        DitSamplingSteps = "ddim3"
+        Backbone.EncoderWidth = 32
+        Backbone.EncoderDepth = 1
+        Backbone.EncoderHeads = 2
+        Backbone.DecoderWidth = 32
+        Backbone.DecoderDepth = 1
+        Backbone.DecoderHeads = 2
+        MlpHead.Depth = 1
+        MlpHead.Width = 32
+        TransformerHead.Width = 16
+        TransformerHead.Depth = 1
+        TransformerHead.Heads = 2
+        MlpHead.SamplingSteps = "ddim3"
+        TransformerHead.SamplingSteps = "ddim3"
     }
 
 /// 48 random 28x28 images in 10 classes (or NaN images, to trip the guard).
@@ -156,7 +156,7 @@ let tests =
                             Path.Combine(dir, "checkpoints", "step-00000009")
                         )
 
-                    Expect.equal m.Config.EncoderEmbedDim 32 "a checkpoint folder loads for sampling")
+                    Expect.equal m.Config.Backbone.EncoderWidth 32 "a checkpoint folder loads for sampling")
             }
 
             test "training steps leak no tensors" {
@@ -269,7 +269,7 @@ let tests =
                     )
 
                 use r = HiMar.Runtime.Sampling.HiMarSampler.Sample(m, labels, noise, options)
-                use images = PixelPatchTokenizer.Fashion.Decode r.BigTokens
+                use images = PixelPatchTokenizer.Fashion.Decode r.Dense
                 Expect.equal (shapeOf images) [ 10L; 1L; 28L; 28L ] "28x28 images"
                 // Trousers and sandals are dark beside tops and coats: the per-class ink follows the data's order.
                 use ink = (images + 1.0).mean ([| 1L; 2L; 3L |])
@@ -326,9 +326,9 @@ let cacheTests =
 
                     let config =
                         { tinyConfig with
-                            ImgSize = 64
-                            VaeStride = 16
-                            CondScale = 2
+                            Backbone.ImageSize = 64
+                            Backbone.VaeStride = 16
+                            Pivots.GridSide = 2
                         }
 
                     cache.CheckFits config
