@@ -68,7 +68,7 @@ public static class SampleJob
         if (text && request.Prompts == null)
             throw new Text.PromptException("this is a text-to-image model: give prompts (--prompt)");
         if (!text && request.Prompts != null)
-            throw new Text.PromptException("this model is conditioned on class labels, not captions (use --class)");
+            throw new Text.PromptException("this model is conditioned on class labels, not captions (use --classes)");
         if (request.Count == 0)
             throw new BadInputException("nothing to sample: no labels or prompts");
         if (request.Count > MaxImages)

@@ -91,7 +91,7 @@ public sealed class ServedModel : IDisposable
         this.defaults = defaults;
         Queue = new GenerationQueue(waiting);
         var c = model.Config;
-        PixelModel = c.ImgSize == 32 && c.VaeStride == 4;
+        PixelModel = Catalog.ModelTraits.UsesPixelPatches(c);
         ClassNames = c.Conditioning == Conditioning.Text ? []
             : c.ClassNum == 10 && PixelModel ? IdxDataset.FashionClasses
             : Enumerable.Range(0, c.ClassNum).Select(i => $"class {i}").ToList();
@@ -162,7 +162,7 @@ public sealed class ServedModel : IDisposable
         {
             model.to(device);
             model.eval();
-            var pixel = model.Config.ImgSize == 32 && model.Config.VaeStride == 4;
+            var pixel = Catalog.ModelTraits.UsesPixelPatches(model.Config);
             ITokenizer tokenizer;
             if (vae != null)
             {
