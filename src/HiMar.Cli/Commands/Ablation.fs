@@ -14,7 +14,7 @@ type AblationArgs =
     | Data of dir: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Steps of count: int
-    | Batch of count: int
+    | Batch of size: int
     | Precision of ``fp32|bf16|auto``: string
     | Blr of rate: float
     | Warmup of steps: int

@@ -43,7 +43,7 @@ type BenchSampleArgs =
 /// Arguments of `himar bench train`.
 type BenchTrainArgs =
     | [<AltCommandLine("-m"); ExactlyOnce>] Model of ``name|path``: string
-    | Batch of count: int
+    | Batch of size: int
     | Precision of ``fp32,bf16``: string
     | Steps of count: int
     | [<AltCommandLine("-o")>] Out of file: string

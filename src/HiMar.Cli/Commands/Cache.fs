@@ -14,7 +14,7 @@ type CacheArgs =
     | [<ExactlyOnce>] Vae of path: string
     | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
     | Size of pixels: int
-    | Batch of count: int
+    | Batch of size: int
     | Captions of file: string
 
     interface IArgParserTemplate with

@@ -16,7 +16,7 @@ type EmbedCaptionsArgs =
     | Data of dir: string
     | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
     | Float32
-    | Batch of count: int
+    | Batch of size: int
     | Device of device: string
 
     interface IArgParserTemplate with

@@ -22,7 +22,7 @@ type EvalArgs =
     | Mlp_Steps of respacing: string
     | Dit_Steps of respacing: string
     | Seed of seed: int64
-    | Batch of count: int
+    | Batch of size: int
     | Precision of ``fp32|bf16|auto``: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Inception of file: string

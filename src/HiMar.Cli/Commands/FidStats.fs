@@ -13,7 +13,7 @@ type FidStatsArgs =
     | [<ExactlyOnce>] Inception of file: string
     | [<ExactlyOnce>] Images of dir: string
     | [<AltCommandLine("-o"); ExactlyOnce>] Out of npz: string
-    | Batch of count: int
+    | Batch of size: int
     | Device of device: string
 
     interface IArgParserTemplate with

@@ -28,7 +28,7 @@ type SampleArgs =
     | Mlp_Steps of respacing: string
     | Dit_Steps of respacing: string
     | Seed of seed: int64
-    | Batch of count: int
+    | Batch of size: int
     | Precision of ``fp32|bf16|auto``: string
     | Device of device: string
     | [<AltCommandLine("-o")>] Out of ``dir|file.png``: string

@@ -17,7 +17,7 @@ type TrainArgs =
     | Vae of path: string
     | [<AltCommandLine("-o")>] Out of dir: string
     | Steps of count: int
-    | Batch of count: int
+    | Batch of size: int
     | Precision of ``fp32|bf16|auto``: string
     | Accumulation of micro_batches: int
     | Blr of rate: float
