@@ -225,6 +225,60 @@ let tests =
                     Expect.stringContains message "pass --cache and --vae" "names the flags")
             }
 
+            test "sample --preset fashion with no class flags makes six images of every class, six columns" {
+                let c = SampleConditions.Resolve(HiMarConfig.fashion, SampleAsk(Shipped = true))
+                Expect.equal c.Count 60 "images"
+                Expect.equal (c.Labels |> Seq.distinct |> List.ofSeq) [ 0L .. 9L ] "every class in order"
+                Expect.equal c.Columns 6 "columns"
+                Expect.isNull c.Prompts "no captions"
+            }
+
+            test "--classes with --per-class repeats each class; without a preset the grid is square-ish" {
+                let c =
+                    SampleConditions.Resolve(
+                        HiMarConfig.fashion,
+                        SampleAsk(Classes = "sneaker,2", PerClass = Nullable 2)
+                    )
+
+                Expect.equal (List.ofSeq c.Labels) [ 7L; 7L; 2L; 2L ] "labels"
+                Expect.equal c.Columns 0 "square-ish"
+            }
+
+            test "a shipped text model without --prompt gets one caption per class; --prompt gets 8 images each" {
+                let shown =
+                    SampleConditions.Resolve(HiMarConfig.fashionText, SampleAsk(Shipped = true))
+
+                Expect.equal (nonNull shown.Prompts).Count 60 "6 x 10 captions"
+                Expect.isEmpty shown.Labels "no labels"
+
+                let asked =
+                    SampleConditions.Resolve(
+                        HiMarConfig.fashionText,
+                        SampleAsk(Shipped = true, Prompts = ResizeArray [ "a sandal" ])
+                    )
+
+                Expect.equal (List.ofSeq (nonNull asked.Prompts)) (List.replicate 8 "a sandal") "8 of the caption"
+            }
+
+            test "class flags on a text model, captions on a class model and --unconditional with classes are refused" {
+                Expect.equal
+                    (badInput (fun () ->
+                        SampleConditions.Resolve(HiMarConfig.fashion, SampleAsk(Prompts = ResizeArray [ "a bag" ]))))
+                    "this model is conditioned on class labels, not captions: use --classes or --n"
+                    "captions on a class model"
+
+                Expect.equal
+                    (badInput (fun () ->
+                        SampleConditions.Resolve(HiMarConfig.fashion, SampleAsk(Unconditional = true, Classes = "1"))))
+                    "--unconditional samples the null condition: give it without --prompt or --classes"
+                    "unconditional with classes"
+
+                Expect.stringContains
+                    (badInput (fun () -> SampleConditions.Resolve(HiMarConfig.fashionText, SampleAsk())))
+                    "give a caption with --prompt"
+                    "text model without a caption"
+            }
+
             test "sample --help states the defaults a preset uses and where they come from" {
                 let code, out, _ = himar [ "sample"; "--help" ]
                 Expect.equal code 0 "help succeeds"

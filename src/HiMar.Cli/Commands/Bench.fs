@@ -62,7 +62,7 @@ type BenchTrainArgs =
 type BenchAllReduceArgs =
     | Sizes of bytes: string
     | Repeat of runs: int
-    | Backend of backend: string
+    | Backend of ``auto|mpi|nccl``: string
     | Device of device: string
     | [<AltCommandLine("-o")>] Out of file: string
 

@@ -10,7 +10,7 @@ open HiMar.Cli.Commands.Common
 
 /// Arguments of `himar cache`.
 type CacheArgs =
-    | [<ExactlyOnce>] Data of folder: string
+    | [<ExactlyOnce>] Data of dir: string
     | [<ExactlyOnce>] Vae of path: string
     | [<AltCommandLine("-o"); ExactlyOnce>] Out of dir: string
     | Size of pixels: int

@@ -138,73 +138,21 @@ let run (args: ParseResults<SampleArgs>) =
         | None, NonNull builtin -> builtin
         | None, Null -> usageError "himar sample needs --vae to decode this model's latents"
 
-    let seed = args.GetResult(Seed, defaultValue = 0L)
-    let unconditional = args.Contains Unconditional
-
-    let perClass =
-        args.GetResult(Per_Class, defaultValue = (if preset.IsSome && not unconditional then 6 else 1))
-
-    let classNum = config.ClassNum
-
-    if unconditional && (args.Contains Prompt || args.Contains Classes) then
-        usageError "--unconditional samples the null condition: give it without --prompt or --classes"
-
-    Text.Prompts.CheckGiven(args.GetResults Prompt, config)
-
-    let classes =
-        match args.TryGetResult Classes, args.TryGetResult N with
-        | _ when unconditional -> Array.create (args.GetResult(N, defaultValue = 1)) (int64 classNum)
-        | Some text, _ -> ModelTraits.ParseClasses(config, text)
-        | None, Some n ->
-            let rng = Random(int seed)
-            Array.init n (fun _ -> int64 (rng.Next classNum))
-        | None, None when preset.IsSome -> [| 0L .. int64 classNum - 1L |]
-        | None, None -> [| 0L .. int64 (min 4 classNum) - 1L |]
-
     let textModel = config.Conditioning = HiMar.Model.Conditioning.Text
-    let promptsGiven = args.GetResults Prompt
 
-    // A shipped Fashion-MNIST text model without a prompt shows every class ("a t-shirt", "a pair of trousers", ...).
-    let promptsGiven =
-        if textModel && unconditional then
-            [ "" ]
-        elif textModel && promptsGiven.IsEmpty && preset.IsSome && classNum = 10 then
-            [
-                for phrases in HiMar.Model.FashionCaptions.classPhrases ->
-                    HiMar.Model.FashionCaptions.fill "{a} {x}" phrases.[0]
-            ]
-        elif textModel && promptsGiven.IsEmpty then
-            usageError "this is a text-to-image model: give a caption with --prompt \"...\""
-        else
-            promptsGiven
-
-    if not textModel && not promptsGiven.IsEmpty then
-        usageError "this model is conditioned on class labels, not captions: use --classes or --n"
-
-    let perPrompt =
-        args.GetResult(
-            N,
-            defaultValue =
-                (if unconditional then 1
-                 elif preset.IsSome && args.GetResults(Prompt).IsEmpty then 6
-                 elif preset.IsSome then 8
-                 else 1)
+    let conditions =
+        SampleConditions.Resolve(
+            config,
+            SampleAsk(
+                Classes = Option.toObj (args.TryGetResult Classes),
+                N = Option.toNullable (args.TryGetResult N),
+                PerClass = Option.toNullable (args.TryGetResult Per_Class),
+                Prompts = ResizeArray(args.GetResults Prompt),
+                Unconditional = args.Contains Unconditional,
+                Shipped = preset.IsSome,
+                Seed = args.GetResult(Seed, defaultValue = 0L)
+            )
         )
-
-    let prompts =
-        [
-            for p in promptsGiven do
-                for _ in 1..perPrompt -> p
-        ]
-
-    let labels =
-        if textModel then
-            []
-        else
-            [
-                for c in classes do
-                    for _ in 1..perClass -> c
-            ]
 
     let textEncoder: HiMar.Model.ITextEncoder | null =
         match args.TryGetResult Text_Encoder with
@@ -231,14 +179,10 @@ let run (args: ParseResults<SampleArgs>) =
 
     let request =
         SampleRequest(
-            Labels = ResizeArray labels,
-            Prompts =
-                (if textModel then
-                     (ResizeArray prompts :> Collections.Generic.IReadOnlyList<string> | null)
-                 else
-                     null),
+            Labels = conditions.Labels,
+            Prompts = conditions.Prompts,
             TextEncoder = textEncoder,
-            Seed = seed,
+            Seed = args.GetResult(Seed, defaultValue = 0L),
             BatchSize = args.GetResult(Batch, defaultValue = (if ModelTraits.UsesPixelPatches config then 64 else 8)),
             OutDir =
                 (if gridOnly then
@@ -248,11 +192,8 @@ let run (args: ParseResults<SampleArgs>) =
                  else
                      out),
             GridPath = (if gridOnly then out else null),
-            Columns =
-                (if textModel then min perPrompt 8
-                 elif preset.IsSome then perClass
-                 else 0),
-            ClassNames = ResizeArray(ModelTraits.ClassNames config),
+            Columns = conditions.Columns,
+            ClassNames = ModelTraits.ClassNames config,
             Explain = args.Contains Explain,
             Options = options
         )

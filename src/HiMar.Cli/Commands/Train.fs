@@ -22,7 +22,7 @@ type TrainArgs =
     | Accumulation of micro_batches: int
     | Blr of rate: float
     | Warmup of steps: int
-    | Lr_Schedule of schedule: string
+    | Lr_Schedule of ``constant|cosine``: string
     | Weight_Decay of wd: float
     | Grad_Clip of norm: float
     | Ema of rate: float
