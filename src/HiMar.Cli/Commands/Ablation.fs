@@ -107,19 +107,9 @@ let run (args: ParseResults<AblationArgs>) =
                      t.Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries))
                  |> Option.toObj),
             Sampling =
-                HiMar.Runtime.Sampling
-                    .SamplerFlags(
-                        Cfg = Option.toNullable (args.TryGetResult AblationArgs.Cfg),
-                        ReCfg = Option.toNullable (args.TryGetResult AblationArgs.Re_Cfg),
-                        Temperature = Option.toNullable (args.TryGetResult AblationArgs.Temperature),
-                        Phase2Steps = Option.toNullable (args.TryGetResult AblationArgs.Num_Iter),
-                        MlpHeadSteps = Option.toObj (args.TryGetResult AblationArgs.Mlp_Steps),
-                        DitHeadSteps = Option.toObj (args.TryGetResult AblationArgs.Dit_Steps),
-                        Precision =
-                            precisionOn
-                                (args.GetResult(AblationArgs.Precision, defaultValue = "fp32"))
-                                TorchSharp.torch.CPU
-                    )
+                (samplerFlags
+                    args
+                    (precisionOn (args.GetResult(AblationArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU))
                     .Over(HiMar.Runtime.Sampling.SamplerDefaults.Ablation)
         )
 

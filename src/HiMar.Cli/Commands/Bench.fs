@@ -102,15 +102,7 @@ let private benchSample (args: ParseResults<BenchSampleArgs>) =
         precisionsOn (args.GetResult(BenchSampleArgs.Precision, defaultValue = "fp32,bf16")) dev
 
     let options =
-        HiMar.Runtime.Sampling
-            .SamplerFlags(
-                Cfg = Option.toNullable (args.TryGetResult BenchSampleArgs.Cfg),
-                ReCfg = Option.toNullable (args.TryGetResult BenchSampleArgs.Re_Cfg),
-                Phase2Steps = Option.toNullable (args.TryGetResult BenchSampleArgs.Num_Iter),
-                MlpHeadSteps = Option.toObj (args.TryGetResult BenchSampleArgs.Mlp_Steps),
-                DitHeadSteps = Option.toObj (args.TryGetResult BenchSampleArgs.Dit_Steps)
-            )
-            .Over(HiMar.Runtime.Sampling.SamplerDefaults.Benchmark)
+        (samplerFlags args HiMar.Model.Precision.Fp32).Over(HiMar.Runtime.Sampling.SamplerDefaults.Benchmark)
 
     let report =
         HiMar.Runtime.Native.PrecisionComparison.Run(

@@ -69,6 +69,42 @@ let printReport (report: Text.Json.Nodes.JsonObject) (file: string option) =
 
     0
 
+/// The last occurrence of the flag with Argu case name `name` among `given` (case name, fields), if any.
+let private lastFlag (given: (string * (obj | null) array) list) (name: string) =
+    given |> List.tryFindBack (fun (n, _) -> n = name) |> Option.map snd
+
+/// The value of the flag with Argu case name `name`, if given.
+let private flagValue<'V> (given: (string * (obj | null) array) list) (name: string) : 'V option =
+    lastFlag given name |> Option.map (fun f -> unbox<'V> (nonNull f.[0]))
+
+/// The sampler flags a command was given (`--cfg`, `--re-cfg`, `--temperature`, `--num-iter`, `--phase1-steps`,
+/// `--mlp-steps`, `--dit-steps`, `--clip`, `--guidance`, `--schedule`, `--re-schedule`; the last of a repeated flag),
+/// read by their Argu case names, so sample, eval, bench sample and ablation map them to Runtime's SamplerFlags in
+/// this one place; a flag a command does not have reads as not given.
+let samplerFlags (args: ParseResults<'T>) (precision: HiMar.Model.Precision) : Sampling.SamplerFlags =
+    let given =
+        args.GetAllResults()
+        |> List.map (fun r ->
+            let case, fields = Reflection.FSharpValue.GetUnionFields(r, typeof<'T>)
+            case.Name, fields)
+
+    let flag name = lastFlag given name
+
+    Sampling.SamplerFlags(
+        Cfg = Option.toNullable (flagValue<float> given "Cfg"),
+        ReCfg = Option.toNullable (flagValue<float> given "Re_Cfg"),
+        Temperature = Option.toNullable (flagValue<float> given "Temperature"),
+        Phase2Steps = Option.toNullable (flagValue<int> given "Num_Iter"),
+        Phase1Steps = Option.toNullable (flagValue<int> given "Phase1_Steps"),
+        MlpHeadSteps = Option.toObj (flagValue<string> given "Mlp_Steps"),
+        DitHeadSteps = Option.toObj (flagValue<string> given "Dit_Steps"),
+        Clip = (flag "Clip").IsSome,
+        Guidance = Option.toObj (flagValue<string> given "Guidance"),
+        Schedule = Option.toObj (flagValue<string> given "Schedule"),
+        ReSchedule = Option.toObj (flagValue<string> given "Re_Schedule"),
+        Precision = precision
+    )
+
 /// True when progress can redraw in place: stdout and stderr are terminals that take ANSI codes.
 let interactive () =
     not Console.IsOutputRedirected

@@ -72,20 +72,6 @@ type EvalArgs =
             | Device _ -> "with --inception: " + DeviceHelp
 
 
-/// The sampler flags given, for <see cref="HiMar.Runtime.Sampling.SamplerFlags.Over"/>; eval always clips (pixel models).
-let private samplerFlags (args: ParseResults<EvalArgs>) precision =
-    HiMar.Runtime.Sampling.SamplerFlags(
-        Cfg = Option.toNullable (args.TryGetResult Cfg),
-        ReCfg = Option.toNullable (args.TryGetResult Re_Cfg),
-        Temperature = Option.toNullable (args.TryGetResult Temperature),
-        Phase2Steps = Option.toNullable (args.TryGetResult Num_Iter),
-        Phase1Steps = Option.toNullable (args.TryGetResult Phase1_Steps),
-        MlpHeadSteps = Option.toObj (args.TryGetResult Mlp_Steps),
-        DitHeadSteps = Option.toObj (args.TryGetResult Dit_Steps),
-        Clip = true,
-        Precision = precision
-    )
-
 let private evalSamples (args: ParseResults<EvalArgs>) =
     TorchNative.EnsureLoaded()
 
@@ -117,7 +103,7 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
         (samplerFlags
             args
             (precisionOn (args.GetResult(EvalArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU))
-            .Over(HiMar.Runtime.Sampling.SamplerDefaults.ForModel(ckpt, model.Config))
+            .Over(HiMar.Runtime.Sampling.SamplerDefaults.ForModel(ckpt, model.Config).Clipped())
 
     let count = args.GetResult(EvalArgs.N, defaultValue = 1000)
     let out = args.GetResult(EvalArgs.Out, defaultValue = IO.Path.Combine("eval", name))

@@ -91,23 +91,6 @@ type SampleArgs =
                 "clamp predicted x0 to [-1, 1] (default: the model's sampling.json, on for the shipped models; without one, on for pixel-space models)."
             | Weights _ -> WeightsHelp
 
-/// The sampler flags given, for <see cref="SamplerFlags.Over"/>.
-let private samplerFlags (args: ParseResults<SampleArgs>) precision =
-    SamplerFlags(
-        Cfg = Option.toNullable (args.TryGetResult Cfg),
-        ReCfg = Option.toNullable (args.TryGetResult Re_Cfg),
-        Temperature = Option.toNullable (args.TryGetResult Temperature),
-        Phase2Steps = Option.toNullable (args.TryGetResult Num_Iter),
-        Phase1Steps = Option.toNullable (args.TryGetResult Phase1_Steps),
-        MlpHeadSteps = Option.toObj (args.TryGetResult Mlp_Steps),
-        DitHeadSteps = Option.toObj (args.TryGetResult Dit_Steps),
-        Clip = args.Contains Clip,
-        Guidance = Option.toObj (args.TryGetResult Guidance),
-        Schedule = Option.toObj (args.TryGetResult Schedule),
-        ReSchedule = Option.toObj (args.TryGetResult Re_Schedule),
-        Precision = precision
-    )
-
 /// Runs `himar sample`.
 let run (args: ParseResults<SampleArgs>) =
     Native.TorchNative.EnsureLoaded()

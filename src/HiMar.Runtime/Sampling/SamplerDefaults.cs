@@ -43,6 +43,9 @@ public sealed record SamplerDefaults
     /// <summary>`himar ablation`: the shipped fashion model's guidance and temperature with 25-step heads, clipped.</summary>
     public static readonly SamplerDefaults Ablation = new() { Cfg = 3.0, ReCfg = 3.0, Temperature = 0.9, MlpHeadSteps = "25", DitHeadSteps = "25", ClipDenoised = true, Source = "the ablation's settings" };
 
+    /// <summary>A copy that clamps predicted x0 (what `himar eval` of a pixel-space model always does).</summary>
+    public SamplerDefaults Clipped() => this with { ClipDenoised = true };
+
     /// <summary>
     /// A model's defaults: its folder's sampling.json (cfg, re_cfg, temperature, num_iter, clip_denoised) over
     /// <see cref="BuiltIn"/>; clipping defaults to on for pixel-space models (<see cref="ModelTraits.UsesPixelPatches"/>).
