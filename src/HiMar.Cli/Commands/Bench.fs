@@ -4,7 +4,6 @@ module HiMar.Cli.Commands.Bench
 open System
 open Argu
 open TorchSharp
-open Spectre.Console
 open HiMar.Runtime.Native
 open HiMar.Cli.Commands.Common
 

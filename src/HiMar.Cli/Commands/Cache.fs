@@ -3,7 +3,6 @@ module HiMar.Cli.Commands.Cache
 
 open System
 open Argu
-open Spectre.Console
 open HiMar.Runtime.Native
 open HiMar.Cli.Commands.Common
 

@@ -1,10 +1,7 @@
 /// `himar fid-stats`: reference statistics (mu, sigma of the FID Inception features) of an image folder.
 module HiMar.Cli.Commands.FidStats
 
-open System
 open Argu
-open Spectre.Console
-open HiMar.Runtime.Native
 open HiMar.Cli.Commands.Common
 
 

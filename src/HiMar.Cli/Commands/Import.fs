@@ -1,9 +1,7 @@
 /// `himar import`: a reference checkpoint (.pth) or VAE (vae.ckpt) to safetensors plus config.json.
 module HiMar.Cli.Commands.Import
 
-open System
 open Argu
-open Spectre.Console
 open HiMar.Runtime.Native
 open HiMar.Cli.Commands.Common
 

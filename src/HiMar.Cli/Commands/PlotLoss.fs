@@ -3,8 +3,6 @@ module HiMar.Cli.Commands.PlotLoss
 
 open System
 open Argu
-open Spectre.Console
-open HiMar.Runtime.Native
 open HiMar.Cli.Commands.Common
 
 
