@@ -163,6 +163,18 @@ let withProgress (work: (string -> int -> Counter) -> 'T) : 'T =
     else
         work (fun what total -> Counter(what, total, None))
 
+/// Prints a two-column table of metrics (name, value), then where the report was written.
+let printMetrics (rows: (string * string) list) (report: string) =
+    let table =
+        Table().AddColumn("metric").AddColumn(TableColumn("value").RightAligned())
+
+    for name, value in rows do
+        table.AddRow(Markup.Escape name, Markup.Escape value) |> ignore
+
+    AnsiConsole.Write table
+    printfn "wrote %s" report
+    0
+
 /// Argu's help and usage errors: help to stdout with exit code 0, any usage error as one line on stderr with exit code
 /// 2 (bad input), whatever stage of parsing found it (Argu's own codes would make a missing argument 3, our
 /// environment code).

@@ -137,30 +137,22 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
 
     let metrics = nonNull result.Report.["metrics"]
 
-    let table =
-        Table().AddColumn("metric").AddColumn(TableColumn("value").RightAligned())
+    let number (key: string) =
+        sprintf "%.3f" ((nonNull metrics.[key]).GetValue<float>())
 
-    table.AddRow("FD-FMNIST", sprintf "%.3f" ((nonNull metrics.["fd_fmnist"]).GetValue<float>()))
-    |> ignore
-
-    table.AddRow("class accuracy", sprintf "%.3f" ((nonNull metrics.["class_accuracy"]).GetValue<float>()))
-    |> ignore
-
-    table.AddRow("images", sprintf "%d (%d reused)" count result.Reused) |> ignore
-
-    if model.Config.Conditioning = HiMar.Model.Conditioning.Text then
-        table.AddRow(
-            "prompts",
-            (if args.Contains Training_Templates then
-                 "training caption templates"
-             else
-                 "held-out caption templates")
-        )
-        |> ignore
-
-    AnsiConsole.Write table
-    printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
-    0
+    printMetrics
+        [
+            "FD-FMNIST", number "fd_fmnist"
+            "class accuracy", number "class_accuracy"
+            "images", sprintf "%d (%d reused)" count result.Reused
+            if model.Config.Conditioning = HiMar.Model.Conditioning.Text then
+                "prompts",
+                (if args.Contains Training_Templates then
+                     "training caption templates"
+                 else
+                     "held-out caption templates")
+        ]
+        (IO.Path.Combine(out, "eval.json"))
 
 
 /// `himar eval --inception`: FID, Inception Score and precision/recall of a folder of generated images.
@@ -213,26 +205,17 @@ let private evalImages (args: ParseResults<EvalArgs>) (weights: string) =
         | null -> "-"
         | v -> sprintf "%.4f" (v.GetValue<float>())
 
-    let table =
-        Table().AddColumn("metric").AddColumn(TableColumn("value").RightAligned())
+    printMetrics
+        [
+            "FID", value "fid"
+            "Inception Score", sprintf "%s ± %s" (value "inception_score") (value "inception_score_std")
+            "precision", value "precision"
+            "recall", value "recall"
+            "images", string ((nonNull result.Report.["images"]).GetValue<int>())
+        ]
+        (IO.Path.Combine(out, "eval.json"))
 
-    table.AddRow("FID", value "fid") |> ignore
-
-    table.AddRow("Inception Score", sprintf "%s ± %s" (value "inception_score") (value "inception_score_std"))
-    |> ignore
-
-    table.AddRow("precision", value "precision") |> ignore
-    table.AddRow("recall", value "recall") |> ignore
-
-    table.AddRow("images", string ((nonNull result.Report.["images"]).GetValue<int>()))
-    |> ignore
-
-    AnsiConsole.Write table
-    printfn "wrote %s" (IO.Path.Combine(out, "eval.json"))
-    0
-
-/// `himar eval`: with --inception the ImageNet metrics of an image folder, else a Fashion-MNIST model's samples.
-/// Runs `himar eval`.
+/// Runs `himar eval`: with --inception the ImageNet metrics of an image folder, else a Fashion-MNIST model's samples.
 let run (args: ParseResults<EvalArgs>) =
     match args.TryGetResult EvalArgs.Inception with
     | Some weights -> evalImages args weights
