@@ -8,8 +8,8 @@
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Model.dll"
 #r "../src/HiMar.Cli/bin/Release/net10.0/HiMar.Runtime.dll"
 
+open HiMar.Runtime.Catalog
 open HiMar.Runtime.Checkpoints
-open HiMar.Runtime.Data
 open HiMar.Runtime.Sampling
 
 HiMar.Runtime.Native.TorchNative.EnsureLoaded()
@@ -19,26 +19,24 @@ let modelDir =
     System.IO.Path.Combine(__SOURCE_DIRECTORY__, "..", "models", "fashion")
 
 let model = ReferenceImport.LoadModel modelDir
-let recommended = SamplerSettings.Defaults modelDir
 
-// Its tokens are 4x4 pixel patches: no VAE to load.
-let tokenizer = PixelPatchTokenizer.Fashion
+// Its tokens are 4x4 pixel patches: no VAE to load (ModelTraits knows which models decode themselves).
+let tokenizer = ModelTraits.BuiltinTokenizer model.Config
 
-let options =
-    SamplerOptions(
-        Cfg = recommended.["cfg"],
-        ReCfg = recommended.["re_cfg"],
-        Temperature = recommended.["temperature"],
-        Phase2Steps = int recommended.["num_iter"],
-        ClipDenoised = true
-    )
+// The model's recommended settings (sampling.json) with nothing overridden: what `himar sample --preset fashion`
+// uses. Set a field of SamplerFlags (Cfg = Nullable 1.5, ...) to override one, as a flag does.
+let options = SamplerFlags().Over(SamplerDefaults.ForModel(modelDir, model.Config))
 
 printfn "sampling with %O" (SamplerSettings.Describe(options, model.Config))
 
 let request =
     SampleRequest(
-        Labels = ResizeArray [ 0L .. 9L ],
-        ClassNames = IdxDataset.FashionClasses,
+        Labels =
+            ModelTraits.ParseClasses(
+                model.Config,
+                "t-shirt,trouser,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot"
+            ),
+        ClassNames = ModelTraits.ClassNames model.Config,
         Columns = 5,
         Seed = 0L,
         OutDir = "samples-fsi",

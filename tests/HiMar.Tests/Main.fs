@@ -47,4 +47,5 @@ let main argv =
                 ReaderFuzzTests.tests
                 ServeTests.tests
                 BrowserTests.tests
+                CliOptionsTests.tests
             ])

@@ -68,7 +68,7 @@ public static class SampleJob
         if (text && request.Prompts == null)
             throw new Text.PromptException("this is a text-to-image model: give prompts (--prompt)");
         if (!text && request.Prompts != null)
-            throw new Text.PromptException("this model is conditioned on class labels, not captions (use --class)");
+            throw new Text.PromptException("this model is conditioned on class labels, not captions (use --classes)");
         if (request.Count == 0)
             throw new BadInputException("nothing to sample: no labels or prompts");
         if (request.Count > MaxImages)
@@ -109,7 +109,7 @@ public static class SampleJob
                     var index = start + i;
                     if (request.GridPath == null)
                     {
-                        var path = Path.Combine(imagesDir, text ? $"{index:D4}-{Slug(request.Prompts![index])}.png" : $"{index:D4}-class{request.Labels[index]}.png");
+                        var path = Path.Combine(imagesDir, $"{index:D4}-{FileLabel(request, index)}.png");
                         Images.SavePng(images[i], path);
                         paths.Add(path);
                     }
@@ -142,6 +142,20 @@ public static class SampleJob
     }
 
     /// <summary>A file-name fragment of a prompt: lower-case letters and digits joined by hyphens, at most 40 characters.</summary>
+    /// <summary>
+    /// An image's file name label, in the grid's words: the caption's words, the class name where the model names
+    /// its classes (`sneaker`, `t-shirt-top`), else `classN`; `uncond` for the null condition.
+    /// </summary>
+    static string FileLabel(SampleRequest request, int index)
+    {
+        if (request.Prompts != null)
+            return Slug(request.Prompts[index]);
+        var label = request.Labels[index];
+        if (request.ClassNames is not { Count: > 0 } names)
+            return $"class{label}";
+        return label >= 0 && label < names.Count ? Slug(names[(int)label].Replace('/', ' ')) : label == names.Count ? "uncond" : $"class{label}";
+    }
+
     static string Slug(string prompt)
     {
         var words = WordVocabulary.Words(prompt);

@@ -91,7 +91,7 @@ public sealed class ServedModel : IDisposable
         this.defaults = defaults;
         Queue = new GenerationQueue(waiting);
         var c = model.Config;
-        PixelModel = c.Backbone.ImageSize == 32 && c.Backbone.VaeStride == 4;
+        PixelModel = Catalog.ModelTraits.UsesPixelPatches(c);
         ClassNames = c.Text.Conditioning == Conditioning.Text ? []
             : c.Backbone.ClassCount == 10 && PixelModel ? IdxDataset.FashionClasses
             : Enumerable.Range(0, c.Backbone.ClassCount).Select(i => $"class {i}").ToList();
@@ -162,7 +162,7 @@ public sealed class ServedModel : IDisposable
         {
             model.to(device);
             model.eval();
-            var pixel = model.Config.Backbone.ImageSize == 32 && model.Config.Backbone.VaeStride == 4;
+            var pixel = Catalog.ModelTraits.UsesPixelPatches(model.Config);
             ITokenizer tokenizer;
             if (vae != null)
             {

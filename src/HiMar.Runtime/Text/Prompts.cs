@@ -34,7 +34,7 @@ public static class Prompts
     {
         var c = model.Config;
         if (c.Text.Conditioning != Conditioning.Text)
-            throw new PromptException("this model is conditioned on class labels, not captions (use --class)");
+            throw new PromptException("this model is conditioned on class labels, not captions (use --classes)");
         if (c.Text.Encoder == TextEncoderKind.Builtin)
         {
             var ids = new long[captions.Count * c.ContextLength];

@@ -1,5 +1,5 @@
 /// `himar serve`: a page that shows Hi-MAR generate step by step (src/HiMar.Runtime/Serving).
-module HiMar.Cli.Serve
+module HiMar.Cli.Commands.Serve
 
 open System
 open Argu
@@ -14,7 +14,7 @@ type ServeArgs =
     | [<AltCommandLine("-c")>] Checkpoint of path: string
     | Vae of path: string
     | Text_Encoder of dir: string
-    | Weights of which: string
+    | Weights of ``ema|model``: string
     | Device of device: string
     | Queue of waiting: int
 
@@ -29,22 +29,9 @@ type ServeArgs =
                 "serve this model instead: an imported folder, a training checkpoint folder or a reference .pth."
             | Vae _ -> "the KL autoencoder of a --checkpoint whose tokens are VAE latents."
             | Text_Encoder _ -> "the external text encoder of a --checkpoint text model that has no built-in one."
-            | Weights _ -> "ema (default) or model, for training checkpoint folders and .pth files."
-            | Device _ -> "cpu (default), cuda or cuda:N."
+            | Weights _ -> Common.WeightsHelp
+            | Device _ -> Common.DeviceHelp
             | Queue _ -> "generations that may wait per model while one runs (default 2); more get 503."
-
-/// The shipped models' folder beside the himar binary.
-let private shippedDir = IO.Path.Combine(AppContext.BaseDirectory, "models")
-
-let private shipped () =
-    if IO.Directory.Exists shippedDir then
-        IO.Directory.GetDirectories shippedDir
-        |> Array.map IO.Path.GetFileName
-        |> Array.choose Option.ofObj
-        |> Array.filter (fun n -> IO.File.Exists(IO.Path.Combine(shippedDir, n, "config.json")))
-        |> Array.sort
-    else
-        [||]
 
 /// Loads the models, serves until Ctrl+C, and returns the exit code.
 let run (args: ParseResults<ServeArgs>) =
@@ -56,11 +43,7 @@ let run (args: ParseResults<ServeArgs>) =
         | d when d.StartsWith "cuda" -> TorchSharp.torch.device d
         | other -> raise (BadInputException(sprintf "--device: unknown device '%s' (cpu, cuda, cuda:N)." other))
 
-    let useEma =
-        match args.GetResult(Weights, defaultValue = "ema").ToLowerInvariant() with
-        | "ema" -> true
-        | "model" -> false
-        | other -> raise (BadInputException(sprintf "--weights: must be ema or model, not '%s'." other))
+    let useEma = Catalog.WeightsChoice.UseEma(args.TryGetResult Weights |> Option.toObj)
 
     // The address is checked before the models load (seconds); the port is taken only once they have.
     let host = args.GetResult(Host, defaultValue = "127.0.0.1")
@@ -90,7 +73,7 @@ let run (args: ParseResults<ServeArgs>) =
             [ name, path, vae, textEncoder ]
         | Some _, _ -> raise (BadInputException "--checkpoint and --preset: give one or the other.")
         | None, presets ->
-            let available = shipped ()
+            let available = Array.ofSeq (Catalog.ShippedModels.Names())
 
             let names =
                 if presets.IsEmpty then
@@ -107,9 +90,15 @@ let run (args: ParseResults<ServeArgs>) =
                     )
 
             if names.IsEmpty then
-                raise (EnvironmentException(sprintf "%s: no shipped models; give one with --checkpoint." shippedDir))
+                raise (
+                    EnvironmentException(
+                        sprintf "%s: no shipped models; give one with --checkpoint." Catalog.ShippedModels.Root
+                    )
+                )
 
-            [ for n in names -> n, IO.Path.Combine(shippedDir, n), null, null ]
+            [
+                for n in names -> n, IO.Path.Combine(Catalog.ShippedModels.Root, n), null, null
+            ]
 
     let models = ResizeArray<ServedModel>()
 
