@@ -38,4 +38,5 @@ let main argv =
                 ReaderFuzzTests.tests
                 ServeTests.tests
                 BrowserTests.tests
+                ChartsTests.tests
             ])
