@@ -172,6 +172,26 @@ let tests =
                         |> Array.ofSeq
 
                     Expect.equal losses.Length 6 "six steps"
+                    let first = File.ReadLines(Path.Combine(dir, "metrics.jsonl")) |> Seq.head
+
+                    let names =
+                        (nonNull (JsonNode.Parse first)).AsObject()
+                        |> Seq.map (fun kv -> kv.Key)
+                        |> List.ofSeq
+
+                    Expect.equal
+                        names
+                        [
+                            "step"
+                            "epoch"
+                            "loss"
+                            "phase1"
+                            "phase2"
+                            "lr"
+                            "grad_norm"
+                            "images_per_s"
+                        ]
+                        "the metrics line keeps its names and order"
 
                     let smoothedAt n =
                         let d = SmoothedLoss.Decay

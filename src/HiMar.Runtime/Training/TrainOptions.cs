@@ -1,3 +1,5 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
 using HiMar.Model;
 
 namespace HiMar.Runtime.Training;
@@ -97,12 +99,18 @@ public sealed record TrainOptions
 /// <param name="Step">Optimiser steps done.</param>
 /// <param name="Epoch">Fractional epoch.</param>
 /// <param name="Loss">Combined loss (mean over the logging window).</param>
-/// <param name="Phase1">Weighted phase-1 loss.</param>
-/// <param name="Phase2">Weighted phase-2 loss.</param>
+/// <param name="Phase1">Phase-1 (pivot) loss, unweighted (mean over the logging window).</param>
+/// <param name="Phase2">Phase-2 (dense-token) loss, unweighted (mean over the logging window).</param>
 /// <param name="Lr">Learning rate.</param>
 /// <param name="GradNorm">Gradient norm before clipping.</param>
 /// <param name="ImagesPerSecond">Throughput over the window.</param>
-public readonly record struct TrainProgress(int Step, double Epoch, double Loss, double Phase1, double Phase2, double Lr, double GradNorm, double ImagesPerSecond);
+public readonly record struct TrainProgress(int Step, double Epoch, double Loss, double Phase1, double Phase2, double Lr, double GradNorm,
+    [property: JsonPropertyName("images_per_s")] double ImagesPerSecond)
+{
+    /// <summary>How a progress is written as a line of metrics.jsonl: snake_case names in declaration order
+    /// (step, epoch, loss, phase1, phase2, lr, grad_norm, images_per_s).</summary>
+    public static readonly JsonSerializerOptions MetricsLine = new() { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
+}
 
 /// <summary>Training stopped on a non-finite loss or gradient; the message names the term and the first module.</summary>
 public sealed class NonFiniteException(string message) : NumericalException(message);

@@ -204,17 +204,7 @@ public sealed partial class Trainer : IDisposable
                     window.Average(w => w.P2), options.LrAt(step - 1), window.Average(w => w.G), windowImages / Math.Max(1e-9, sw.Elapsed.TotalSeconds));
                 curve.Add(new LossPoint(step, p.Loss, p.Phase1, p.Phase2));
                 if (comm.IsRoot())
-                    File.AppendAllText(metricsPath, JsonSerializer.Serialize(new
-                    {
-                        step = p.Step,
-                        epoch = p.Epoch,
-                        loss = p.Loss,
-                        phase1 = p.Phase1,
-                        phase2 = p.Phase2,
-                        lr = p.Lr,
-                        grad_norm = p.GradNorm,
-                        images_per_s = p.ImagesPerSecond,
-                    }) + "\n");
+                    File.AppendAllText(metricsPath, JsonSerializer.Serialize(p, TrainProgress.MetricsLine) + "\n");
                 if (comm.IsRoot())
                     progress?.Invoke(p);
                 window.Clear();
