@@ -69,7 +69,8 @@ public static class Charts
             var all = series.SelectMany(s => s.Points).Select(p => p.X).Concat(xTicks.Select(t => t.X)).ToList();
             plot.Axes.SetLimitsX(all.Min() - pad, all.Max() + pad);
         }
-        plot.ShowLegend(Alignment.UpperRight);
+        // Beside the plot: the whiskers may reach any corner.
+        plot.ShowLegend(Edge.Right);
         WritePng(path, width, height, (canvas, rect) => plot.Render(canvas, rect));
     }
 
