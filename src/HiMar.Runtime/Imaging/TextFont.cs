@@ -36,9 +36,16 @@ public static class TextFont
         }
         catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException or BadImageFormatException)
         {
-            var inner = e is TypeInitializationException { InnerException: { } i } ? i : e;
+            var inner = e;
+            while (inner is TypeInitializationException { InnerException: { } i })
+                inner = i;
+            // The loader lists every path it tried; the first one under runtimes/ says what is wrong (missing, or a
+            // library it needs, such as libfontconfig.so.1).
+            var lines = inner.Message.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+            var reason = lines.FirstOrDefault(l => l.Contains("runtimes", StringComparison.Ordinal) && l.Contains("libSkiaSharp.so:", StringComparison.Ordinal))
+                ?? lines.FirstOrDefault() ?? inner.GetType().Name;
             throw new EnvironmentException(
-                $"libSkiaSharp.so: SkiaSharp's native library does not load ({Failures.OneLine(inner.Message)}); charts and captions need it (package SkiaSharp.NativeAssets.Linux, system library libfontconfig1).", e);
+                $"libSkiaSharp.so: SkiaSharp's native library does not load ({Failures.OneLine(reason)}); charts and captions need it (package SkiaSharp.NativeAssets.Linux, system library libfontconfig1).", e);
         }
     }
 
