@@ -1,14 +1,22 @@
 /// Runs every test list of the project.
 module HiMar.Tests.Main
 
+open System
 open Expecto
 
 [<EntryPoint>]
 let main argv =
     HiMar.Runtime.Native.TorchNative.EnsureLoaded()
     // Sequenced: some tests build models on the meta device through TorchSharp's process-wide default device.
+    // A log file (CI) gets plain lines: no colours, no spinner's cursor codes.
+    let plain =
+        if Console.IsOutputRedirected then
+            [ CLIArguments.Colours 0; CLIArguments.No_Spinner ]
+        else
+            []
+
     Tests.runTestsWithCLIArgs
-        [ CLIArguments.Sequenced ]
+        (CLIArguments.Sequenced :: plain)
         argv
         (testList
             "HiMar"
@@ -22,7 +30,7 @@ let main argv =
                 VaeTests.tests
                 CheckpointTests.tests
                 SamplingTests.tests
-                SamplingTests.importTests
+                ImportTests.tests
                 TrainingTests.tests
                 TrainingTests.cacheTests
                 EvaluationTests.tests
