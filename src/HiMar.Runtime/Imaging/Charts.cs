@@ -101,7 +101,10 @@ public static class Charts
             var ys = kept.SelectMany(s => s.Points).Select(p => p.Y).ToList();
             var (positions, labels) = LogTicks(ys.Min(), ys.Max());
             plot.Axes.Left.SetTicks(positions, labels);
+            // Evenly spaced minor ticks would lie on a log axis.
+            plot.Axes.Left.MinorTickStyle.Length = 0;
         }
+        plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true };
         plot.ShowLegend(Alignment.UpperRight);
         WritePng(path, width, height, (canvas, rect) => plot.Render(canvas, rect));
     }
