@@ -165,15 +165,21 @@ public static class Charts
     static Plot NewPlot(string title, string xLabel, string yLabel)
     {
         var plot = new Plot();
-        if (TextFont.File is { } file)
-            Fonts.AddFontFile(TextFont.Family, file);
-        plot.Font.Set(TextFont.FamilyName);
+        plot.Font.Set(FontFamily.Value);
         if (title.Length > 0)
             plot.Title(title, 14);
         plot.XLabel(xLabel, 13);
         plot.YLabel(yLabel, 13);
         return plot;
     }
+
+    /// <summary>The family ScottPlot draws in, its file registered once when the font manager does not know it.</summary>
+    static readonly Lazy<string> FontFamily = new(() =>
+    {
+        if (TextFont.File is { } file)
+            Fonts.AddFontFile(TextFont.Family, file);
+        return TextFont.FamilyName;
+    });
 
     static ScottPlot.Color ToColor(Rgb24 c) => new(c.R, c.G, c.B);
 
