@@ -48,4 +48,5 @@ let main argv =
                 ServeTests.tests
                 BrowserTests.tests
                 CliOptionsTests.tests
+                ChartsTests.tests
             ])

@@ -125,7 +125,10 @@ let run (args: ParseResults<TrainArgs>) =
             threads
             (if threads = 1 then "" else "s")
 
-        if config.Backbone.AttentionDropout > 0.0 || config.Backbone.ProjectionDropout > 0.0 then
+        if
+            config.Backbone.AttentionDropout > 0.0
+            || config.Backbone.ProjectionDropout > 0.0
+        then
             eprintfn
                 "himar: warning: dropout masks are drawn per rank from the shared generator (ranks share masks); %s"
                 "the N-rank run no longer equals one process of the global batch exactly"

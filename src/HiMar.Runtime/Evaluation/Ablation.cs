@@ -358,17 +358,18 @@ public static class Ablation
         var floor = report["floor_fd_fmnist"]!.GetValue<double>();
         var rows = report["variants"]!.AsArray().Select((r, i) => (i, r!)).ToList();
         var blue = new Rgb24(31, 90, 200);
-        Charts.Save(Path.Combine(outDir, "ablation.png"), "table 5 on fashion-mnist: fd-fmnist (lower is better)", "mean and std over seeds",
-            [new ChartSeries("fd", blue, rows.Select(x => ((double)x.i, x.Item2["fd_fmnist_mean"]!.GetValue<double>(), x.Item2["fd_fmnist_std"]!.GetValue<double>())).ToList(), false)],
-            rows.Select(x => ((double)x.i, x.Item2["key"]!.GetValue<string>())).ToList(), floor);
-        foreach (var (sweep, title) in new[] { ("phase1", "fd-fmnist against phase-1 steps"), ("phase2", "fd-fmnist against phase-2 steps") })
+        Charts.Save(Path.Combine(outDir, "ablation.png"), "Table 5 on Fashion-MNIST (lower is better)", "FD-FMNIST (mean ± std over seeds)",
+            [new ChartSeries("FD-FMNIST", blue, rows.Select(x => ((double)x.i, x.Item2["fd_fmnist_mean"]!.GetValue<double>(), x.Item2["fd_fmnist_std"]!.GetValue<double>())).ToList(), false)],
+            rows.Select(x => ((double)x.i, x.Item2["key"]!.GetValue<string>())).ToList(), floor, xLabel: "variant");
+        foreach (var (sweep, title) in new[] { ("phase1", "FD-FMNIST against phase-1 steps"), ("phase2", "FD-FMNIST against phase-2 steps") })
         {
             var points = report["sweeps"]![sweep]!.AsArray().Select(p => (Steps: p!["steps"]!.GetValue<int>(), Mean: p["mean"]!.GetValue<double>(), Std: p["std"]!.GetValue<double>())).ToList();
             if (points.Count == 0)
                 continue;
-            Charts.Save(Path.Combine(outDir, $"sweep-{sweep}.png"), title, "steps (log scale); mean and std over seeds",
-                [new ChartSeries("hi-mar", blue, points.Select(p => (Math.Log2(p.Steps), p.Mean, p.Std)).ToList(), true)],
-                points.Select(p => (Math.Log2(p.Steps), p.Steps.ToString(CultureInfo.InvariantCulture))).ToList(), floor);
+            Charts.Save(Path.Combine(outDir, $"sweep-{sweep}.png"), title, "FD-FMNIST (mean ± std over seeds)",
+                [new ChartSeries("Hi-MAR", blue, points.Select(p => (Math.Log2(p.Steps), p.Mean, p.Std)).ToList(), true)],
+                points.Select(p => (Math.Log2(p.Steps), p.Steps.ToString(CultureInfo.InvariantCulture))).ToList(), floor,
+                xLabel: $"{(sweep == "phase1" ? "phase-1" : "phase-2")} steps (log scale)");
         }
     }
 }

@@ -2,6 +2,7 @@ using HiMar.Runtime.Checkpoints;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.PixelFormats;
 using SixLabors.ImageSharp.Processing;
+using SkiaSharp;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -36,8 +37,9 @@ public static class Images
         image.Clone(c => c.Resize(new ResizeOptions { Size = new SixLabors.ImageSharp.Size(side, side), Sampler = KnownResamplers.NearestNeighbor }));
 
     /// <summary>
-    /// A grid of equally sized tiles, <paramref name="columns"/> wide, each with its caption drawn underneath
-    /// in a small built-in pixel font (ImageSharp's text drawing needs SixLabors.Fonts, which is not served here).
+    /// A grid of equally sized tiles, <paramref name="columns"/> wide, each with its caption written underneath in
+    /// <see cref="TextFont"/> (a band of 5 x scale + 4 pixels, scale = tile width / 96, at least 1; descenders may reach
+    /// into the padding below it). The tiles and the layout do not depend on the captions' text.
     /// </summary>
     public static Image<Rgb24> Grid(IReadOnlyList<Image<Rgb24>> tiles, IReadOnlyList<string>? captions, int columns, int padding = 4)
     {
@@ -45,7 +47,7 @@ public static class Images
             throw new ArgumentException("a grid needs at least one tile");
         int tw = tiles.Max(t => t.Width), th = tiles.Max(t => t.Height);
         var scale = Math.Max(1, tw / 96);
-        var captionHeight = captions == null ? 0 : PixelFont.Height * scale + 4;
+        var captionHeight = captions == null ? 0 : CaptionBand(scale);
         columns = Math.Max(1, Math.Min(columns, tiles.Count));
         var rows = (tiles.Count + columns - 1) / columns;
         var grid = new Image<Rgb24>(columns * (tw + padding) + padding, rows * (th + captionHeight + padding) + padding, new Rgb24(255, 255, 255));
@@ -55,9 +57,39 @@ public static class Images
             var tile = tiles[i];
             grid.Mutate(c => c.DrawImage(tile, new Point(x, y), 1f));
             if (captions != null && i < captions.Count)
-                PixelFont.Draw(grid, captions[i], x + 1, y + th + 2, scale, new Rgb24(20, 20, 20), tw);
+                DrawCaption(grid, captions[i], x + 1, y + th, tw - 1, captionHeight + padding, captionHeight);
         }
         return grid;
+    }
+
+    /// <summary>The height of a grid's caption band at a tile scale (5 x scale + 4 pixels: the band of the former pixel font).</summary>
+    public static int CaptionBand(int scale) => 5 * scale + 4;
+
+    /// <summary>Writes one line of text in <see cref="TextFont"/> at <paramref name="size"/> pixels, dark grey on the
+    /// white area (x, y, width, height) of <paramref name="image"/>, baseline near the top; clipped to the area.</summary>
+    public static void DrawCaption(Image<Rgb24> image, string text, int x, int y, int width, int height, float size)
+    {
+        width = Math.Min(width, image.Width - x);
+        height = Math.Min(height, image.Height - y);
+        if (width <= 0 || height <= 0 || text.Length == 0)
+            return;
+        TextFont.RequireNative();
+        using var bitmap = new SKBitmap(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Premul));
+        using (var canvas = new SKCanvas(bitmap))
+        {
+            canvas.Clear(SKColors.White);
+            using var font = new SKFont(TextFont.Typeface, size) { Edging = SKFontEdging.Antialias, Subpixel = true };
+            using var paint = new SKPaint { Color = new SKColor(20, 20, 20), IsAntialias = true };
+            // Baseline one pixel below the top plus the height of ascenders (about 0.76 of the size in DejaVu Sans).
+            canvas.DrawText(text, 0, 1 + MathF.Ceiling(0.76f * size), font, paint);
+        }
+        var pixels = bitmap.GetPixelSpan();
+        for (var row = 0; row < height; row++)
+            for (var col = 0; col < width; col++)
+            {
+                var k = 4 * (row * width + col);
+                image[x + col, y + row] = new Rgb24(pixels[k], pixels[k + 1], pixels[k + 2]);
+            }
     }
 
     /// <summary>
@@ -97,86 +129,6 @@ public static class Images
         {
             foreach (var r in resized)
                 r.Dispose();
-        }
-    }
-}
-
-/// <summary>A 3x5 pixel font for captions (digits, letters, a few signs), drawn by hand: no font library is served here.</summary>
-public static class PixelFont
-{
-    /// <summary>Glyph height in pixels at scale 1.</summary>
-    public const int Height = 5;
-
-    // Each glyph: 5 rows of 3 bits, top row first (bit 2 = left column).
-    static readonly Dictionary<char, int[]> Glyphs = new()
-    {
-        ['0'] = [7, 5, 5, 5, 7],
-        ['1'] = [2, 6, 2, 2, 7],
-        ['2'] = [7, 1, 7, 4, 7],
-        ['3'] = [7, 1, 7, 1, 7],
-        ['4'] = [5, 5, 7, 1, 1],
-        ['5'] = [7, 4, 7, 1, 7],
-        ['6'] = [7, 4, 7, 5, 7],
-        ['7'] = [7, 1, 1, 1, 1],
-        ['8'] = [7, 5, 7, 5, 7],
-        ['9'] = [7, 5, 7, 1, 7],
-        ['a'] = [2, 5, 7, 5, 5],
-        ['b'] = [6, 5, 6, 5, 6],
-        ['c'] = [3, 4, 4, 4, 3],
-        ['d'] = [6, 5, 5, 5, 6],
-        ['e'] = [7, 4, 6, 4, 7],
-        ['f'] = [7, 4, 6, 4, 4],
-        ['g'] = [3, 4, 5, 5, 3],
-        ['h'] = [5, 5, 7, 5, 5],
-        ['i'] = [7, 2, 2, 2, 7],
-        ['j'] = [1, 1, 1, 5, 2],
-        ['k'] = [5, 5, 6, 5, 5],
-        ['l'] = [4, 4, 4, 4, 7],
-        ['m'] = [5, 7, 7, 5, 5],
-        ['n'] = [6, 5, 5, 5, 5],
-        ['o'] = [2, 5, 5, 5, 2],
-        ['p'] = [6, 5, 6, 4, 4],
-        ['q'] = [2, 5, 5, 6, 3],
-        ['r'] = [6, 5, 6, 5, 5],
-        ['s'] = [3, 4, 2, 1, 6],
-        ['t'] = [7, 2, 2, 2, 2],
-        ['u'] = [5, 5, 5, 5, 7],
-        ['v'] = [5, 5, 5, 5, 2],
-        ['w'] = [5, 5, 7, 7, 5],
-        ['x'] = [5, 5, 2, 5, 5],
-        ['y'] = [5, 5, 2, 2, 2],
-        ['z'] = [7, 1, 2, 4, 7],
-        ['-'] = [0, 0, 7, 0, 0],
-        ['.'] = [0, 0, 0, 0, 2],
-        [':'] = [0, 2, 0, 2, 0],
-        ['/'] = [1, 1, 2, 4, 4],
-        ['='] = [0, 7, 0, 7, 0],
-        ['+'] = [0, 2, 7, 2, 0],
-        ['('] = [1, 2, 2, 2, 1],
-        [')'] = [4, 2, 2, 2, 4],
-        [' '] = [0, 0, 0, 0, 0],
-    };
-
-    /// <summary>Draws text (case-insensitive; unknown characters as blanks), clipped to <paramref name="maxWidth"/>.</summary>
-    public static void Draw(Image<Rgb24> image, string text, int x, int y, int scale, Rgb24 color, int maxWidth)
-    {
-        var cx = x;
-        foreach (var ch in text.ToLowerInvariant())
-        {
-            if (cx + 3 * scale > x + maxWidth)
-                break;
-            var glyph = Glyphs.TryGetValue(ch, out var g) ? g : Glyphs[' '];
-            for (var r = 0; r < Height; r++)
-                for (var col = 0; col < 3; col++)
-                    if ((glyph[r] >> (2 - col) & 1) != 0)
-                        for (var dy = 0; dy < scale; dy++)
-                            for (var dx = 0; dx < scale; dx++)
-                            {
-                                int px = cx + col * scale + dx, py = y + r * scale + dy;
-                                if (px >= 0 && py >= 0 && px < image.Width && py < image.Height)
-                                    image[px, py] = color;
-                            }
-            cx += 4 * scale;
         }
     }
 }

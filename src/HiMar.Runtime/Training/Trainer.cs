@@ -11,111 +11,6 @@ using static TorchSharp.torch;
 
 namespace HiMar.Runtime.Training;
 
-/// <summary>Settings of a training run (the model's own settings live in its <see cref="HiMarConfig"/>).</summary>
-public sealed record TrainOptions
-{
-    /// <summary>Images per optimiser step (per micro-batch when accumulating), per process: the global batch is
-    /// this times <see cref="WorldSize"/>.</summary>
-    public int BatchSize { get; init; } = 64;
-
-    /// <summary>Processes training together (data-parallel ranks); the trainer sets it from its communicator.</summary>
-    public int WorldSize { get; init; } = 1;
-
-    /// <summary>Micro-batches per optimiser step.</summary>
-    public int Accumulation { get; init; } = 1;
-
-    /// <summary>Base learning rate: lr = base x effective batch / 256 (the reference's `blr`).</summary>
-    public double BaseLr { get; init; } = 1e-4;
-
-    /// <summary>Linear warm-up length in optimiser steps.</summary>
-    public int WarmupSteps { get; init; }
-
-    /// <summary>`constant` (the reference default) or `cosine` after the warm-up.</summary>
-    public string LrSchedule { get; init; } = "constant";
-
-    /// <summary>The floor of the cosine schedule.</summary>
-    public double MinLr { get; init; }
-
-    /// <summary>AdamW weight decay (not applied to 1-D tensors, biases or the diffusion heads).</summary>
-    public double WeightDecay { get; init; } = 0.02;
-
-    /// <summary>Global gradient-norm clip.</summary>
-    public double GradClip { get; init; } = 3.0;
-
-    /// <summary>EMA rate per step.</summary>
-    public double EmaRate { get; init; } = 0.9999;
-
-    /// <summary>Optimiser steps to run in total (a resumed run continues up to this).</summary>
-    public int Steps { get; init; } = 1000;
-
-    /// <summary>Run seed: data order, flips, masks, noise.</summary>
-    public long Seed { get; init; } = 1;
-
-    /// <summary>Random horizontal flips.</summary>
-    public bool Flip { get; init; } = true;
-
-    /// <summary>Checkpoint every this many steps (and at the end).</summary>
-    public int CheckpointEvery { get; init; } = 500;
-
-    /// <summary>Checkpoints kept besides `best`.</summary>
-    public int KeepLast { get; init; } = 3;
-
-    /// <summary>A PNG grid of EMA samples every this many steps (0: never).</summary>
-    public int SampleEvery { get; init; }
-
-    /// <summary>Metrics line every this many steps.</summary>
-    public int LogEvery { get; init; } = 10;
-
-    /// <summary>The run folder: checkpoints/, samples/, metrics.jsonl, loss.png.</summary>
-    public required string OutDir { get; init; }
-
-    /// <summary>
-    /// The precision of the forward and backward products (Linear, attention, convolutions). The master weights,
-    /// AdamW moments, EMA, gradient clipping, the all-reduce and the loss reductions stay fp32, and checkpoints are
-    /// fp32 safetensors, so a run resumes exactly in either precision.
-    /// </summary>
-    public Precision Precision { get; init; } = Precision.Fp32;
-
-    /// <summary>A copy keeping <paramref name="keep"/> checkpoints.</summary>
-    public TrainOptions WithKeep(int keep) => this with { KeepLast = keep };
-
-    /// <summary>A copy training in <paramref name="precision"/>.</summary>
-    public TrainOptions WithPrecision(Precision precision) => this with { Precision = precision };
-
-    /// <summary>A copy checkpointing every <paramref name="steps"/> steps.</summary>
-    public TrainOptions WithCheckpointEvery(int steps) => this with { CheckpointEvery = steps };
-
-    /// <summary>Images per micro-batch over all processes.</summary>
-    public int GlobalBatch => BatchSize * WorldSize;
-
-    /// <summary>The learning rate at the end of the warm-up (the effective batch counts every process).</summary>
-    public double PeakLr => BaseLr * GlobalBatch * Accumulation / 256.0;
-
-    /// <summary>The learning rate of optimiser step <paramref name="step"/> (0-based).</summary>
-    public double LrAt(int step)
-    {
-        if (step < WarmupSteps)
-            return PeakLr * (step + 1) / WarmupSteps;
-        if (LrSchedule == "cosine" && Steps > WarmupSteps)
-            return MinLr + (PeakLr - MinLr) * 0.5 * (1 + Math.Cos(Math.PI * (step - WarmupSteps) / (Steps - WarmupSteps)));
-        return PeakLr;
-    }
-}
-
-/// <summary>What one logged step looked like.</summary>
-/// <param name="Step">Optimiser steps done.</param>
-/// <param name="Epoch">Fractional epoch.</param>
-/// <param name="Loss">Combined loss (mean over the logging window).</param>
-/// <param name="Phase1">Weighted phase-1 loss.</param>
-/// <param name="Phase2">Weighted phase-2 loss.</param>
-/// <param name="Lr">Learning rate.</param>
-/// <param name="GradNorm">Gradient norm before clipping.</param>
-/// <param name="ImagesPerSecond">Throughput over the window.</param>
-public readonly record struct TrainProgress(int Step, double Epoch, double Loss, double Phase1, double Phase2, double Lr, double GradNorm, double ImagesPerSecond);
-
-/// <summary>Training stopped on a non-finite loss or gradient; the message names the term and the first module.</summary>
-public sealed class NonFiniteException(string message) : NumericalException(message);
-
 /// <summary>
 /// The training loop: AdamW, warm-up and constant or cosine learning rate, gradient clipping, EMA, gradient
 /// accumulation, the model's masking and loss, atomic checkpoints with exact resume, a NaN/Inf guard, a JSONL
@@ -127,7 +22,7 @@ public sealed class NonFiniteException(string message) : NumericalException(mess
 /// batch B follow the same trajectory as one process of batch N B. Losses are averaged over the ranks before they
 /// are logged or checked; rank 0 alone keeps the EMA and writes checkpoints, metrics, previews and the curve.
 /// </summary>
-public sealed class Trainer : IDisposable
+public sealed partial class Trainer : IDisposable
 {
     readonly HiMAR model;
     readonly HiMAR ema;
@@ -144,7 +39,8 @@ public sealed class Trainer : IDisposable
     int dataOffset;
     (int Epoch, int[] Order)? order;
     double bestLoss = double.PositiveInfinity;
-    readonly List<(int Step, double Loss)> curve = [];
+    readonly SmoothedLoss smoothed = new();
+    readonly List<LossPoint> curve = [];
 
     /// <summary>Training on images through a tokenizer (which also decodes the sample previews).</summary>
     public Trainer(HiMarConfig config, IImageDataset data, ITokenizer tokenizer, TrainOptions options, bool resume = false, ICommunicator? communicator = null, Text.ICaptionSource? captions = null)
@@ -298,6 +194,7 @@ public sealed class Trainer : IDisposable
         {
             var (loss, p1, p2, gnorm) = TrainStep();
             step++;
+            smoothed.Add(loss);
             Advance();
             window.Add((loss, p1, p2, gnorm));
             windowImages += ImagesPerStep;
@@ -305,19 +202,9 @@ public sealed class Trainer : IDisposable
             {
                 var p = new TrainProgress(step, EpochProgress, window.Average(w => w.L), window.Average(w => w.P1),
                     window.Average(w => w.P2), options.LrAt(step - 1), window.Average(w => w.G), windowImages / Math.Max(1e-9, sw.Elapsed.TotalSeconds));
-                curve.Add((step, p.Loss));
+                curve.Add(new LossPoint(step, p.Loss, p.Phase1, p.Phase2));
                 if (comm.IsRoot())
-                    File.AppendAllText(metricsPath, JsonSerializer.Serialize(new
-                    {
-                        step = p.Step,
-                        epoch = p.Epoch,
-                        loss = p.Loss,
-                        phase1 = p.Phase1,
-                        phase2 = p.Phase2,
-                        lr = p.Lr,
-                        grad_norm = p.GradNorm,
-                        images_per_s = p.ImagesPerSecond,
-                    }) + "\n");
+                    File.AppendAllText(metricsPath, JsonSerializer.Serialize(p, TrainProgress.MetricsLine) + "\n");
                 if (comm.IsRoot())
                     progress?.Invoke(p);
                 window.Clear();
@@ -383,174 +270,6 @@ public sealed class Trainer : IDisposable
         return captions.Batch(model, idx, chosen);
     }
 
-    /// <summary>Writes a checkpoint of the current step (and `best` when the recent loss is the lowest yet).</summary>
-    public void SaveCheckpoint()
-    {
-        if (!comm.IsRoot())
-            return;
-        var recent = curve.Count > 0 ? curve[^1].Loss : double.PositiveInfinity;
-        var state = new JsonObject
-        {
-            ["step"] = step,
-            ["epoch"] = EpochProgress,
-            ["optimizer_steps"] = optimizer.Steps,
-            ["recent_loss"] = double.IsFinite(recent) ? recent : null,
-            ["best_loss"] = double.IsFinite(bestLoss) ? bestLoss : null,
-            ["rng_state"] = Convert.ToBase64String(RngState()),
-            ["seed"] = options.Seed,
-            ["precision"] = options.Precision == Precision.Bf16 ? "bf16" : "fp32",
-            ["data_position"] = new JsonObject
-            {
-                ["epoch"] = dataEpoch,
-                ["images"] = dataOffset,
-                ["step_in_epoch"] = dataOffset / ImagesPerStep,
-                ["global_batch"] = options.GlobalBatch,
-                ["world_size"] = comm.Size,
-            },
-            ["options"] = JsonSerializer.SerializeToNode(options),
-        };
-        var dir = Checkpoint.Write(CheckpointsDir, $"step-{step:D8}", model, ema, optimizer, state);
-        Checkpoint.Prune(CheckpointsDir, options.KeepLast);
-        if (recent < bestLoss)
-        {
-            bestLoss = recent;
-            Checkpoint.CopyAs(dir, CheckpointsDir, "best");
-        }
-    }
-
-    static byte[] RngState()
-    {
-        using var s = torch.get_rng_state();
-        return s.bytes.ToArray();
-    }
-
-    /// <summary>Restores the newest checkpoint that verifies and reads, noting the ones skipped; null when there is
-    /// none at all. When checkpoints exist but none can be used, the run stops rather than start afresh over them.</summary>
-    string? RestoreNewestValid()
-    {
-        var skipped = new List<string>();
-        foreach (var dir in Checkpoint.Steps(CheckpointsDir).Reverse())
-        {
-            try
-            {
-                Checkpoint.Verify(dir);
-                Restore(dir);
-                SkippedCheckpoints = skipped;
-                return dir;
-            }
-            catch (Exception e) when (e is HiMarException or JsonException or InvalidOperationException or FormatException
-                or KeyNotFoundException or NullReferenceException or IOException)
-            {
-                skipped.Add($"{Path.GetFileName(dir)}: {Failures.OneLine(e.Message.Replace(dir + Path.DirectorySeparatorChar, ""))}");
-            }
-        }
-        SkippedCheckpoints = skipped;
-        if (skipped.Count > 0)
-            throw new CheckpointFormatException($"{CheckpointsDir}: no checkpoint can be resumed ({string.Join("; ", skipped)}); move the folder away to train afresh.");
-        return null;
-    }
-
-    /// <summary>Drops the metrics lines after the step the run starts from (steps a killed run logged and this one
-    /// repeats) and unreadable ones (a line cut by the kill); the loss curve continues from the lines kept.</summary>
-    void TrimMetrics()
-    {
-        var path = Path.Combine(options.OutDir, "metrics.jsonl");
-        if (!File.Exists(path))
-            return;
-        var kept = new List<string>();
-        var dropped = 0;
-        foreach (var line in File.ReadLines(path))
-        {
-            int? logged = null;
-            double? loss = null;
-            try
-            {
-                var o = JsonNode.Parse(line) as JsonObject;
-                logged = o?["step"]?.GetValue<int>();
-                loss = o?["loss"]?.GetValue<double>();
-            }
-            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
-            {
-            }
-            if (logged is { } st && st <= step)
-            {
-                kept.Add(line);
-                if (loss is { } l)
-                    curve.Add((st, l));
-            }
-            else
-                dropped++;
-        }
-        if (dropped > 0)
-            AtomicFile.WriteText(path, string.Concat(kept.Select(l => l + "\n")));
-    }
-
-    void Restore(string dir)
-    {
-        var stateJson = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, Checkpoint.StateFile)))!.AsObject();
-        ModelFiles.Load(model, Path.Combine(dir, Checkpoint.ModelFile));
-        ModelFiles.Load(ema, Path.Combine(dir, Checkpoint.EmaFile));
-        var opt = SafeTensors.Load(Path.Combine(dir, Checkpoint.OptimizerFile));
-        try
-        {
-            FiniteWeights.Require(opt, Path.Combine(dir, Checkpoint.OptimizerFile));
-            optimizer.LoadState(opt, stateJson["optimizer_steps"]!.GetValue<long>(), Path.Combine(dir, Checkpoint.OptimizerFile));
-        }
-        finally
-        {
-            foreach (var t in opt.Values)
-                t.Dispose();
-        }
-        step = stateJson["step"]!.GetValue<int>();
-        (dataEpoch, dataOffset) = DataPosition(stateJson);
-        if (dataOffset + ImagesPerStep > data.Count && dataOffset > 0)
-        {
-            dataEpoch++;
-            dataOffset = 0;
-        }
-        average.Updates = optimizer.Steps;
-        bestLoss = stateJson["best_loss"]?.GetValue<double>() ?? double.PositiveInfinity;
-        var rng = Convert.FromBase64String(stateJson["rng_state"]!.GetValue<string>());
-        using var rngTensor = torch.tensor(rng);
-        torch.set_rng_state(rngTensor);
-    }
-
-    /// <summary>The global data position of a checkpoint: the epoch and the images of its order already consumed.
-    /// Checkpoints written before the position was kept in images hold the step within the epoch, in steps of
-    /// their (single-process) batch x accumulation.</summary>
-    static (int Epoch, int Images) DataPosition(JsonObject state)
-    {
-        var position = state["data_position"]!.AsObject();
-        var epoch = position["epoch"]!.GetValue<int>();
-        if (position["images"] is { } images)
-            return (epoch, images.GetValue<int>());
-        var saved = state["options"]!.AsObject();
-        var perStep = saved["BatchSize"]!.GetValue<int>() * saved["Accumulation"]!.GetValue<int>();
-        return (epoch, position["step_in_epoch"]!.GetValue<int>() * perStep);
-    }
-
-    /// <summary>Makes every rank start where rank 0 is: its weights, and on resume its optimiser moments, counters,
-    /// data position and random state (rank 0 alone reads the checkpoint, which other machines may not see).</summary>
-    void ShareState(bool resumed)
-    {
-        comm.BroadcastModule(model);
-        Span<long> flag = [resumed ? 1 : 0];
-        comm.Broadcast(flag, 0);
-        if (flag[0] == 0)
-            return;
-        using (var noGrad = torch.no_grad())
-            foreach (var t in optimizer.State().Values)
-                comm.BroadcastInPlace(t, 0);
-        Span<long> counters = [step, optimizer.Steps, dataEpoch, dataOffset];
-        comm.Broadcast(counters, 0);
-        (step, optimizer.Steps, dataEpoch, dataOffset) = ((int)counters[0], counters[1], (int)counters[2], (int)counters[3]);
-        Span<double> best = [bestLoss];
-        comm.Broadcast(best, 0);
-        bestLoss = best[0];
-        var rng = comm.BroadcastBytes(comm.IsRoot() ? RngState() : null, 0);
-        using var rngTensor = torch.tensor(rng);
-        torch.set_rng_state(rngTensor);
-    }
 
     /// <summary>Samples one image per class (text models: the shortest caption of the first example of each label,
     /// then of the next examples) with the EMA model and writes a labelled grid.</summary>
