@@ -487,6 +487,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptionsArgs>
     | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLossArgs>
     | [<CliPrefix(CliPrefix.None)>] Serve of ParseResults<Serve.ServeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train_Vae of ParseResults<TrainVae.TrainVaeArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -509,6 +510,7 @@ type HimarArgs =
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
             | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
             | Serve _ -> "a page on 127.0.0.1:8080 that shows the shipped models generate, step by step."
+            | Train_Vae _ -> "train a small KL autoencoder on Fashion-MNIST (the tokenizer of latent models)."
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).
 let private modelInfo (nameOrFile: string) =
@@ -1752,6 +1754,7 @@ let main argv =
             | Ablation a -> ablation a
             | Embed_Captions a -> embedCaptions a
             | Plot_Loss a -> plotLoss a
+            | Train_Vae a -> TrainVae.run a
             | Serve a -> Serve.run a
             | Bench b ->
                 match b.GetSubCommand() with

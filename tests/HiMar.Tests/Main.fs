@@ -33,6 +33,7 @@ let main argv =
                 ImportTests.tests
                 TrainingTests.tests
                 TrainingTests.cacheTests
+                VaeTrainerTests.tests
                 EvaluationTests.tests
                 AblationTests.tests
                 TextTests.tokenizerTests
