@@ -34,6 +34,7 @@ let main argv =
                 TrainingTests.tests
                 TrainingTests.cacheTests
                 VaeTrainerTests.tests
+                VaeTrainerTests.paddedTests
                 EvaluationTests.tests
                 AblationTests.tests
                 TextTests.tokenizerTests

@@ -114,3 +114,24 @@ let tests =
                 Expect.stringContains e.Message "train-vae: steps" "names the command and the setting"
             }
         ]
+
+let paddedTests =
+    testList
+        "PaddedTokenizer"
+        [
+            test "28x28 images through the stride-4 autoencoder: 8x8 tokens, 4x4 pivots, decoded back to 28 and 14" {
+                use vae = new AutoencoderKL(VaeTrainer.FashionConfig 4)
+                vae.eval ()
+                let tok = PaddedTokenizer(VaeTokenizer vae, 28, 32) :> ITokenizer
+                use images = torch.zeros (3L, 1L, 28L, 28L)
+                let struct (tokens, pivots) = tok.Encode images
+                Expect.equal tokens.shape [| 3L; 64L; 4L |] "dense tokens"
+                Expect.equal pivots.shape [| 3L; 16L; 4L |] "pivots"
+                use grid = tokens.transpose(1L, 2L).reshape (3L, 4L, 8L, 8L)
+                use pgrid = pivots.transpose(1L, 2L).reshape (3L, 4L, 4L, 4L)
+                Expect.equal (tok.Decode grid).shape [| 3L; 1L; 28L; 28L |] "cropped image"
+                Expect.equal (tok.Decode pgrid).shape [| 3L; 1L; 14L; 14L |] "cropped pivot image"
+                Expect.equal (tok.TokenCells(8L, 28)) struct (-2.0, 4.0) "dense cells"
+                Expect.equal (tok.TokenCells(4L, 14)) struct (-1.0, 4.0) "pivot cells"
+            }
+        ]
