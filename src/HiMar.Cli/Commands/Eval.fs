@@ -30,6 +30,7 @@ type EvalArgs =
     | Ref_Stats of npz: string
     | Ref_Images of dir: string
     | Text_Encoder of dir: string
+    | Vae of path: string
     | Training_Templates
     | Device of device: string
     | Allow_Nonfinite
@@ -41,6 +42,8 @@ type EvalArgs =
             | Preset _ ->
                 "the shipped model to evaluate: fashion (default) or fashion-text (prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
+            | Vae _ ->
+                "the autoencoder of a latent model (default: the vae.safetensors the model carries in its folder or run folder)."
             | Training_Templates ->
                 "text models: prompt with the training caption templates instead of the held-out ones (the gap shows how well phrasing generalises)."
             | Checkpoint _ -> "a Fashion-MNIST model folder or training checkpoint instead."
@@ -94,7 +97,19 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
 
     if not (HiMar.Runtime.Catalog.ModelTraits.IsFashionMnist model.Config) then
         usageError
-            "himar eval samples Fashion-MNIST models (pixel patches, 10 classes); for ImageNet, score a folder of samples with --inception FILE --images DIR"
+            "himar eval samples Fashion-MNIST models (32x32 tokens of stride 4, 10 classes); for ImageNet, score a folder of samples with --inception FILE --images DIR"
+
+    let tokenizer =
+        HiMar.Runtime.Catalog.ModelTraits.Tokenizer(
+            model.Config,
+            ckpt,
+            Option.toObj (args.TryGetResult EvalArgs.Vae),
+            args.Contains EvalArgs.Allow_Nonfinite,
+            warn
+        )
+        |> function
+            | NonNull t -> t
+            | Null -> usageError "himar eval needs --vae to decode this model's latents"
 
     let clfDir = HiMar.Runtime.Catalog.ShippedModels.ClassifierDir
     use classifier = HiMar.Runtime.Evaluation.ClassifierRuns.Load clfDir
@@ -132,7 +147,8 @@ let private evalSamples (args: ParseResults<EvalArgs>) =
                 args.GetResult(EvalArgs.Batch, defaultValue = 50),
                 (fun d _ -> task.Set d),
                 textEncoder,
-                args.Contains Training_Templates
+                args.Contains Training_Templates,
+                tokenizer
             ))
 
     let metrics = nonNull result.Report.["metrics"]

@@ -113,13 +113,9 @@ let run (args: ParseResults<SampleArgs>) =
     let config = model.Config
 
     let tokenizer: Data.ITokenizer =
-        match args.TryGetResult Vae, ModelTraits.BuiltinTokenizer config with
-        | Some vaePath, _ ->
-            let vae = Checkpoints.ReferenceImport.LoadVae(vaePath, allowNonFinite, warn)
-            vae.``to`` dev |> ignore
-            Data.VaeTokenizer vae
-        | None, NonNull builtin -> builtin
-        | None, Null -> usageError "himar sample needs --vae to decode this model's latents"
+        match ModelTraits.Tokenizer(config, ckpt, Option.toObj (args.TryGetResult Vae), allowNonFinite, warn, dev) with
+        | NonNull t -> t
+        | Null -> usageError "himar sample needs --vae to decode this model's latents"
 
     let textModel = config.Text.Conditioning = HiMar.Model.Conditioning.Text
 

@@ -62,9 +62,11 @@ public static class EvalJob
         return t.to(ScalarType.Float32) / 127.5 - 1.0;
     }
 
-    /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json).</summary>
+    /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json); <paramref name="tokenizer"/>
+    /// decodes the tokens (default: Fashion-MNIST's pixel patches).</summary>
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
-        long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null, bool trainingTemplates = false)
+        long seed, string outDir, int batch = 50, Action<int, int>? progress = null, ITextEncoder? textEncoder = null, bool trainingTemplates = false,
+        ITokenizer? tokenizer = null)
     {
         var text = model.Config.Text.Conditioning == Conditioning.Text;
         var classes = text ? FashionCaptions.ClassPhrases.Length : model.Config.Backbone.ClassCount;
@@ -94,7 +96,7 @@ public static class EvalJob
         AtomicFile.WriteText(identityPath, identity);
         Directory.CreateDirectory(imagesDir);
         string PathOf(int i) => Path.Combine(imagesDir, $"{i:D5}-class{labels[i]}.png");
-        var tokenizer = PixelPatchTokenizer.Fashion;
+        tokenizer ??= PixelPatchTokenizer.Fashion;
         var missing = Enumerable.Range(0, count).Where(i => !File.Exists(PathOf(i))).ToList();
         var reused = count - missing.Count;
         var done = reused;

@@ -162,18 +162,8 @@ public sealed class ServedModel : IDisposable
         {
             model.to(device);
             model.eval();
-            var pixel = Catalog.ModelTraits.UsesPixelPatches(model.Config);
-            ITokenizer tokenizer;
-            if (vae != null)
-            {
-                var v = ReferenceImport.LoadVae(vae);
-                v.to(device);
-                tokenizer = new VaeTokenizer(v);
-            }
-            else if (pixel)
-                tokenizer = PixelPatchTokenizer.Fashion;
-            else
-                throw new BadInputException($"{checkpoint}: this model's tokens are VAE latents; give the VAE with --vae.");
+            var tokenizer = Catalog.ModelTraits.Tokenizer(model.Config, checkpoint, vae, device: device)
+                ?? throw new BadInputException($"{checkpoint}: this model's tokens are VAE latents; give the VAE with --vae.");
             ITextEncoder? encoder = null;
             if (textEncoder != null)
             {

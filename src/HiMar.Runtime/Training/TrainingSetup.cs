@@ -36,8 +36,8 @@ public static class TrainingSetup
     /// <summary>A trainer for <paramref name="config"/> on <paramref name="data"/>, resumed from the run folder when <paramref name="resume"/>.</summary>
     public static Trainer Create(HiMarConfig config, TrainingData data, TrainOptions options, bool resume, ICommunicator communicator)
     {
-        if (data.CacheDir == null && !ModelTraits.UsesPixelPatches(config))
-            throw new BadInputException("IDX data trains with the pixel-patch tokenizer (img_size 32, vae_stride 4, as the fashion preset); for other configs make a latent cache with `himar cache` and pass --cache and --vae");
+        if (data.CacheDir == null && !ModelTraits.UsesPixelPatches(config) && !(ModelTraits.IsFashionMnist(config) && data.VaePath != null))
+            throw new BadInputException("IDX data trains with the pixel-patch tokenizer (img_size 32, vae_stride 4, as the fashion preset) or, for a latent Fashion-MNIST config, with --vae (an autoencoder from `himar train-vae`); for other configs make a latent cache with `himar cache` and pass --cache and --vae");
         return data.CacheDir is { } dir
             ? OnCache(config, dir, data, options, resume, communicator)
             : OnIdx(config, data, options, resume, communicator);
@@ -67,6 +67,28 @@ public static class TrainingSetup
         ICaptionSource? captions = data.EmbeddingsDir is { } emb
             ? CaptionEmbeddings.Open(emb, CaptionTexts.FashionMnistKeys(images.Count))
             : config.Text.Conditioning == Conditioning.Text ? CaptionTexts.FashionMnist(images.Labels) : null;
-        return new Trainer(config, images, PixelPatchTokenizer.Fashion, options, resume, communicator, captions);
+        var tokenizer = data.VaePath is { } vaePath ? OnVae(config, vaePath, options) : PixelPatchTokenizer.Fashion;
+        return new Trainer(config, images, tokenizer, options, resume, communicator, captions);
+    }
+
+    /// <summary>Latent tokens of Fashion-MNIST through an autoencoder encoded on the fly; the autoencoder is copied into
+    /// the run folder (<see cref="ModelTraits.BundledVaeFile"/>) so that its checkpoints sample and evaluate without
+    /// --vae.</summary>
+    static ITokenizer OnVae(HiMarConfig config, string vaePath, TrainOptions options)
+    {
+        var tokenizer = ModelTraits.Tokenizer(config, null, vaePath)!;
+        var file = Directory.Exists(vaePath) ? Path.Combine(vaePath, "weights.safetensors") : vaePath;
+        if (!file.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) || !File.Exists(file))
+            throw new BadInputException($"--vae: {vaePath}: training on Fashion-MNIST latents takes an autoencoder folder or .safetensors file from `himar train-vae` or `himar import`.");
+        Directory.CreateDirectory(options.OutDir);
+        var bundled = Path.Combine(options.OutDir, ModelTraits.BundledVaeFile);
+        if (File.Exists(bundled))
+        {
+            if (!File.ReadAllBytes(bundled).AsSpan().SequenceEqual(File.ReadAllBytes(file)))
+                throw new BadInputException($"--vae: {vaePath} is not the autoencoder this run was trained with ({bundled}); a run keeps one tokenizer.");
+        }
+        else
+            AtomicFile.Write(bundled, s => { using var src = File.OpenRead(file); src.CopyTo(s); });
+        return tokenizer;
     }
 }
