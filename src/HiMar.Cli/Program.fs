@@ -21,6 +21,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptions.EmbedCaptionsArgs>
     | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLoss.PlotLossArgs>
     | [<CliPrefix(CliPrefix.None)>] Serve of ParseResults<Serve.ServeArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train_Vae of ParseResults<TrainVae.TrainVaeArgs>
 
     interface IArgParserTemplate with
         member this.Usage =
@@ -43,6 +44,7 @@ type HimarArgs =
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
             | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
             | Serve _ -> "a page on 127.0.0.1:8080 that shows the shipped models generate, step by step."
+            | Train_Vae _ -> "train a small KL autoencoder on Fashion-MNIST (the tokenizer of latent models)."
 
 
 /// Entry point: parses, checks the flags, dispatches, and turns every failure into one line and an exit code.
@@ -68,6 +70,7 @@ let main argv =
             | Ablation a -> Ablation.run a
             | Embed_Captions a -> EmbedCaptions.run a
             | Plot_Loss a -> PlotLoss.run a
+            | Train_Vae a -> TrainVae.run a
             | Serve a -> Serve.run a
             | Bench a -> Bench.run a
         with e ->

@@ -33,6 +33,8 @@ let main argv =
                 ImportTests.tests
                 TrainingTests.tests
                 TrainingTests.cacheTests
+                VaeTrainerTests.tests
+                VaeTrainerTests.paddedTests
                 EvaluationTests.tests
                 AblationTests.tests
                 TextTests.tokenizerTests
