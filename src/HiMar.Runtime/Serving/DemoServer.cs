@@ -3,6 +3,8 @@ using System.Reflection;
 using System.Text;
 using System.Text.Json;
 using System.Threading.Channels;
+using Markdig;
+using Markdig.Extensions.AutoIdentifiers;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
@@ -230,6 +232,15 @@ public sealed class DemoServer : IAsyncDisposable
                 _ => "application/octet-stream",
             };
             result[file == "index.html" ? "/" : "/" + file] = (type, copy.ToArray());
+        }
+        // The architecture page is docs/architecture.md rendered by Markdig (tables, code blocks, GitHub's heading
+        // anchors, which the model panel links to) into the page's <!--doc--> slot.
+        if (result.TryGetValue("/architecture.md", out var md) && result.TryGetValue("/architecture.html", out var page))
+        {
+            var pipeline = new MarkdownPipelineBuilder().UsePipeTables().UseAutoIdentifiers(AutoIdentifierOptions.GitHub).Build();
+            var body = Markdown.ToHtml(System.Text.Encoding.UTF8.GetString(md.Item2), pipeline);
+            var html = System.Text.Encoding.UTF8.GetString(page.Item2).Replace("<!--doc-->", body, StringComparison.Ordinal);
+            result["/architecture.html"] = (page.Item1, System.Text.Encoding.UTF8.GetBytes(html));
         }
         return result;
     }

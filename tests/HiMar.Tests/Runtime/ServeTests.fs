@@ -461,6 +461,12 @@ let tests =
                                     ("\n## " + string (p.GetProperty("title").GetString()))
                                     "each part has its section"
 
+                            use page = get "/architecture.html"
+                            let html = page.Content.ReadAsStringAsync().Result
+                            Expect.stringContains html "<table>" "the page renders the tables"
+                            Expect.stringContains html "<pre><code" "and the diagram as preformatted text"
+                            Expect.stringContains html "id=\"mlp-head\"" "with GitHub's heading anchors"
+
                             use traversal = get "/app.js/../../../etc/passwd"
                             Expect.equal traversal.StatusCode HttpStatusCode.NotFound "no file system"
                             use other = get "/Program.cs"
