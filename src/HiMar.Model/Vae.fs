@@ -35,6 +35,12 @@ type VaeConfig =
     /// The number of resolution levels (5 for KL-16): the spatial stride is 2^(levels - 1).
     member c.Levels = c.ChMult.Length
 
+    /// The channel width of a resolution level: Ch x ChMult[level].
+    member c.Width(level: int) = int64 c.Ch * int64 c.ChMult.[level]
+
+    /// The width of the lowest resolution, where `mid` runs.
+    member c.TopWidth = c.Width(c.Levels - 1)
+
 /// Named VAE configurations.
 module VaeConfig =
     /// KL-16 as released with MAR: ch 128, ch_mult (1,1,2,2,4), 2 res blocks, attention at 16, 16 latent channels.
@@ -220,8 +226,8 @@ type VaeMid(channels: int64) as this =
 type Encoder(cfg: VaeConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Encoder")
     let ch = int64 cfg.Ch
-    let width level = ch * int64 cfg.ChMult.[level]
-    let top = width (cfg.Levels - 1)
+    let width = cfg.Width
+    let top = cfg.TopWidth
     let conv_in = this.Child("conv_in", VaeOps.conv3 (int64 cfg.InChannels) ch)
 
     let down =
@@ -270,8 +276,8 @@ type Encoder(cfg: VaeConfig) as this =
 type Decoder(cfg: VaeConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Decoder")
     let ch = int64 cfg.Ch
-    let width level = ch * int64 cfg.ChMult.[level]
-    let top = width (cfg.Levels - 1)
+    let width = cfg.Width
+    let top = cfg.TopWidth
     let conv_in = this.Child("conv_in", VaeOps.conv3 (int64 cfg.ZChannels) top)
     let mid = this.Child("mid", new VaeMid(top))
 
