@@ -28,6 +28,16 @@ module HiMarParts =
             |]
         )
 
+    /// The encoder's blocks `encoder_blocks`.
+    let encoderBlocks (config: HiMarConfig) =
+        let b = config.Backbone
+        blocks config b.EncoderDepth b.EncoderWidth b.EncoderHeads
+
+    /// The decoder's blocks `decoder_blocks`.
+    let decoderBlocks (config: HiMarConfig) =
+        let b = config.Backbone
+        blocks config b.DecoderDepth b.DecoderWidth b.DecoderHeads
+
     /// The MLP head `diffloss` (phase 1, and phase 2 of models without a Transformer head).
     let mlpHead (config: HiMarConfig) =
         new DiffLoss(
