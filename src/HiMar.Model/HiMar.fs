@@ -109,14 +109,12 @@ type HiMAR(config: HiMarConfig) as this =
             None
 
     let encoder_blocks = this.Child("encoder_blocks", HiMarParts.encoderBlocks config)
-
     let encoder_task_emb = this.Child("encoder_task_emb", Embedding(2L, e))
     let encoder_blocks_ada = this.Child("encoder_blocks_ada", AdaLN.modulation e 4L)
     let encoder_norm = this.Child("encoder_norm", LayerNorm(e, eps = eps))
     let decoder_embed = this.Child("decoder_embed", new Mixed.Linear(e, d))
 
     let decoder_blocks = this.Child("decoder_blocks", HiMarParts.decoderBlocks config)
-
     let decoder_task_emb = this.Child("decoder_task_emb", Embedding(2L, d))
     let decoder_blocks_ada = this.Child("decoder_blocks_ada", AdaLN.modulation d 4L)
     let decoder_norm = this.Child("decoder_norm", LayerNorm(d, eps = eps))
