@@ -408,3 +408,11 @@ type GaussianDiffusion(schedule: Schedule, varianceKind: VarianceKind) =
                 Mse = mse
                 Vb = torch.zeros_like mse
             }
+
+/// The two diffusions of a diffusion head (the reference calls `create_diffusion` twice).
+module HeadDiffusions =
+    /// The `diffusionSteps`-step diffusion training draws from, and the one respaced to `samplingSteps`
+    /// that sampling walks, both with the head's variance kind.
+    let create (noiseSchedule: string) (diffusionSteps: int) (samplingSteps: string) (variance: VarianceKind) =
+        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps "", variance),
+        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps samplingSteps, variance)

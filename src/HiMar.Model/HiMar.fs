@@ -71,18 +71,7 @@ type HiMAR(config: HiMarConfig) as this =
 
     let text_encoder =
         if builtinText then
-            Some(
-                this.Child(
-                    "text_encoder",
-                    new BuiltinTextEncoder(
-                        int64 config.Text.Vocabulary.Length,
-                        buf,
-                        int64 config.Text.Width,
-                        config.Text.Depth,
-                        int64 config.Text.Heads
-                    )
-                )
-            )
+            Some(this.Child("text_encoder", HiMarParts.builtinTextEncoder config))
         else
             None
 
@@ -119,86 +108,26 @@ type HiMAR(config: HiMarConfig) as this =
         else
             None
 
-    let block (width: int) (heads: int) =
-        new Block(
-            int64 width,
-            int64 heads,
-            config.Backbone.MlpRatio,
-            2L,
-            eps,
-            config.Backbone.AttentionDropout,
-            config.Backbone.ProjectionDropout
-        )
-
-    let encoder_blocks =
-        this.Child(
-            "encoder_blocks",
-            ModuleList<Block>(
-                [|
-                    for _ in 1 .. config.Backbone.EncoderDepth ->
-                        block config.Backbone.EncoderWidth config.Backbone.EncoderHeads
-                |]
-            )
-        )
-
+    let encoder_blocks = this.Child("encoder_blocks", HiMarParts.encoderBlocks config)
     let encoder_task_emb = this.Child("encoder_task_emb", Embedding(2L, e))
     let encoder_blocks_ada = this.Child("encoder_blocks_ada", AdaLN.modulation e 4L)
     let encoder_norm = this.Child("encoder_norm", LayerNorm(e, eps = eps))
     let decoder_embed = this.Child("decoder_embed", new Mixed.Linear(e, d))
 
-    let decoder_blocks =
-        this.Child(
-            "decoder_blocks",
-            ModuleList<Block>(
-                [|
-                    for _ in 1 .. config.Backbone.DecoderDepth ->
-                        block config.Backbone.DecoderWidth config.Backbone.DecoderHeads
-                |]
-            )
-        )
-
+    let decoder_blocks = this.Child("decoder_blocks", HiMarParts.decoderBlocks config)
     let decoder_task_emb = this.Child("decoder_task_emb", Embedding(2L, d))
     let decoder_blocks_ada = this.Child("decoder_blocks_ada", AdaLN.modulation d 4L)
     let decoder_norm = this.Child("decoder_norm", LayerNorm(d, eps = eps))
 
     let diffloss =
         if hasPivots || config.Phase2Head = Phase2Head.Mlp then
-            Some(
-                this.Child(
-                    "diffloss",
-                    new DiffLoss(
-                        c,
-                        d,
-                        int64 config.MlpHead.Width,
-                        config.MlpHead.Depth,
-                        config.MlpHead.SamplingSteps,
-                        config.Training.NoiseSchedule,
-                        config.Training.DiffusionSteps
-                    )
-                )
-            )
+            Some(this.Child("diffloss", HiMarParts.mlpHead config))
         else
             None
 
     let cond_diffloss =
         if config.Phase2Head = Phase2Head.Transformer then
-            Some(
-                this.Child(
-                    "cond_diffloss",
-                    new GlobalDiffLoss(
-                        c,
-                        int64 config.SeqH,
-                        d,
-                        int64 config.TransformerHead.Width,
-                        config.TransformerHead.Depth,
-                        int64 config.TransformerHead.Heads,
-                        config.TransformerHead.MlpRatio,
-                        config.TransformerHead.SamplingSteps,
-                        config.Training.NoiseSchedule,
-                        config.Training.DiffusionSteps
-                    )
-                )
-            )
+            Some(this.Child("cond_diffloss", HiMarParts.transformerHead config))
         else
             None
 
@@ -207,32 +136,8 @@ type HiMAR(config: HiMarConfig) as this =
         | Some v -> v
         | None -> invalidOp (sprintf "this configuration has no %s" name)
 
-    /// The adaLN table index of a phase: scale-aware models use one per phase, the ablation shares phase 1's.
-    let adaIndex (phase: int64) =
-        if config.Backbone.ScaleAware then phase else 0L
-
-    /// The phase modulation (1, 1, 4 width) = ada(SiLU(task_emb[phase])).
-    let phaseModulation (emb: Embedding) (ada: Sequential) (phase: int64) =
-        use row = (nonNull emb.weight).[adaIndex phase]
-        use r = row.reshape (1L, 1L, -1L)
-        ada.call r
-
-    /// Column indices (B, T) of the known positions of each row, ascending; rows must agree on T.
-    let knownColumns (maskWithBuffer: torch.Tensor) =
-        let b = maskWithBuffer.shape.[0]
-        use known = maskWithBuffer.eq (scalar 0.0)
-        use idx = known.nonzero ()
-        let count = idx.shape.[0]
-
-        if count % b <> 0L then
-            invalidArg "mask" "every row of the mask must have the same number of known positions"
-
-        use col = idx.select (1L, 1L)
-        col.reshape (b, count / b)
-
-    let withBuffer (mask: torch.Tensor) =
-        use z = torch.zeros (mask.shape.[0], buf, dtype = mask.dtype, device = mask.device)
-        torch.cat ([| z; mask |], 1L)
+    let adaIndex = HiMarParts.adaIndex config
+    let phaseModulation = HiMarParts.phaseModulation config
 
     /// The shared encoder: x (B, N, C) dense tokens, first (B, S, E) pivot block, mask (B, L),
     /// classEmb (B, E) -> (B, buf + known, E). Label drops are drawn for the global batch's rows and take
@@ -246,44 +151,26 @@ type HiMAR(config: HiMarConfig) as this =
         (classEmb: torch.Tensor)
         (phase: int64)
         =
-        let b = x.shape.[0]
         use dense = z_proj.call x |> castTo x.dtype
         use seq = torch.cat ([| first; dense |], 1L) // (B, L, E)
 
-        // Class models: (B, E), repeated over the buffer slots; text models: (B, buf, E), one per slot.
         use classEmb =
             if this.training && config.Training.LabelDropProb > 0.0 then
-                use u = rows.Draw(b, [||], fun shape -> torch.rand (shape, device = x.device))
-                use drop0 = u.lt (scalar config.Training.LabelDropProb)
+                let nullOf () =
+                    match nullEmb with
+                    | Some nul -> nul.alias ()
+                    | None -> this.NullEmbedding x.shape.[0]
 
-                use drop =
-                    if classEmb.dim () = 3L then
-                        drop0.reshape (b, 1L, 1L)
-                    else
-                        drop0.unsqueeze 1L
-
-                match nullEmb with
-                | Some nul -> torch.where (drop, nul, classEmb)
-                | None ->
-                    use nul = this.NullEmbedding b
-                    torch.where (drop, nul, classEmb)
+                HiMarParts.dropConditions rows config.Training.LabelDropProb x.device nullOf classEmb
             else
                 classEmb.alias ()
 
-        use buffer =
-            if classEmb.dim () = 3L then
-                classEmb.alias ()
-            else
-                classEmb.unsqueeze(1L).expand (b, buf, e)
-
+        use buffer = HiMarParts.bufferSlots buf classEmb // (B, buf, E)
         use withBuf = torch.cat ([| buffer; seq |], 1L) // (B, buf + L, E)
         use pos = encoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         use added = withBuf + pos
         use normed = z_proj_ln.call added
-        use mwb = withBuffer mask
-        use cols = knownColumns mwb
-        // (B, buf + L, E) -> (B, buf + known, E)
-        let visible = normed.gather (1L, cols.unsqueeze(-1L).expand (-1L, -1L, e))
+        let visible = HiMarParts.gatherKnown buf mask normed // (B, buf + known, E)
         use ada = phaseModulation encoder_task_emb encoder_blocks_ada phase
 
         let h =
@@ -443,12 +330,8 @@ type HiMAR(config: HiMarConfig) as this =
     member _.Decoder(x: torch.Tensor, mask: torch.Tensor, phase: int64) =
         let b = x.shape.[0]
         use xe = decoder_embed.call x |> castTo x.dtype
-        use mwb = withBuffer mask
-        use cols = knownColumns mwb
         use tokens = mask_token.narrow(1L, phase * l, l).expand (b, l, e)
-        use zeros = torch.zeros (b, buf, e, dtype = xe.dtype, device = xe.device)
-        use full = torch.cat ([| zeros; tokens |], 1L) // (B, buf + L, D)
-        use placed = full.scatter (1L, cols.unsqueeze(-1L).expand (-1L, -1L, d), xe)
+        use placed = HiMarParts.scatterKnown buf mask tokens xe // (B, buf + L, D)
         use pos = decoder_pos_embed_learned.narrow (1L, phase * (l + buf), l + buf)
         let h0 = placed + pos
         use ada = phaseModulation decoder_task_emb decoder_blocks_ada phase
@@ -546,7 +429,6 @@ type HiMAR(config: HiMarConfig) as this =
             nullEmb: torch.Tensor option,
             conditionEmb: torch.Tensor
         ) =
-        let b = tokens.shape.[0]
         let dt = tokens.dtype
 
         if not hasPivots then
@@ -560,13 +442,11 @@ type HiMAR(config: HiMarConfig) as this =
             use enc = encodeRows rows nullEmb first tokens m conditionEmb 0L
             use dec = this.Decoder(enc, m, 0L)
             use states = dec.narrow (1L, 0L, s) // (B, S, D)
-            use target = pivots.reshape(b * s, c).repeat (mul, 1L)
-            use z = states.reshape(b * s, d).repeat (mul, 1L)
             use pivotMask = m.narrow (1L, 0L, s)
-            use rowMask = pivotMask.reshape(b * s).repeat (mul)
 
             let loss =
-                (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s)
+                HiMarParts.perToken mul pivots states pivotMask (fun target z rowMask ->
+                    (required "MLP head" diffloss).TrainingLoss(target, z, rowMask, rows.Times s))
 
             loss, states.detach (), (1.0 - pivotMask)
 
@@ -582,7 +462,6 @@ type HiMAR(config: HiMarConfig) as this =
             nullEmb: torch.Tensor option,
             conditionEmb: torch.Tensor
         ) =
-        let b = tokens.shape.[0]
         let mul = int64 config.Training.DiffusionBatchMul
         use enc = encodeRows rows nullEmb pivotCondition tokens mask conditionEmb 1L
         use dec = this.Decoder(enc, mask, 1L)
@@ -591,21 +470,11 @@ type HiMAR(config: HiMarConfig) as this =
 
         match config.Phase2Head with
         | Phase2Head.Transformer ->
-            let g = int64 config.SeqH
-            // (B, N, C) -> (B, C, g, g); (B, N, D) -> (B, D, g, g); mask (B, N) -> (B, g, g)
-            use target =
-                tokens.reshape(b, g, g, c).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
-
-            use zImg =
-                states.reshape(b, g, g, d).permute(0L, 3L, 1L, 2L).repeat (mul, 1L, 1L, 1L)
-
-            use m = denseMask.reshape(b, g, g).repeat (mul, 1L, 1L)
-            (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows)
+            HiMarParts.asGrid (int64 config.SeqH) mul tokens states denseMask (fun target zImg m ->
+                (required "Transformer head" cond_diffloss).TrainingLoss(target, zImg, m, rows))
         | _ ->
-            use target = tokens.reshape(b * n, c).repeat (mul, 1L)
-            use z = states.reshape(b * n, d).repeat (mul, 1L)
-            use m = denseMask.reshape(b * n).repeat (mul)
-            (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n)
+            HiMarParts.perToken mul tokens states denseMask (fun target z m ->
+                (required "MLP head" diffloss).TrainingLoss(target, z, m, rows.Times n))
 
     /// `forward(tokens, cond, labels)` is the training loss at the end of the warm-up; use `TrainingLosses`.
     override this.forward(tokens, cond, labels) =

@@ -29,6 +29,8 @@ type Layer<'T, 'R>(name: string) =
 
     override _.RegisterComponents() = ()
 
+// Each arity inherits its own TorchSharp Module<...> (for `forward`/`call`) and F# has no mixins, so the three
+// registration members repeat, each a one-line forward to `Registration`.
 /// Base class of two-input layers (see `Layer<'T, 'R>`).
 [<AbstractClass>]
 type Layer<'T1, 'T2, 'R>(name: string) =

@@ -113,11 +113,8 @@ type DiffLoss
     let net =
         this.Child("net", new SimpleMLPAdaLN(targetChannels, width, targetChannels * 2L, zChannels, depth))
 
-    let trainDiffusion =
-        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps "", VarianceKind.LearnedRange)
-
-    let genDiffusion =
-        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps samplingSteps, VarianceKind.LearnedRange)
+    let trainDiffusion, genDiffusion =
+        HeadDiffusions.create noiseSchedule diffusionSteps samplingSteps VarianceKind.LearnedRange
 
     /// The network.
     member _.Net = net

@@ -137,11 +137,8 @@ type GlobalDiffLoss
     let net =
         this.Child("net", new DiT(targetChannels, grid, zChannels, width, depth, heads, ratio))
 
-    let trainDiffusion =
-        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps "", VarianceKind.FixedLarge)
-
-    let genDiffusion =
-        GaussianDiffusion(Schedule.create noiseSchedule diffusionSteps samplingSteps, VarianceKind.FixedLarge)
+    let trainDiffusion, genDiffusion =
+        HeadDiffusions.create noiseSchedule diffusionSteps samplingSteps VarianceKind.FixedLarge
 
     /// The network.
     member _.Net = net

@@ -35,6 +35,12 @@ type VaeConfig =
     /// The number of resolution levels (5 for KL-16): the spatial stride is 2^(levels - 1).
     member c.Levels = c.ChMult.Length
 
+    /// The channel width of a resolution level: Ch x ChMult[level].
+    member c.Width(level: int) = int64 c.Ch * int64 c.ChMult.[level]
+
+    /// The width of the lowest resolution, where `mid` runs.
+    member c.TopWidth = c.Width(c.Levels - 1)
+
 /// Named VAE configurations.
 module VaeConfig =
     /// KL-16 as released with MAR: ch 128, ch_mult (1,1,2,2,4), 2 res blocks, attention at 16, 16 latent channels.
@@ -220,8 +226,6 @@ type VaeMid(channels: int64) as this =
 type Encoder(cfg: VaeConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Encoder")
     let ch = int64 cfg.Ch
-    let width level = ch * int64 cfg.ChMult.[level]
-    let top = width (cfg.Levels - 1)
     let conv_in = this.Child("conv_in", VaeOps.conv3 (int64 cfg.InChannels) ch)
 
     let down =
@@ -235,8 +239,8 @@ type Encoder(cfg: VaeConfig) as this =
                         let last = level = cfg.Levels - 1
 
                         new VaeLevel(
-                            (if level = 0 then ch else width (level - 1)),
-                            width level,
+                            (if level = 0 then ch else cfg.Width(level - 1)),
+                            cfg.Width level,
                             cfg.NumResBlocks,
                             Array.contains res cfg.AttnResolutions,
                             (if last then Resampling.Keep else Resampling.Down)
@@ -245,11 +249,14 @@ type Encoder(cfg: VaeConfig) as this =
             )
         )
 
-    let mid = this.Child("mid", new VaeMid(top))
-    let norm_out = this.Child("norm_out", VaeOps.normalize top)
+    let mid = this.Child("mid", new VaeMid(cfg.TopWidth))
+    let norm_out = this.Child("norm_out", VaeOps.normalize cfg.TopWidth)
 
     let conv_out =
-        this.Child("conv_out", VaeOps.conv3 top (int64 (if cfg.DoubleZ then 2 * cfg.ZChannels else cfg.ZChannels)))
+        this.Child(
+            "conv_out",
+            VaeOps.conv3 cfg.TopWidth (int64 (if cfg.DoubleZ then 2 * cfg.ZChannels else cfg.ZChannels))
+        )
 
     override _.forward x =
         let h =
@@ -270,10 +277,8 @@ type Encoder(cfg: VaeConfig) as this =
 type Decoder(cfg: VaeConfig) as this =
     inherit Layer<torch.Tensor, torch.Tensor>("Decoder")
     let ch = int64 cfg.Ch
-    let width level = ch * int64 cfg.ChMult.[level]
-    let top = width (cfg.Levels - 1)
-    let conv_in = this.Child("conv_in", VaeOps.conv3 (int64 cfg.ZChannels) top)
-    let mid = this.Child("mid", new VaeMid(top))
+    let conv_in = this.Child("conv_in", VaeOps.conv3 (int64 cfg.ZChannels) cfg.TopWidth)
+    let mid = this.Child("mid", new VaeMid(cfg.TopWidth))
 
     let up =
         this.Child(
@@ -282,11 +287,15 @@ type Decoder(cfg: VaeConfig) as this =
                 [|
                     for level in 0 .. cfg.Levels - 1 ->
                         // Level l reads the output of level l + 1 (or of `mid` at the top).
-                        let inWidth = if level = cfg.Levels - 1 then top else width (level + 1)
+                        let inWidth =
+                            if level = cfg.Levels - 1 then
+                                cfg.TopWidth
+                            else
+                                cfg.Width(level + 1)
 
                         new VaeLevel(
                             inWidth,
-                            width level,
+                            cfg.Width level,
                             cfg.NumResBlocks + 1,
                             false,
                             (if level = 0 then Resampling.Keep else Resampling.Up)

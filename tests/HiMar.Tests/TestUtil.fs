@@ -2,6 +2,7 @@
 module HiMar.Tests.TestUtil
 
 open System
+open System.Diagnostics
 open System.IO
 open System.IO.Compression
 open Expecto
@@ -229,3 +230,37 @@ module LegacyPth =
         f.Write(obj, 0, obj.Length)
         let data = storages (entries |> List.map (fun (_, _, s) -> s))
         f.Write(data, 0, data.Length)
+
+/// The himar executable built beside this test binary (same configuration: bin/Release/net10.0 here).
+let himarDll =
+    let dir = Path.TrimEndingDirectorySeparator AppContext.BaseDirectory
+    let framework = Path.GetFileName dir |> nonNull
+    let configuration = Path.GetFileName(Path.GetDirectoryName dir) |> nonNull
+    Path.Combine(repoRoot, "src", "HiMar.Cli", "bin", configuration, framework, "himar.dll")
+
+/// How a himar process ended: its exit code and what it wrote.
+type HimarRun = { Code: int; Out: string; Err: string }
+
+/// Starts himar as a child process with stdout and stderr redirected (not a terminal), one OpenMP thread.
+let startHimar (args: string list) =
+    let psi = ProcessStartInfo("dotnet", himarDll :: args)
+    psi.RedirectStandardOutput <- true
+    psi.RedirectStandardError <- true
+    psi.Environment.["OMP_NUM_THREADS"] <- "1"
+    Process.Start psi |> nonNull
+
+/// Runs himar to the end (2 minutes at most; the test fails after that).
+let himar (args: string list) =
+    use p = startHimar args
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+
+    if not (p.WaitForExit(TimeSpan.FromMinutes 2.0)) then
+        p.Kill true
+        failtestf "himar %s did not finish in 2 minutes" (String.Join(" ", args))
+
+    {
+        Code = p.ExitCode
+        Out = out.Result
+        Err = err.Result
+    }

@@ -62,6 +62,12 @@ public static class EvalJob
         return t.to(ScalarType.Float32) / 127.5 - 1.0;
     }
 
+    /// <summary>The images of a sampler batch of <paramref name="batch"/> images to count as done at
+    /// <paramref name="p"/>: the batch's share of the run done, rounded down (the whole batch once its last
+    /// diffusion step is taken).</summary>
+    public static int ImagesDone(SamplerProgress p, int batch, int phase1Steps, int phase2Steps) =>
+        (int)Math.Floor(batch * p.FractionOfRun(phase1Steps, phase2Steps) + 1e-9);
+
     /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json); <paramref name="tokenizer"/>
     /// decodes the tokens (default: Fashion-MNIST's pixel patches).</summary>
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
@@ -100,6 +106,8 @@ public static class EvalJob
         var missing = Enumerable.Range(0, count).Where(i => !File.Exists(PathOf(i))).ToList();
         var reused = count - missing.Count;
         var done = reused;
+        // Progress moves within a batch too: the sampler's steps scaled to the batch's images.
+        var phase1Steps = model.Config.PivotTokens > 0 ? options.Phase1Steps ?? model.Config.Phase1Steps : 0;
         // Sample the missing images in runs of consecutive indices, so image i's noise is the same as in a full run.
         foreach (var run in missing.Select((i, k) => (i, k)).GroupBy(x => x.i - x.k).Select(g => g.Select(x => x.i).ToList()))
             for (var start = 0; start < run.Count; start += batch)
@@ -110,7 +118,9 @@ public static class EvalJob
                 using var condition = text
                     ? Text.Prompts.Encode(model, idx.Select(i => prompts![i]).ToList(), textEncoder)
                     : Condition.NewLabels(torch.tensor(idx.Select(i => labels[i]).ToArray()));
-                using var r = HiMarSampler.Sample(model, condition, noise, options);
+                var before = done;
+                using var r = HiMarSampler.Sample(model, condition, noise, options,
+                    p => progress?.Invoke(before + ImagesDone(p, idx.Count, phase1Steps, options.Phase2Steps), count));
                 var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.Dense));
                 for (var k = 0; k < idx.Count; k++)
                 {

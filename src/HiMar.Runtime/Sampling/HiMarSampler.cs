@@ -121,7 +121,20 @@ public static class SamplerSettings
 /// <param name="Steps">Generation steps in the phase.</param>
 /// <param name="DiffusionStep">Diffusion steps done within this generation step.</param>
 /// <param name="DiffusionSteps">Diffusion steps per generation step.</param>
-public readonly record struct SamplerProgress(int Phase, int Step, int Steps, int DiffusionStep, int DiffusionSteps);
+public readonly record struct SamplerProgress(int Phase, int Step, int Steps, int DiffusionStep, int DiffusionSteps)
+{
+    /// <summary>The part (0..1) of one sampler run done: the generation steps of both phases counted alike, each
+    /// split evenly by its diffusion steps. <paramref name="phase1Steps"/> is 0 for a model without pivots.</summary>
+    public double FractionOfRun(int phase1Steps, int phase2Steps)
+    {
+        var total = phase1Steps + phase2Steps;
+        if (total <= 0)
+            return 1.0;
+        var before = Phase == 2 ? phase1Steps : 0;
+        var within = DiffusionSteps > 0 ? (double)DiffusionStep / DiffusionSteps : 1.0;
+        return Math.Clamp((before + Step + within) / total, 0.0, 1.0);
+    }
+}
 
 /// <summary>One generation step as it happened.</summary>
 /// <param name="Phase">1 (pivots) or 2 (dense tokens).</param>

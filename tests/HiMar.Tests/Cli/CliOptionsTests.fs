@@ -4,7 +4,6 @@
 module HiMar.Tests.CliOptionsTests
 
 open System
-open System.Diagnostics
 open System.IO
 open System.Text.Json.Nodes
 open Expecto
@@ -13,29 +12,6 @@ open HiMar.Runtime
 open HiMar.Runtime.Catalog
 open HiMar.Runtime.Sampling
 open HiMar.Tests.TestUtil
-
-/// The himar executable built beside this test binary (same configuration).
-let private himarDll =
-    let dir = Path.TrimEndingDirectorySeparator AppContext.BaseDirectory
-    let framework = Path.GetFileName dir |> nonNull
-    let configuration = Path.GetFileName(Path.GetDirectoryName dir) |> nonNull
-    Path.Combine(repoRoot, "src", "HiMar.Cli", "bin", configuration, framework, "himar.dll")
-
-/// Runs himar with stdout and stderr redirected (not a terminal): exit code, stdout, stderr.
-let private himar (args: string list) =
-    let psi = ProcessStartInfo("dotnet", himarDll :: args)
-    psi.RedirectStandardOutput <- true
-    psi.RedirectStandardError <- true
-    psi.Environment.["OMP_NUM_THREADS"] <- "1"
-    use p = Process.Start psi |> nonNull
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-
-    if not (p.WaitForExit(TimeSpan.FromMinutes 2.0)) then
-        p.Kill true
-        failtestf "himar %s did not finish in 2 minutes" (String.Join(" ", args))
-
-    p.ExitCode, out.Result, err.Result
 
 /// The shipped fashion model's folder and its sampling.json, read (not copied) so the tests follow the file.
 let private fashionDir = Path.Combine(repoRoot, "models", "fashion")
@@ -280,7 +256,7 @@ let tests =
             }
 
             test "sample --help states the defaults a preset uses and where they come from" {
-                let code, out, _ = himar [ "sample"; "--help" ]
+                let { Code = code; Out = out } = himar [ "sample"; "--help" ]
                 Expect.equal code 0 "help succeeds"
 
                 let flat =
@@ -300,16 +276,18 @@ let tests =
 
             test
                 "help lists what the commands accept: bench sample names fashion, info the shipped models, train --device" {
-                let _, bench, _ = himar [ "bench"; "sample"; "--help" ]
+                let bench = (himar [ "bench"; "sample"; "--help" ]).Out
                 Expect.stringContains bench "fashion" "bench sample"
-                let _, info, _ = himar [ "info"; "--help" ]
+                let info = (himar [ "info"; "--help" ]).Out
                 Expect.stringContains info "fashion-text" "info --model"
-                let _, train, _ = himar [ "train"; "--help" ]
+                let train = (himar [ "train"; "--help" ]).Out
                 Expect.stringContains train "--device <device>" "train --device"
             }
 
             test "himar sample --weights foo is refused with exit code 2" {
-                let code, _, err = himar [ "sample"; "--preset"; "fashion"; "--weights"; "foo" ]
+                let { Code = code; Err = err } =
+                    himar [ "sample"; "--preset"; "fashion"; "--weights"; "foo" ]
+
                 Expect.equal code 2 "exit code"
 
                 Expect.equal
@@ -319,7 +297,7 @@ let tests =
             }
 
             test "himar train --device cuda is refused in one line (CPU training only)" {
-                let code, _, err = himar [ "train"; "--device"; "cuda" ]
+                let { Code = code; Err = err } = himar [ "train"; "--device"; "cuda" ]
                 Expect.isTrue (code = 2 || code = 3) "bad input, or no CUDA device here"
                 Expect.equal (err.Trim().Split('\n').Length) 1 "one line"
             }
@@ -328,7 +306,7 @@ let tests =
                 withTempDir (fun dir ->
                     let grid = Path.Combine(dir, "g.png")
 
-                    let code, out, err =
+                    let { Code = code; Out = out; Err = err } =
                         himar
                             [
                                 "sample"

@@ -15,41 +15,8 @@ open HiMar.Runtime.Data
 open HiMar.Runtime.Training
 open HiMar.Tests.TestUtil
 
-/// The himar executable built beside this test binary (same configuration: bin/Release/net10.0 here).
-let private himarDll =
-    let dir = Path.TrimEndingDirectorySeparator AppContext.BaseDirectory
-    let framework = Path.GetFileName dir |> nonNull
-    let configuration = Path.GetFileName(Path.GetDirectoryName dir) |> nonNull
-    Path.Combine(repoRoot, "src", "HiMar.Cli", "bin", configuration, framework, "himar.dll")
-
-/// How a himar process ended.
-type private Outcome = { Code: int; Out: string; Err: string }
-
-let private startHimar (args: string list) =
-    let psi = ProcessStartInfo("dotnet", himarDll :: args)
-    psi.RedirectStandardOutput <- true
-    psi.RedirectStandardError <- true
-    psi.Environment.["OMP_NUM_THREADS"] <- "1"
-    Process.Start psi |> nonNull
-
-/// Runs himar to the end (2 minutes at most).
-let private himar (args: string list) =
-    use p = startHimar args
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-
-    if not (p.WaitForExit(TimeSpan.FromMinutes 2.0)) then
-        p.Kill true
-        failtestf "himar %s did not finish in 2 minutes" (String.Join(" ", args))
-
-    {
-        Code = p.ExitCode
-        Out = out.Result
-        Err = err.Result
-    }
-
 /// A failure as the issue asks: the exit code, one `himar: ` line holding the fragment, no stack trace.
-let private expectFailure (o: Outcome) (code: int) (fragment: string) =
+let private expectFailure (o: HimarRun) (code: int) (fragment: string) =
     Expect.equal o.Code code (sprintf "exit code (stderr: %s)" o.Err)
     let lines = o.Err.Split('\n') |> Array.filter (fun l -> l.Trim() <> "")
     Expect.equal lines.Length 1 (sprintf "one line on stderr: %s" o.Err)

@@ -144,10 +144,33 @@ let tests =
 
                     Expect.equal first.Reused 0 "nothing to reuse"
 
+                    let reported = Collections.Generic.List<int * int>()
+
                     let second =
-                        EvalJob.Run(m, Path.Combine(models, "fashion"), true, clf, stats, 14, options, 0L, dir)
+                        EvalJob.Run(
+                            m,
+                            Path.Combine(models, "fashion"),
+                            true,
+                            clf,
+                            stats,
+                            14,
+                            options,
+                            0L,
+                            dir,
+                            progress = (fun d total -> reported.Add((d, total)))
+                        )
 
                     Expect.equal second.Reused 10 "the first ten images are reused"
+                    let counts = reported |> Seq.map fst |> List.ofSeq
+                    Expect.isTrue (reported |> Seq.forall (fun (_, total) -> total = 14)) "counted out of 14"
+                    Expect.equal counts (List.sort counts) "never goes back"
+                    Expect.equal (List.last counts) 14 "reaches every image"
+
+                    Expect.equal
+                        (List.distinct counts)
+                        [ 10; 11; 12; 13; 14 ]
+                        "moves image by image within the one batch of 4, from the 10 reused"
+
                     Expect.equal (Directory.GetFiles(Path.Combine(dir, "images")).Length) 14 "images"
                     let json = File.ReadAllText(Path.Combine(dir, "eval.json"))
 

@@ -33,6 +33,22 @@ let tests =
     testList
         "Sampling"
         [
+            test "progress counts the generation steps of both phases alike, split by their diffusion steps" {
+                // 4 phase-1 steps and 8 phase-2 steps: 12 generation steps in the run.
+                let at phase step steps diffusion =
+                    SamplerProgress(phase, step, steps, diffusion, 10).FractionOfRun(4, 8)
+
+                Expect.floatClose Accuracy.veryHigh (at 1 0 4 1) (0.1 / 12.0) "first diffusion step"
+                Expect.floatClose Accuracy.veryHigh (at 1 1 4 10) (2.0 / 12.0) "end of phase 1's second step"
+                Expect.floatClose Accuracy.veryHigh (at 2 3 8 5) (7.5 / 12.0) "halfway through phase 2's fourth step"
+                Expect.equal (at 2 7 8 10) 1.0 "the last diffusion step ends the run"
+
+                Expect.equal
+                    (SamplerProgress(2, 1, 2, 5, 10).FractionOfRun(0, 2))
+                    0.75
+                    "without pivots only phase 2 counts"
+            }
+
             test "image i of a seeded run is the same whatever the batch size" {
                 use noise3 = new SeededNoise(42L, 0L, 3)
                 use all = sample [| 1L; 2L; 3L |] noise3
