@@ -62,12 +62,6 @@ public static class EvalJob
         return t.to(ScalarType.Float32) / 127.5 - 1.0;
     }
 
-    /// <summary>The images of a sampler batch of <paramref name="batch"/> images to count as done at
-    /// <paramref name="p"/>: the batch's share of the run done, rounded down (the whole batch once its last
-    /// diffusion step is taken).</summary>
-    public static int ImagesDone(SamplerProgress p, int batch, int phase1Steps, int phase2Steps) =>
-        (int)Math.Floor(batch * p.FractionOfRun(phase1Steps, phase2Steps) + 1e-9);
-
     /// <summary>Runs the evaluation into <paramref name="outDir"/> (images/ and eval.json); <paramref name="tokenizer"/>
     /// decodes the tokens (default: Fashion-MNIST's pixel patches).</summary>
     public static EvalResult Run(HiMAR model, string checkpoint, bool ema, FashionClassifier classifier, string statsPath, int count, SamplerOptions options,
@@ -120,7 +114,7 @@ public static class EvalJob
                     : Condition.NewLabels(torch.tensor(idx.Select(i => labels[i]).ToArray()));
                 var before = done;
                 using var r = HiMarSampler.Sample(model, condition, noise, options,
-                    p => progress?.Invoke(before + ImagesDone(p, idx.Count, phase1Steps, options.Phase2Steps), count));
+                    p => progress?.Invoke(before + p.ImagesDone(idx.Count, phase1Steps, options.Phase2Steps), count));
                 var pictures = Imaging.Images.FromTensor(tokenizer.Decode(r.Dense));
                 for (var k = 0; k < idx.Count; k++)
                 {

@@ -134,6 +134,11 @@ public readonly record struct SamplerProgress(int Phase, int Step, int Steps, in
         var within = DiffusionSteps > 0 ? (double)DiffusionStep / DiffusionSteps : 1.0;
         return Math.Clamp((before + Step + within) / total, 0.0, 1.0);
     }
+
+    /// <summary>The images of a sampler batch of <paramref name="batch"/> images to count as done: the batch's share of
+    /// the run done, rounded down (the whole batch once its last diffusion step is taken).</summary>
+    public int ImagesDone(int batch, int phase1Steps, int phase2Steps) =>
+        (int)Math.Floor(batch * FractionOfRun(phase1Steps, phase2Steps) + 1e-9);
 }
 
 /// <summary>One generation step as it happened.</summary>

@@ -61,7 +61,8 @@ public static class SampleJob
     /// <summary>The most images one request makes: every tile of the grid is held in memory until it is drawn.</summary>
     public const int MaxImages = 10000;
 
-    /// <summary>Runs the request. <paramref name="progress"/> gets (images done, sampler progress).</summary>
+    /// <summary>Runs the request. <paramref name="progress"/> gets (images done, counting a batch's share as its steps
+    /// are taken; sampler progress).</summary>
     public static SampleOutput Run(HiMAR model, ITokenizer vae, SampleRequest request, Action<int, SamplerProgress>? progress = null)
     {
         var text = model.Config.Text.Conditioning == Conditioning.Text;
@@ -95,6 +96,8 @@ public static class SampleJob
         var options = request.Options with { KeepIntermediates = request.Explain };
         try
         {
+            // Images count as done within a batch too: the sampler's steps scaled to the batch's images.
+            var phase1Steps = model.Config.PivotTokens > 0 ? options.Phase1Steps ?? model.Config.Phase1Steps : 0;
             for (var start = 0; start < request.Count; start += request.BatchSize)
             {
                 var count = Math.Min(request.BatchSize, request.Count - start);
@@ -102,7 +105,8 @@ public static class SampleJob
                 using var noise = new SeededNoise(request.Seed, start, count);
                 var condition = all.Narrow(start, count);
                 var done = start;
-                using var result = HiMarSampler.Sample(model, condition, noise, options, p => progress?.Invoke(done, p));
+                using var result = HiMarSampler.Sample(model, condition, noise, options,
+                    p => progress?.Invoke(done + p.ImagesDone(count, phase1Steps, options.Phase2Steps), p));
                 var images = Images.FromTensor(vae.Decode(result.Dense, options.Precision));
                 for (var i = 0; i < count; i++)
                 {

@@ -143,10 +143,20 @@ let tests =
                             Options = quick
                         )
 
+                    let counts = ResizeArray<int>()
+
                     let out =
-                        SampleJob.Run(fixture.Force().Model, HiMar.Runtime.Data.VaeTokenizer vae, request)
+                        SampleJob.Run(
+                            fixture.Force().Model,
+                            HiMar.Runtime.Data.VaeTokenizer vae,
+                            request,
+                            fun images _ -> counts.Add images
+                        )
 
                     Expect.equal out.Images.Count 3 "images"
+                    // Batches of 2 and 1: the count moves within the first batch (1 image) before it ends (2), and ends at 3.
+                    Expect.equal (counts |> Seq.distinct |> List.ofSeq) [ 0; 1; 2; 3 ] "progress in images"
+                    Expect.isTrue (counts |> Seq.pairwise |> Seq.forall (fun (a, b) -> b >= a)) "never backwards"
 
                     Expect.equal
                         (out.Images |> Seq.map Path.GetFileName |> List.ofSeq)
