@@ -125,13 +125,9 @@ let run (args: ParseResults<TrainArgs>) =
             threads
             (if threads = 1 then "" else "s")
 
-        if
-            config.Backbone.AttentionDropout > 0.0
-            || config.Backbone.ProjectionDropout > 0.0
-        then
-            eprintfn
-                "himar: warning: dropout masks are drawn per rank from the shared generator (ranks share masks); %s"
-                "the N-rank run no longer equals one process of the global batch exactly"
+        match HiMar.Runtime.Training.TrainingSetup.DataParallelWarning(config, comm.Size) with
+        | NonNull w -> eprintfn "himar: warning: %s" w
+        | Null -> ()
 
     let data =
         HiMar.Runtime.Training.TrainingData(

@@ -33,6 +33,14 @@ public sealed record TrainingData
 /// </summary>
 public static class TrainingSetup
 {
+    /// <summary>What a data-parallel run of <paramref name="config"/> over <paramref name="ranks"/> processes should be
+    /// warned of, or null: dropout masks come from the generator every rank shares, so ranks draw the same masks and
+    /// the run no longer equals one process on the global batch.</summary>
+    public static string? DataParallelWarning(HiMarConfig config, int ranks) =>
+        ranks > 1 && (config.Backbone.AttentionDropout > 0.0 || config.Backbone.ProjectionDropout > 0.0)
+            ? "dropout masks are drawn per rank from the shared generator (ranks share masks); the N-rank run no longer equals one process of the global batch exactly"
+            : null;
+
     /// <summary>A trainer for <paramref name="config"/> on <paramref name="data"/>, resumed from the run folder when <paramref name="resume"/>.</summary>
     public static Trainer Create(HiMarConfig config, TrainingData data, TrainOptions options, bool resume, ICommunicator communicator)
     {
