@@ -35,6 +35,7 @@ let main argv =
                 TrainingTests.cacheTests
                 VaeTrainerTests.tests
                 VaeTrainerTests.paddedTests
+                ModelTraitsTests.tests
                 EvaluationTests.tests
                 AblationTests.tests
                 TextTests.tokenizerTests

@@ -75,15 +75,16 @@ public static class TrainingSetup
         ICaptionSource? captions = data.EmbeddingsDir is { } emb
             ? CaptionEmbeddings.Open(emb, CaptionTexts.FashionMnistKeys(images.Count))
             : config.Text.Conditioning == Conditioning.Text ? CaptionTexts.FashionMnist(images.Labels) : null;
-        var tokenizer = data.VaePath is { } vaePath ? OnVae(config, vaePath, options) : PixelPatchTokenizer.Fashion;
+        var tokenizer = data.VaePath != null ? LatentTokenizer(config, data, options) : PixelPatchTokenizer.Fashion;
         return new Trainer(config, images, tokenizer, options, resume, communicator, captions);
     }
 
     /// <summary>Latent tokens of Fashion-MNIST through an autoencoder encoded on the fly; the autoencoder is copied into
     /// the run folder (<see cref="ModelTraits.BundledVaeFile"/>) so that its checkpoints sample and evaluate without
     /// --vae.</summary>
-    static ITokenizer OnVae(HiMarConfig config, string vaePath, TrainOptions options)
+    public static ITokenizer LatentTokenizer(HiMarConfig config, TrainingData data, TrainOptions options)
     {
+        var vaePath = data.VaePath ?? throw new BadInputException("--vae: training on Fashion-MNIST latents needs the autoencoder.");
         var tokenizer = ModelTraits.Tokenizer(config, null, vaePath)!;
         var file = Directory.Exists(vaePath) ? Path.Combine(vaePath, "weights.safetensors") : vaePath;
         if (!file.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) || !File.Exists(file))

@@ -2,6 +2,7 @@
 /// scale and a short training run.
 module HiMar.Tests.VaeTrainerTests
 
+open System.IO
 open Expecto
 open TorchSharp
 open HiMar.Model
@@ -102,6 +103,29 @@ let tests =
                 Expect.equal losses.Count 4 "a report every 10 steps"
                 Expect.isLessThan report.TestMse (mse0 / 3.0) "reconstruction improved"
                 Expect.floatClose Accuracy.medium report.TestPsnr (10.0 * log10 (1.0 / report.TestMse)) "PSNR"
+
+                withTempDir (fun dir ->
+                    VaeTrainer.WriteRun(dir, vae, VaeTrainingOptions(Steps = 40), report, data)
+
+                    let json =
+                        nonNull (
+                            System.Text.Json.Nodes.JsonNode.Parse(
+                                File.ReadAllText(Path.Combine(dir, "train-vae.json"))
+                            )
+                        )
+
+                    Expect.equal ((nonNull json.["test_psnr_db"]).GetValue<float>()) report.TestPsnr "report written"
+                    Expect.equal ((nonNull json.["latent_channels"]).GetValue<int>()) 4 "latent channels written"
+                    Expect.isTrue (File.Exists(Path.Combine(dir, "reconstructions.png"))) "picture"
+                    // The VAE loader reads the folder as it is (layout from the shapes, the scale folded in).
+                    use loaded = ReferenceImport.LoadVae dir
+                    use _noGrad = torch.no_grad ()
+
+                    let x =
+                        VaeTrainer.Pad((data :> IImageDataset).Batch([| 0..3 |], Array.zeroCreate 4), 32)
+
+                    let diff = (loaded.forward x - vae.forward x).abs().max().item<float32> ()
+                    Expect.isLessThan diff 1e-5f "the same reconstructions")
             }
 
             test "a non-positive step count is refused with the flag's name" {
