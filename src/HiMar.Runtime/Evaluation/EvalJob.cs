@@ -138,7 +138,7 @@ public static class EvalJob
         {
             var rows = Enumerable.Range(0, count).Where(i => labels[i] == c).ToList();
             if (rows.Count > 0)
-                perClass[c < IdxDataset.FashionClasses.Count ? IdxDataset.FashionClasses[c] : $"class {c}"] = rows.Average(i => hits[i]);
+                perClass[Catalog.ModelTraits.LabelText(model.Config, c)] = rows.Average(i => hits[i]);
         }
         var report = new JsonObject
         {

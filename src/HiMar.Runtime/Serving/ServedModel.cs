@@ -93,8 +93,7 @@ public sealed class ServedModel : IDisposable
         var c = model.Config;
         PixelModel = Catalog.ModelTraits.UsesPixelPatches(c);
         ClassNames = c.Text.Conditioning == Conditioning.Text ? []
-            : c.Backbone.ClassCount == 10 && PixelModel ? IdxDataset.FashionClasses
-            : Enumerable.Range(0, c.Backbone.ClassCount).Select(i => $"class {i}").ToList();
+            : Enumerable.Range(0, c.Backbone.ClassCount).Select(i => Catalog.ModelTraits.LabelText(c, i)).ToList();
         Parts = Architecture.Describe(model, tokenizer);
     }
 

@@ -292,7 +292,7 @@ public sealed partial class Trainer : IDisposable
                 ? Condition.NewLabels(torch.tensor(labels))
                 : captions.Batch(ema, examples, examples.Select(Shortest).ToArray());
             var names = captions == null
-                ? labels.Select(x => $"class {x}").ToList()
+                ? labels.Select(x => Catalog.ModelTraits.LabelText(model.Config, x)).ToList()
                 : examples.Select(e => captions.Text(e, Shortest(e)) ?? $"example {e}").ToList();
             using var noise = new SeededNoise(options.Seed, 0, count);
             // Pixel-space tokens are bounded: clamp predicted x0 as guided diffusion does for pixels.
