@@ -17,18 +17,20 @@ open HiMar.Runtime.Text
 open HiMar.Runtime.Training
 open HiMar.Tests.TestUtil
 
-/// The training tests' tiny model, conditioned on captions through a tiny built-in encoder.
+/// The training tests' tiny model with the fashion-text preset's conditioning (captions, buffer, mask rule) through
+/// a tiny built-in encoder.
 let tinyText =
+    let preset = HiMarConfig.fashionText
+
     { TrainingTests.tinyConfig with
-        Backbone.BufferSize = 12
-        Text.Conditioning = Conditioning.Text
-        Text.Encoder = TextEncoderKind.Builtin
-        Text.NullContext = NullContextKind.Empty
-        Training.MaskRule = MaskRatioRule.Beta41
-        Text.Vocabulary = FashionCaptions.vocabulary
-        Text.Width = 16
-        Text.Depth = 1
-        Text.Heads = 2
+        Backbone.BufferSize = preset.Backbone.BufferSize
+        Training.MaskRule = preset.Training.MaskRule
+        Text =
+            { preset.Text with
+                Width = 16
+                Depth = 1
+                Heads = 2
+            }
     }
 
 /// The same with an external encoder's 12 x 16 context.
