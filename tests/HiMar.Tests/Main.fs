@@ -37,6 +37,7 @@ let main argv =
                 VaeTrainerTests.paddedTests
                 ModelTraitsTests.tests
                 EvaluationTests.tests
+                ShippedModelTests.tests
                 AblationTests.tests
                 TextTests.tokenizerTests
                 TextTests.modelTests

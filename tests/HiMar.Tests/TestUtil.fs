@@ -241,17 +241,27 @@ let himarDll =
 /// How a himar process ended: its exit code and what it wrote.
 type HimarRun = { Code: int; Out: string; Err: string }
 
-/// Starts himar as a child process with stdout and stderr redirected (not a terminal), one OpenMP thread.
-let startHimar (args: string list) =
+/// Starts himar as a child process with stdout and stderr redirected (not a terminal), one OpenMP thread, and
+/// the environment changes `env` (a variable to a value, or None to remove it).
+let startHimarWith (env: (string * string option) list) (args: string list) =
     let psi = ProcessStartInfo("dotnet", himarDll :: args)
     psi.RedirectStandardOutput <- true
     psi.RedirectStandardError <- true
     psi.Environment.["OMP_NUM_THREADS"] <- "1"
+
+    for name, value in env do
+        match value with
+        | Some v -> psi.Environment.[name] <- v
+        | None -> psi.Environment.Remove name |> ignore
+
     Process.Start psi |> nonNull
 
-/// Runs himar to the end (2 minutes at most; the test fails after that).
-let himar (args: string list) =
-    use p = startHimar args
+/// Starts himar as a child process with stdout and stderr redirected (not a terminal), one OpenMP thread.
+let startHimar (args: string list) = startHimarWith [] args
+
+/// Runs himar to the end with the environment changes `env` (2 minutes at most; the test fails after that).
+let himarWith (env: (string * string option) list) (args: string list) =
+    use p = startHimarWith env args
     let out = p.StandardOutput.ReadToEndAsync()
     let err = p.StandardError.ReadToEndAsync()
 
@@ -264,3 +274,6 @@ let himar (args: string list) =
         Out = out.Result
         Err = err.Result
     }
+
+/// Runs himar to the end (2 minutes at most; the test fails after that).
+let himar (args: string list) = himarWith [] args

@@ -82,6 +82,13 @@ let run (args: ParseResults<InfoArgs>) =
         row "threads" (string e.Threads)
 
         row
+            "OpenMP wait"
+            (if e.WaitPolicy.SetByHimar then
+                 sprintf "%s (set by himar: OMP_WAIT_POLICY was unset)" e.WaitPolicy.Value
+             else
+                 sprintf "%s (OMP_WAIT_POLICY from the environment)" e.WaitPolicy.Value)
+
+        row
             "native patch"
             (match e.Glue.Path with
              | null -> "no libLibTorchSharp.so beside the application"

@@ -7,6 +7,7 @@ open System.Text
 open Expecto
 open TorchSharp
 open HiMar.Runtime.Native
+open HiMar.Tests.TestUtil
 
 /// A minimal 64-bit little-endian ELF image with a string table and a `.gnu.version_r` section:
 /// libc.so.6 needs GLIBC_2.34; libstdc++.so.6 needs GLIBCXX_3.4.30 and GLIBCXX_3.4.32.
@@ -222,6 +223,18 @@ let tests =
                 let u = updated.data<float>().ToArray()
                 Expect.floatClose Accuracy.high u[0] 0.4 "w0"
                 Expect.floatClose Accuracy.high u[1] 3.6 "w1"
+            }
+
+            test "himar sets OpenMP's wait policy to PASSIVE when the variable is unset, and says so" {
+                let r = himarWith [ "OMP_WAIT_POLICY", None ] [ "info"; "--no-probe" ]
+                Expect.equal r.Code 0 r.Err
+                Expect.stringContains r.Out "PASSIVE (set by himar: OMP_WAIT_POLICY was unset)" "info's wait row"
+            }
+
+            test "a wait policy the user set is kept and reported as theirs" {
+                let r = himarWith [ "OMP_WAIT_POLICY", Some "ACTIVE" ] [ "info"; "--no-probe" ]
+                Expect.equal r.Code 0 r.Err
+                Expect.stringContains r.Out "ACTIVE (OMP_WAIT_POLICY from the environment)" "info's wait row"
             }
 
             test "the matmul probe reports a positive GFLOP/s figure" {

@@ -1,0 +1,55 @@
+/// Tests of the shipped models in models/ (src/HiMar.Runtime/Catalog/ShippedModels.cs): what they generate is
+/// measured with the shipped classifier, through the same EvalJob as `himar eval`.
+module HiMar.Tests.ShippedModelTests
+
+open System.IO
+open Expecto
+open TorchSharp
+open HiMar.Runtime.Catalog
+open HiMar.Runtime.Checkpoints
+open HiMar.Runtime.Evaluation
+open HiMar.Runtime.Sampling
+open HiMar.Tests.TestUtil
+
+/// Class-balanced samples of the floor test: 10 per class.
+let private floorImages = 100
+
+/// The floor on the class accuracy of `floorImages` samples of models/fashion (seed 0, its sampling.json, fp32).
+/// The model that was shipped before this test scored 67% at N = 500; the current one scores FLOOR_MEASURED here.
+/// The draw is fixed (seed 0), so the number only moves with floating-point rounding between CPUs, which changes
+/// a few samples at most; the floor sits FLOOR_MARGIN below the measured value, several times that.
+let private accuracyFloor = 0.75
+
+let tests =
+    testList
+        "ShippedModels"
+        [
+            test
+                $"models/fashion's samples at N = 100 (seed 0, its sampling.json) are read as their class at least {accuracyFloor * 100.0:F0}%% of the time" {
+                withTempDir (fun dir ->
+                    let ckpt = ShippedModels.Find "fashion"
+                    use model = ReferenceImport.LoadModel(ckpt, true)
+                    let clfDir = ShippedModels.ClassifierDir
+                    use classifier = ClassifierRuns.Load clfDir
+                    let options = SamplerFlags().Over(SamplerDefaults.ForModel(ckpt, model.Config).Clipped())
+
+                    let result =
+                        EvalJob.Run(
+                            model,
+                            ckpt,
+                            true,
+                            classifier,
+                            Path.Combine(clfDir, "train-stats.npz"),
+                            floorImages,
+                            options,
+                            0L,
+                            Path.Combine(dir, "eval")
+                        )
+
+                    let metrics = nonNull result.Report.["metrics"]
+                    let acc = (nonNull metrics.["class_accuracy"]).GetValue<float>()
+                    let images = (nonNull result.Report.["images"]).GetValue<int>()
+                    Expect.equal images floorImages "images"
+                    Expect.isGreaterThanOrEqual acc accuracyFloor "class accuracy")
+            }
+        ]
