@@ -20,6 +20,7 @@ type HimarArgs =
     | [<CliPrefix(CliPrefix.None)>] Ablation of ParseResults<Ablation.AblationArgs>
     | [<CliPrefix(CliPrefix.None)>] Embed_Captions of ParseResults<EmbedCaptions.EmbedCaptionsArgs>
     | [<CliPrefix(CliPrefix.None)>] Plot_Loss of ParseResults<PlotLoss.PlotLossArgs>
+    | [<CliPrefix(CliPrefix.None)>] Plot_Quality of ParseResults<PlotQuality.PlotQualityArgs>
     | [<CliPrefix(CliPrefix.None)>] Serve of ParseResults<Serve.ServeArgs>
     | [<CliPrefix(CliPrefix.None)>] Train_Vae of ParseResults<TrainVae.TrainVaeArgs>
 
@@ -43,6 +44,8 @@ type HimarArgs =
             | Embed_Captions _ ->
                 "precompute caption embeddings (safetensors shards) with a text encoder, so training never runs it."
             | Plot_Loss _ -> "overlay the loss curves of several training runs in one PNG (e.g. fp32 against bf16)."
+            | Plot_Quality _ ->
+                "a run's quality curve: FD-FMNIST and class accuracy of eval folders against the images trained on."
             | Serve _ -> "a page on 127.0.0.1:8080 that shows the shipped models generate, step by step."
             | Train_Vae _ -> "train a small KL autoencoder on Fashion-MNIST (the tokenizer of latent models)."
 
@@ -70,6 +73,7 @@ let main argv =
             | Ablation a -> Ablation.run a
             | Embed_Captions a -> EmbedCaptions.run a
             | Plot_Loss a -> PlotLoss.run a
+            | Plot_Quality a -> PlotQuality.run a
             | Train_Vae a -> TrainVae.run a
             | Serve a -> Serve.run a
             | Bench a -> Bench.run a

@@ -18,6 +18,31 @@ let private stats (mu: float[]) (sigma: float[]) =
         torch.tensor(sigma, dtype = torch.float64).reshape (d, d)
     )
 
+/// Writes a training checkpoint's state.json (step, global batch) and an eval.json scoring it, as himar writes them.
+let private writeEval (root: string) (step: int) (fd: float) (acc: float) (images: int) =
+    let ckpt = Path.Combine(root, "run", "checkpoints", sprintf "step-%08d" step)
+    Directory.CreateDirectory ckpt |> ignore
+
+    File.WriteAllText(
+        Path.Combine(ckpt, "state.json"),
+        sprintf """{"step": %d, "data_position": {"epoch": 0, "global_batch": 64}}""" step
+    )
+
+    let dir = Path.Combine(root, sprintf "eval-%d" step)
+    Directory.CreateDirectory dir |> ignore
+
+    File.WriteAllText(
+        Path.Combine(dir, "eval.json"),
+        sprintf
+            """{"metrics": {"fd_fmnist": %g, "class_accuracy": %g}, "images": %d, "checkpoint": %s}"""
+            fd
+            acc
+            images
+            (Text.Json.JsonSerializer.Serialize ckpt)
+    )
+
+    dir
+
 let tests =
     testList
         "Evaluation"
@@ -43,6 +68,46 @@ let tests =
                 // Relative to the total variance (about 100 here), float64 eigenvalue rounding leaves ~1e-8.
                 let total = s.Sigma.trace().item<float> () * 2.0
                 Expect.isLessThan (abs (Metrics.FrechetDistance(s, s)) / total) 1e-7 "FD(x, x) relative to the variance"
+            }
+
+            test "a quality curve reads each eval folder's scores and its checkpoint's step x global batch, in training order" {
+                withTempDir (fun dir ->
+                    let late = writeEval dir 2000 40.5 0.8 200
+                    let early = writeEval dir 1000 60.25 0.6 200
+                    let r = QualityCurve.ReadAll [| late; early |]
+                    Expect.equal (r |> Seq.map (fun q -> q.Step) |> List.ofSeq) [ 1000; 2000 ] "sorted by step"
+                    Expect.equal r.[0].Point.TrainingImages 64000.0 "1000 steps x 64"
+                    Expect.equal (r.[1].Point.Fd, r.[1].Point.Accuracy) (40.5, 0.8) "scores of step 2000")
+            }
+
+            test "a quality curve refuses evaluations at different N, and an eval whose checkpoint has no state.json" {
+                withTempDir (fun dir ->
+                    let a = writeEval dir 1000 60.0 0.6 200
+                    let b = writeEval dir 2000 40.0 0.8 500
+
+                    let e = catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.ReadAll [| a; b |] |> ignore)
+
+                    Expect.stringContains e.Message "different sample counts (200, 500)" "names the counts"
+                    File.Delete(Path.Combine(dir, "run", "checkpoints", "step-00001000", "state.json"))
+                    let e2 = catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.Read a |> ignore)
+                    Expect.stringContains e2.Message "has no state.json beside it" "names the missing file"
+                    Expect.stringContains e2.Message "eval.json" "names the eval file")
+            }
+
+            test "himar plot-quality draws the curve of two eval folders and answers a folder without eval.json with one line and exit 2" {
+                withTempDir (fun dir ->
+                    let a = writeEval dir 1000 60.0 0.6 200
+                    let b = writeEval dir 2000 40.0 0.8 200
+                    let png = Path.Combine(dir, "q.png")
+                    let r = himar [ "plot-quality"; a; b; "-o"; png ]
+                    Expect.equal r.Code 0 r.Err
+                    Expect.stringContains r.Out "step 2000 (128000 images): FD-FMNIST 40.00, class accuracy 80.0%" "summary"
+                    Expect.isGreaterThan (FileInfo(png).Length) 1000L "a PNG"
+                    let bad = himar [ "plot-quality"; a; dir; "-o"; Path.Combine(dir, "r.png") ]
+                    Expect.equal bad.Code 2 bad.Err
+                    Expect.stringContains bad.Err "no eval.json" "names the problem"
+                    Expect.equal (bad.Err.Trim().Split('\n').Length) 1 "one line"
+                    Expect.isFalse (File.Exists(Path.Combine(dir, "r.png"))) "nothing written")
             }
 
             test "the Inception Score is 1 for uniform predictions and the class count for confident, balanced ones" {
