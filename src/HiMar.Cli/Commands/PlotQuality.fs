@@ -30,7 +30,11 @@ let run (args: ParseResults<PlotQualityArgs>) =
     let title =
         args.GetResult(Title, defaultValue = sprintf "FD-FMNIST and class accuracy, N = %d" n)
 
-    HiMar.Runtime.Imaging.Charts.SaveQuality(out, title, readings |> Seq.map (fun r -> r.Point) |> Collections.Generic.List)
+    HiMar.Runtime.Imaging.Charts.SaveQuality(
+        out,
+        title,
+        readings |> Seq.map (fun r -> r.Point) |> Collections.Generic.List
+    )
 
     for r in readings do
         printfn

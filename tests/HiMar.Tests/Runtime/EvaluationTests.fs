@@ -70,7 +70,8 @@ let tests =
                 Expect.isLessThan (abs (Metrics.FrechetDistance(s, s)) / total) 1e-7 "FD(x, x) relative to the variance"
             }
 
-            test "a quality curve reads each eval folder's scores and its checkpoint's step x global batch, in training order" {
+            test
+                "a quality curve reads each eval folder's scores and its checkpoint's step x global batch, in training order" {
                 withTempDir (fun dir ->
                     let late = writeEval dir 2000 40.5 0.8 200
                     let early = writeEval dir 1000 60.25 0.6 200
@@ -85,23 +86,33 @@ let tests =
                     let a = writeEval dir 1000 60.0 0.6 200
                     let b = writeEval dir 2000 40.0 0.8 500
 
-                    let e = catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.ReadAll [| a; b |] |> ignore)
+                    let e =
+                        catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.ReadAll [| a; b |] |> ignore)
 
                     Expect.stringContains e.Message "different sample counts (200, 500)" "names the counts"
                     File.Delete(Path.Combine(dir, "run", "checkpoints", "step-00001000", "state.json"))
-                    let e2 = catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.Read a |> ignore)
+
+                    let e2 =
+                        catchT<HiMar.Runtime.BadInputException> (fun () -> QualityCurve.Read a |> ignore)
+
                     Expect.stringContains e2.Message "has no state.json beside it" "names the missing file"
                     Expect.stringContains e2.Message "eval.json" "names the eval file")
             }
 
-            test "himar plot-quality draws the curve of two eval folders and answers a folder without eval.json with one line and exit 2" {
+            test
+                "himar plot-quality draws the curve of two eval folders and answers a folder without eval.json with one line and exit 2" {
                 withTempDir (fun dir ->
                     let a = writeEval dir 1000 60.0 0.6 200
                     let b = writeEval dir 2000 40.0 0.8 200
                     let png = Path.Combine(dir, "q.png")
                     let r = himar [ "plot-quality"; a; b; "-o"; png ]
                     Expect.equal r.Code 0 r.Err
-                    Expect.stringContains r.Out "step 2000 (128000 images): FD-FMNIST 40.00, class accuracy 80.0%" "summary"
+
+                    Expect.stringContains
+                        r.Out
+                        "step 2000 (128000 images): FD-FMNIST 40.00, class accuracy 80.0%"
+                        "summary"
+
                     Expect.isGreaterThan (FileInfo(png).Length) 1000L "a PNG"
                     let bad = himar [ "plot-quality"; a; dir; "-o"; Path.Combine(dir, "r.png") ]
                     Expect.equal bad.Code 2 bad.Err

@@ -31,7 +31,9 @@ let tests =
                     use model = ReferenceImport.LoadModel(ckpt, true)
                     let clfDir = ShippedModels.ClassifierDir
                     use classifier = ClassifierRuns.Load clfDir
-                    let options = SamplerFlags().Over(SamplerDefaults.ForModel(ckpt, model.Config).Clipped())
+
+                    let options =
+                        SamplerFlags().Over(SamplerDefaults.ForModel(ckpt, model.Config).Clipped())
 
                     let result =
                         EvalJob.Run(
