@@ -92,7 +92,20 @@ let tests =
                 [
                     test "a request without parameters takes the model folder's sampling.json" {
                         let s = fashion.Force().Parse(query [])
-                        Expect.equal (s.Guidance1, s.Guidance2, s.Temperature) (3.0, 3.0, 0.9) "sampling.json"
+
+                        use shipped =
+                            Text.Json.JsonDocument.Parse(
+                                File.ReadAllText(Path.Combine(repoRoot, "models", "fashion", "sampling.json"))
+                            )
+
+                        let number (name: string) =
+                            shipped.RootElement.GetProperty(name).GetDouble()
+
+                        Expect.equal
+                            (s.Guidance1, s.Guidance2, s.Temperature)
+                            (number "cfg", number "re_cfg", number "temperature")
+                            "sampling.json"
+
                         Expect.equal (s.Steps1, s.Steps2, s.Label) (16, 4, 0L) "steps and class"
                     }
 
