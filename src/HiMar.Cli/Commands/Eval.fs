@@ -50,11 +50,11 @@ type EvalArgs =
             | Weights _ -> WeightsHelp
             | N _ -> "class-balanced samples (default 1000); images already in the output folder are reused."
             | Cfg _ ->
-                "phase-2 (dense-token) guidance scale, 1 = off (default: the model's sampling.json, 3 for the shipped models; 1 without one)."
+                "phase-2 (dense-token) guidance scale, 1 = off (default: the model's sampling.json, 7 for the shipped models; 1 without one)."
             | Re_Cfg _ ->
-                "phase-1 (pivot) guidance scale, 1 = off (default: the model's sampling.json, 3 for the shipped models; 1 without one)."
+                "phase-1 (pivot) guidance scale, 1 = off (default: the model's sampling.json, 7 for the shipped models; 1 without one)."
             | Temperature _ ->
-                "sampling temperature (default: the model's sampling.json, 0.9 for the shipped models; 1 without one)."
+                "sampling temperature (default: the model's sampling.json, 1.0 for the shipped models; 1 without one)."
             | Num_Iter _ ->
                 "phase-2 steps (default: the model's sampling.json, 4 for the shipped models; 4 without one)."
             | Phase1_Steps _ ->

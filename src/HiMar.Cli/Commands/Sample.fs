@@ -62,15 +62,15 @@ type SampleArgs =
                 "this many random classes (from the seed) instead of --classes; with a text model, images per caption (default 6 with --preset and no --prompt, 8 with --preset and --prompt, else 1)."
             | Per_Class _ -> "images per class (default 6 with --preset, else 1)."
             | Cfg _ ->
-                "phase-2 (dense-token) guidance scale, 1 = off (default: the model's sampling.json, 3 for the shipped models; 1 without one)."
+                "phase-2 (dense-token) guidance scale, 1 = off (default: the model's sampling.json, 7 for the shipped models; 1 without one)."
             | Re_Cfg _ ->
-                "phase-1 (pivot) guidance scale, 1 = off (default: the model's sampling.json, 3 for the shipped models; 1 without one)."
+                "phase-1 (pivot) guidance scale, 1 = off (default: the model's sampling.json, 7 for the shipped models; 1 without one)."
             | Guidance _ -> "full (default), no-phase2 (the paper's 'without CFG': phase 2 unguided) or off."
             | Schedule _ ->
                 "how guidance grows over the steps: linear (default) or constant (phase 2, and phase 1 unless --re-schedule)."
             | Re_Schedule _ -> "the phase-1 guidance schedule: linear or constant (default: as --schedule)."
             | Temperature _ ->
-                "sampling temperature (default: the model's sampling.json, 0.9 for the shipped models; 1 without one)."
+                "sampling temperature (default: the model's sampling.json, 1.0 for the shipped models; 1 without one)."
             | Num_Iter _ ->
                 "phase-2 steps (default: the model's sampling.json, 4 for the shipped models; 4 without one)."
             | Phase1_Steps _ ->

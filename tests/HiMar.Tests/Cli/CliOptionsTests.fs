@@ -266,7 +266,7 @@ let tests =
 
                 Expect.stringContains
                     flat
-                    "(default: the model's sampling.json, 3 for the shipped models; 1 without one)"
+                    "(default: the model's sampling.json, 7 for the shipped models; 1 without one)"
                     "--cfg"
 
                 Expect.stringContains flat "(default: <preset>.png with --preset, else samples/)" "--out"
