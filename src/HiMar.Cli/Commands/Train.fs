@@ -32,6 +32,7 @@ type TrainArgs =
     | Sample_Every of steps: int
     | Log_Every of steps: int
     | Resume
+    | Init of path: string
     | Captions of file: string
     | Embeddings of dir: string
     | Device of device: string
@@ -72,6 +73,8 @@ type TrainArgs =
             | Log_Every _ -> "metrics every N steps (default 10)."
             | Device _ -> "cpu (default; training runs on the CPU in this version)."
             | Resume -> "continue from the newest checkpoint of the run folder, exactly."
+            | Init _ ->
+                "fine-tune: start from the weights of a model folder (models/fashion), training checkpoint folder (its EMA weights) or .pth of the same model, with a fresh optimiser, schedule and EMA; ignored when --resume finds a checkpoint."
 
 
 /// Runs `himar train`.
@@ -110,6 +113,7 @@ let run (args: ParseResults<TrainArgs>) =
             KeepLast = args.GetResult(Keep, defaultValue = 3),
             SampleEvery = args.GetResult(Sample_Every, defaultValue = 500),
             LogEvery = args.GetResult(Log_Every, defaultValue = 10),
+            InitFrom = Option.toObj (args.TryGetResult Init),
             Precision = precisionOn (args.GetResult(TrainArgs.Precision, defaultValue = "fp32")) TorchSharp.torch.CPU
         )
 

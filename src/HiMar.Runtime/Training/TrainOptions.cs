@@ -59,6 +59,11 @@ public sealed record TrainOptions
     /// <summary>Metrics line every this many steps.</summary>
     public int LogEvery { get; init; } = 10;
 
+    /// <summary>A model folder, training checkpoint folder or `.pth` whose weights (EMA weights where it has them)
+    /// start a fresh run instead of the seeded initialisation: fine-tuning. The optimiser state, step count and EMA
+    /// start afresh; a resumed run ignores it.</summary>
+    public string? InitFrom { get; init; }
+
     /// <summary>The run folder: checkpoints/, samples/, metrics.jsonl, loss.png.</summary>
     public required string OutDir { get; init; }
 
@@ -71,6 +76,9 @@ public sealed record TrainOptions
 
     /// <summary>A copy keeping <paramref name="keep"/> checkpoints.</summary>
     public TrainOptions WithKeep(int keep) => this with { KeepLast = keep };
+
+    /// <summary>A copy starting from the weights of <paramref name="path"/> (see <see cref="InitFrom"/>).</summary>
+    public TrainOptions WithInit(string path) => this with { InitFrom = path };
 
     /// <summary>A copy training in <paramref name="precision"/>.</summary>
     public TrainOptions WithPrecision(Precision precision) => this with { Precision = precision };

@@ -80,6 +80,9 @@ public sealed partial class Trainer : IDisposable
         torch.manual_seed(options.Seed);
         model = new HiMAR(config);
         Init.HiMar(model);
+        // Fine-tuning: checked and loaded before anything is written (a resumed checkpoint overwrites it below).
+        if (comm.IsRoot() && options.InitFrom is { } init)
+            InitialiseFrom(init);
         ema = new HiMAR(config);
         average = new Ema(model, ema, options.EmaRate);
         ema.eval();

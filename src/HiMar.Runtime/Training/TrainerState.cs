@@ -83,6 +83,42 @@ public sealed partial class Trainer
         return null;
     }
 
+    /// <summary>Copies the weights of <paramref name="path"/> (see <see cref="TrainOptions.InitFrom"/>) into the model;
+    /// their names and shapes must be the model's.</summary>
+    void InitialiseFrom(string path)
+    {
+        if (!File.Exists(path) && !Directory.Exists(path))
+            throw new BadInputException($"--init: {path}: no such model folder, checkpoint folder or .pth file.");
+        HiMAR source;
+        try
+        {
+            source = ReferenceImport.LoadModel(path, useEma: true);
+        }
+        catch (Exception e) when (e is HiMarException or JsonException or IOException or InvalidOperationException or FormatException
+            or KeyNotFoundException or ArgumentException)
+        {
+            throw new BadInputException($"--init: {Failures.OneLine(e.Message)}", e);
+        }
+        using (source)
+        {
+            var from = source.state_dict();
+            var to = model.state_dict();
+            foreach (var (name, t) in to)
+            {
+                if (!from.TryGetValue(name, out var f))
+                    throw new BadInputException($"--init: {path}: has no weight '{name}'; its model is not this run's model (compare its config.json with the preset or --config).");
+                if (!f.shape.SequenceEqual(t.shape))
+                    throw new BadInputException($"--init: {path}: '{name}' is [{string.Join(", ", f.shape)}] there and [{string.Join(", ", t.shape)}] in this run's model; its model is not this run's model.");
+            }
+            foreach (var name in from.Keys)
+                if (!to.ContainsKey(name))
+                    throw new BadInputException($"--init: {path}: has a weight '{name}' this run's model lacks; its model is not this run's model.");
+            using var noGrad = torch.no_grad();
+            foreach (var (name, t) in to)
+                t.copy_(from[name]);
+        }
+    }
+
     /// <summary>Drops the metrics lines after the step the run starts from (steps a killed run logged and this one
     /// repeats) and unreadable ones (a line cut by the kill); the loss curve continues from the lines kept.</summary>
     void TrimMetrics()

@@ -461,6 +461,34 @@ let cliTests =
                     Expect.isEmpty (Directory.GetFileSystemEntries tmp) "nothing written")
             }
 
+            test "train --init: a missing path or another model's weights is one line, exit 2, no run folder" {
+                withTempDir (fun tmp ->
+                    let out = Path.Combine(tmp, "run")
+
+                    let missing =
+                        himar [ "train"; "--init"; Path.Combine(tmp, "nope"); "--steps"; "1"; "-o"; out ]
+
+                    expectFailure missing 2 "--init: "
+                    Expect.stringContains missing.Err "no such model folder" "says what is wrong"
+
+                    let other =
+                        himar
+                            [
+                                "train"
+                                "--preset"
+                                "fashion-text"
+                                "--init"
+                                Path.Combine(repoRoot, "models", "fashion")
+                                "--steps"
+                                "1"
+                                "-o"
+                                out
+                            ]
+
+                    expectFailure other 2 "in this run's model; its model is not this run's model"
+                    Expect.isEmpty (Directory.GetFileSystemEntries tmp) "nothing written")
+            }
+
             test "prompts: an empty one is refused, a long one with control characters is quoted short" {
                 withTempDir (fun tmp ->
                     let png = Path.Combine(tmp, "g.png")

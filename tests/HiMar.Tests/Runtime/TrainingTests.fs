@@ -122,6 +122,74 @@ let tests =
                     Expect.isTrue (File.Exists(Path.Combine(straight, "loss.png"))) "loss curve")
             }
 
+            test
+                "--init starts a fresh run from another run's EMA weights; a model of other shapes is refused before anything is written" {
+                withTempDir (fun dir ->
+                    let first = Path.Combine(dir, "first")
+
+                    use a =
+                        new Trainer(tinyConfig, SyntheticData(), PixelPatchTokenizer.Fashion, options first 3)
+
+                    a.Run()
+                    let ckpt = Path.Combine(first, "checkpoints", "step-00000003")
+
+                    use b =
+                        new Trainer(
+                            tinyConfig,
+                            SyntheticData(),
+                            PixelPatchTokenizer.Fashion,
+                            (options (Path.Combine(dir, "tuned")) 6).WithInit ckpt
+                        )
+
+                    Expect.equal b.Step 0 "a fresh run"
+
+                    let ea, wb, eb =
+                        Weights.stateDict a.EmaModel, Weights.stateDict b.Model, Weights.stateDict b.EmaModel
+
+                    for KeyValue(k, t) in ea do
+                        Expect.equal (maxAbsDiff t wb.[k]) 0.0 $"model {k}"
+                        Expect.equal (maxAbsDiff t eb.[k]) 0.0 $"EMA {k}"
+
+                    Expect.isGreaterThan
+                        (maxAbsDiff (Weights.stateDict a.Model).["mask_token"] wb.["mask_token"])
+                        0.0
+                        "the EMA weights, not the raw ones"
+
+                    b.Run()
+                    Expect.equal b.Step 6 "trains its own schedule"
+
+                    let wider = { tinyConfig with MlpHead.Width = 48 }
+
+                    let refused = Path.Combine(dir, "refused")
+
+                    let e =
+                        catchT<HiMar.Runtime.BadInputException> (fun () ->
+                            (new Trainer(
+                                wider,
+                                SyntheticData(),
+                                PixelPatchTokenizer.Fashion,
+                                (options refused 3).WithInit ckpt
+                            ))
+                                .Dispose())
+
+                    Expect.stringContains e.Message $"--init: {ckpt}: '" "names the flag and the folder"
+                    Expect.stringContains e.Message "in this run's model" "says what does not fit"
+                    Expect.isFalse (Directory.Exists refused) "no run folder"
+
+                    let missing =
+                        catchT<HiMar.Runtime.BadInputException> (fun () ->
+                            (new Trainer(
+                                tinyConfig,
+                                SyntheticData(),
+                                PixelPatchTokenizer.Fashion,
+                                (options refused 3).WithInit(Path.Combine(dir, "nope"))
+                            ))
+                                .Dispose())
+
+                    Expect.stringContains missing.Message "no such model folder" "a missing path"
+                    Expect.isFalse (Directory.Exists refused) "still no run folder")
+            }
+
             test "checkpoints are whole folders, pruned to the last K, with a best copy" {
                 withTempDir (fun dir ->
                     use t =
