@@ -56,13 +56,13 @@ type EvalArgs =
             | Temperature _ ->
                 "sampling temperature (default: the model's sampling.json, 1.0 for the shipped models; 1 without one)."
             | Num_Iter _ ->
-                "phase-2 steps (default: the model's sampling.json, 4 for the shipped models; 4 without one)."
+                "phase-2 steps (default: the model's sampling.json, 2 for the shipped models; 4 without one)."
             | Phase1_Steps _ ->
                 "phase-1 steps (default: the model's, 4 x the pivot grid's side: 16 for the shipped models)."
             | Mlp_Steps _ ->
-                "MLP-head respacing: N, ddimN or N1,N2,... (default: the model's num_sampling_steps, 50 for the shipped models)."
+                "MLP-head respacing: N, ddimN or N1,N2,... (default: the model's sampling.json, 100 for the shipped models; without one, the model's num_sampling_steps)."
             | Dit_Steps _ ->
-                "Transformer-head respacing (default: the model's dit_head_sampling_steps, 50 for the shipped models)."
+                "Transformer-head respacing (default: the model's sampling.json, 100 for the shipped models; without one, the model's dit_head_sampling_steps)."
             | Seed _ -> "run seed (default 0)."
             | Precision _ -> PrecisionHelp
             | Batch _ -> "images per sampler batch (default 50)."

@@ -92,7 +92,8 @@ public static class SamplerSettings
     };
 
     /// <summary>
-    /// A model folder's recommended settings (its sampling.json: cfg, re_cfg, temperature, num_iter, clip_denoised),
+    /// A model folder's recommended settings (its sampling.json: cfg, re_cfg, temperature, num_iter, mlp_head_steps,
+    /// dit_head_steps, clip_denoised),
     /// as numbers by name (true/false as 1/0); empty when the folder has none.
     /// </summary>
     public static IReadOnlyDictionary<string, double> Defaults(string modelDir)

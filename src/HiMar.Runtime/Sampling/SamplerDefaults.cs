@@ -47,7 +47,8 @@ public sealed record SamplerDefaults
     public SamplerDefaults Clipped() => this with { ClipDenoised = true };
 
     /// <summary>
-    /// A model's defaults: its folder's sampling.json (cfg, re_cfg, temperature, num_iter, clip_denoised) over
+    /// A model's defaults: its folder's sampling.json (cfg, re_cfg, temperature, num_iter, clip_denoised, and the heads'
+    /// steps mlp_head_steps and dit_head_steps) over
     /// <see cref="BuiltIn"/>; clipping defaults to on for pixel-space models (<see cref="ModelTraits.UsesPixelPatches"/>).
     /// <paramref name="modelPath"/> may be a file (a .pth) or a folder without sampling.json: then only the built-in ones apply.
     /// </summary>
@@ -55,6 +56,12 @@ public sealed record SamplerDefaults
     {
         var json = Directory.Exists(modelPath) ? SamplerSettings.Defaults(modelPath) : new Dictionary<string, double>();
         double Get(string key, double fallback) => json.TryGetValue(key, out var v) ? v : fallback;
+        // Head steps: a whole number of evenly respaced steps (the respacing "N"), else the model's own.
+        string? Steps(string key) => json.TryGetValue(key, out var v)
+            ? v >= 1 && v <= 1000 && v == Math.Floor(v)
+                ? ((int)v).ToString(System.Globalization.CultureInfo.InvariantCulture)
+                : throw new BadInputException($"{Path.Combine(modelPath, "sampling.json")}: '{key}' must be a whole number of steps from 1 to 1000, not {v}.")
+            : null;
         return new SamplerDefaults
         {
             Cfg = Get("cfg", BuiltIn.Cfg),
@@ -62,6 +69,8 @@ public sealed record SamplerDefaults
             Temperature = Get("temperature", BuiltIn.Temperature),
             Phase2Steps = (int)Get("num_iter", BuiltIn.Phase2Steps),
             ClipDenoised = Get("clip_denoised", ModelTraits.UsesPixelPatches(config) ? 1.0 : 0.0) != 0.0,
+            MlpHeadSteps = Steps("mlp_head_steps"),
+            DitHeadSteps = Steps("dit_head_steps"),
             Source = json.Count > 0 ? Path.Combine(modelPath, "sampling.json") : "built-in",
         };
     }

@@ -32,7 +32,8 @@ let tests =
     testList
         "CliOptions"
         [
-            test "sample --preset fashion takes cfg, re_cfg, temperature, num_iter and clipping from its sampling.json" {
+            test
+                "sample --preset fashion takes cfg, re_cfg, temperature, num_iter, head steps and clipping from its sampling.json" {
                 let o =
                     SamplerFlags().Over(SamplerDefaults.ForModel(fashionDir, HiMarConfig.fashion))
 
@@ -41,9 +42,32 @@ let tests =
                 Expect.equal o.Temperature (shipped "temperature") "temperature"
                 Expect.equal o.Phase2Steps (int (shipped "num_iter")) "num_iter"
                 Expect.isTrue o.ClipDenoised "clip_denoised"
-                Expect.isNull o.MlpHeadSteps "the model's own MLP-head respacing"
+                Expect.equal o.MlpHeadSteps (string (int (shipped "mlp_head_steps"))) "mlp_head_steps"
+                Expect.equal o.DitHeadSteps (string (int (shipped "dit_head_steps"))) "dit_head_steps"
                 Expect.equal o.Schedule CfgSchedule.Linear "linear schedule"
                 Expect.isFalse o.ReCfgSchedule.HasValue "phase 1 follows --schedule"
+            }
+
+            test "sampling.json's head steps become the heads' respacing; a fraction or 0 is refused naming the file" {
+                withTempDir (fun dir ->
+                    let path = Path.Combine(dir, "sampling.json")
+                    File.WriteAllText(path, """{"cfg": 2.0, "mlp_head_steps": 30}""")
+                    let o = SamplerFlags().Over(SamplerDefaults.ForModel(dir, HiMarConfig.fashion))
+                    Expect.equal o.MlpHeadSteps "30" "mlp_head_steps"
+                    Expect.isNull o.DitHeadSteps "the model's own Transformer-head respacing"
+
+                    let flagged =
+                        SamplerFlags(MlpHeadSteps = "ddim5").Over(SamplerDefaults.ForModel(dir, HiMarConfig.fashion))
+
+                    Expect.equal flagged.MlpHeadSteps "ddim5" "--mlp-steps wins"
+
+                    for bad in [ "2.5"; "0" ] do
+                        File.WriteAllText(path, $"""{{"dit_head_steps": {bad}}}""")
+
+                        Expect.equal
+                            (badInput (fun () -> SamplerDefaults.ForModel(dir, HiMarConfig.fashion)))
+                            $"{path}: 'dit_head_steps' must be a whole number of steps from 1 to 1000, not {bad}."
+                            bad)
             }
 
             test "the defaults name sampling.json as their source" {
@@ -270,7 +294,12 @@ let tests =
                     "--cfg"
 
                 Expect.stringContains flat "(default: <preset>.png with --preset, else samples/)" "--out"
-                Expect.stringContains flat "the model's num_sampling_steps, 50 for the shipped models" "--mlp-steps"
+
+                Expect.stringContains
+                    flat
+                    "(default: the model's sampling.json, 100 for the shipped models; without one, the model's num_sampling_steps)"
+                    "--mlp-steps"
+
                 Expect.isFalse (flat.Contains "cond_scale") "no jargon"
             }
 

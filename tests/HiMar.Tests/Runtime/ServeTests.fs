@@ -106,7 +106,7 @@ let tests =
                             (number "cfg", number "re_cfg", number "temperature")
                             "sampling.json"
 
-                        Expect.equal (s.Steps1, s.Steps2, s.Label) (16, 4, 0L) "steps and class"
+                        Expect.equal (s.Steps1, s.Steps2, s.Label) (16, int (number "num_iter"), 0L) "steps and class"
                     }
 
                     test "a class is taken by number or by name" {
