@@ -89,6 +89,13 @@ let run (args: ParseResults<InfoArgs>) =
                  sprintf "%s (OMP_WAIT_POLICY from the environment)" e.WaitPolicy.Value)
 
         row
+            "libtorch log"
+            (if e.LogLevel.SetByHimar then
+                 sprintf "%s and up (set by himar: TORCH_CPP_LOG_LEVEL was unset)" e.LogLevel.Value
+             else
+                 sprintf "%s and up (TORCH_CPP_LOG_LEVEL from the environment)" e.LogLevel.Value)
+
+        row
             "native patch"
             (match e.Glue.Path with
              | null -> "no libLibTorchSharp.so beside the application"

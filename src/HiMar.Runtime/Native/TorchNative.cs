@@ -30,6 +30,7 @@ public sealed record GlueLibraryReport(
 /// <param name="Threads">libtorch's intra-op thread count.</param>
 /// <param name="Glue">What the glue library's version needs look like.</param>
 /// <param name="WaitPolicy">OpenMP's wait policy as libtorch read it (see <see cref="TorchNative.WaitPolicy"/>).</param>
+/// <param name="LogLevel">The least severity libtorch's own log prints (see <see cref="TorchNative.LogLevel"/>).</param>
 public sealed record EngineInfo(
     string TorchSharpVersion,
     string LibTorchVersion,
@@ -37,7 +38,13 @@ public sealed record EngineInfo(
     IReadOnlyList<string> Devices,
     int Threads,
     GlueLibraryReport Glue,
-    WaitPolicyReport WaitPolicy);
+    WaitPolicyReport WaitPolicy,
+    LogLevelReport LogLevel);
+
+/// <summary>The least severity that libtorch's own log (c10's `[W... file:line]` lines on stderr) prints.</summary>
+/// <param name="Value">INFO, WARNING, ERROR or FATAL; `unknown` where libc10 does not export its level.</param>
+/// <param name="SetByHimar">True when himar raised it to ERROR (TORCH_CPP_LOG_LEVEL was unset).</param>
+public sealed record LogLevelReport(string Value, bool SetByHimar);
 
 /// <summary>OpenMP's wait policy for libtorch's threads: its value and who chose it.</summary>
 /// <param name="Value">The value of OMP_WAIT_POLICY in the native environment (PASSIVE, ACTIVE, ...).</param>
@@ -50,6 +57,8 @@ public static class TorchNative
     static readonly object Gate = new();
     static bool loaded;
     static bool waitPolicySet;
+    static bool logLevelSet;
+    static IntPtr logLevelFlag;
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "setenv")]
     static extern int SetEnv(string name, string value, int overwrite);
@@ -79,6 +88,60 @@ public static class TorchNative
             return;
         if (GetEnv("OMP_WAIT_POLICY") == IntPtr.Zero && SetEnv("OMP_WAIT_POLICY", "PASSIVE", 0) == 0)
             waitPolicySet = true;
+    }
+
+    static readonly string[] LogLevelNames = ["INFO", "WARNING", "ERROR", "FATAL"];
+
+    /// <summary>
+    /// libtorch's log level as it stands, and whether himar chose it. After loading libtorch, himar raises it from
+    /// WARNING to ERROR where TORCH_CPP_LOG_LEVEL is unset: on a CPU where NNPACK cannot start, libtorch writes
+    /// "Could not initialize NNPACK! Reason: Unsupported hardware." on every convolution (the VAE's, the
+    /// classifier's), burying the one line a command prints on failure and flooding every progress bar; these
+    /// warnings say nothing a user can act on (libtorch falls back to its own kernels). Errors still print;
+    /// TORCH_CPP_LOG_LEVEL=WARNING (or INFO) brings the warnings back. The level is c10's exported
+    /// FLAGS_caffe2_log_level, which its logger compares each message's severity against.
+    /// </summary>
+    public static LogLevelReport LogLevel()
+    {
+        lock (Gate)
+        {
+            if (logLevelFlag == IntPtr.Zero)
+                return new LogLevelReport("unknown", false);
+            var v = System.Runtime.InteropServices.Marshal.ReadInt32(logLevelFlag);
+            return new LogLevelReport(v >= 0 && v < LogLevelNames.Length ? LogLevelNames[v] : v.ToString(System.Globalization.CultureInfo.InvariantCulture), logLevelSet);
+        }
+    }
+
+    static void ChooseLogLevel(string? gluePath)
+    {
+        if (!OperatingSystem.IsLinux() && !OperatingSystem.IsMacOS())
+            return;
+        // libc10 is loaded by now (libtorch needs it): loading it again, by the path beside the glue library or by
+        // its soname, only returns the handle of the loaded copy.
+        var c10 = gluePath == null ? null : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(gluePath)!, "libc10.so");
+        IntPtr lib = IntPtr.Zero;
+        var found = (c10 != null && System.Runtime.InteropServices.NativeLibrary.TryLoad(c10, out lib))
+            || System.Runtime.InteropServices.NativeLibrary.TryLoad("libc10.so", out lib);
+        if (!found || !System.Runtime.InteropServices.NativeLibrary.TryGetExport(lib, "FLAGS_caffe2_log_level", out var flag))
+            return;
+        logLevelFlag = flag;
+        var env = GetEnv("TORCH_CPP_LOG_LEVEL");
+        if (env != IntPtr.Zero)
+        {
+            // The user's choice, applied here too: libtorch reads the variable only where its Python module starts.
+            var text = (System.Runtime.InteropServices.Marshal.PtrToStringAnsi(env) ?? "").Trim().ToUpperInvariant();
+            var level = Array.IndexOf(LogLevelNames, text);
+            if (level < 0 && int.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var n) && n < LogLevelNames.Length)
+                level = n;
+            if (level >= 0)
+                System.Runtime.InteropServices.Marshal.WriteInt32(flag, level);
+            return;
+        }
+        if (System.Runtime.InteropServices.Marshal.ReadInt32(flag) < 2)
+        {
+            System.Runtime.InteropServices.Marshal.WriteInt32(flag, 2);
+            logLevelSet = true;
+        }
     }
 
     /// <summary>The `libLibTorchSharp.so` beside the application (as the build lays it out), or null.</summary>
@@ -144,6 +207,7 @@ public static class TorchNative
                 if (glue.Path != null && OperatingSystem.IsLinux())
                     System.Runtime.InteropServices.NativeLibrary.Load(glue.Path);
                 torch.InitializeDeviceType(DeviceType.CPU);
+                ChooseLogLevel(glue.Path);
                 using var probe = torch.ones(1);
                 loaded = true;
             }
@@ -178,7 +242,7 @@ public static class TorchNative
         if (torch.cuda.is_available())
             for (var i = 0; i < torch.cuda.device_count(); i++)
                 devices.Add($"cuda:{i}");
-        return new EngineInfo(tsVersion, torch.__version__, Environment.Version.ToString(), devices, torch.get_num_threads(), InspectGlueLibrary(), WaitPolicy());
+        return new EngineInfo(tsVersion, torch.__version__, Environment.Version.ToString(), devices, torch.get_num_threads(), InspectGlueLibrary(), WaitPolicy(), LogLevel());
     }
 
     /// <summary>

@@ -237,6 +237,35 @@ let tests =
                 Expect.stringContains r.Out "ACTIVE (OMP_WAIT_POLICY from the environment)" "info's wait row"
             }
 
+            test "himar quiets libtorch's warnings to ERROR when TORCH_CPP_LOG_LEVEL is unset, and says so" {
+                // On CPUs where NNPACK cannot start, libtorch warns on every convolution; the level is what stops it.
+                let r = himarWith [ "TORCH_CPP_LOG_LEVEL", None ] [ "info"; "--no-probe" ]
+                Expect.equal r.Code 0 r.Err
+
+                Expect.stringContains
+                    r.Out
+                    "ERROR and up (set by himar: TORCH_CPP_LOG_LEVEL was unset)"
+                    "info's log row"
+            }
+
+            test "a libtorch log level the user set is applied and reported as theirs" {
+                let r = himarWith [ "TORCH_CPP_LOG_LEVEL", Some "info" ] [ "info"; "--no-probe" ]
+                Expect.equal r.Code 0 r.Err
+                Expect.stringContains r.Out "INFO and up (TORCH_CPP_LOG_LEVEL from the environment)" "info's log row"
+                let n = himarWith [ "TORCH_CPP_LOG_LEVEL", Some "1" ] [ "info"; "--no-probe" ]
+                Expect.stringContains n.Out "WARNING and up (TORCH_CPP_LOG_LEVEL from the environment)" "numeric level"
+            }
+
+            test "the loaded libc10 exposes the log level himar sets (in this process too)" {
+                TorchNative.EnsureLoaded()
+                let l = TorchNative.LogLevel()
+                Expect.notEqual l.Value "unknown" "FLAGS_caffe2_log_level found in libc10"
+
+                if isNull (Environment.GetEnvironmentVariable "TORCH_CPP_LOG_LEVEL") then
+                    Expect.equal l.Value "ERROR" "level in the test process"
+                    Expect.isTrue l.SetByHimar "set by himar"
+            }
+
             test "the matmul probe reports a positive GFLOP/s figure" {
                 let g = TorchNative.MatmulGflops(0.2, 256L)
                 Expect.isGreaterThan g 0.1 "GFLOP/s"
