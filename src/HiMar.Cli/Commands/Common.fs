@@ -22,10 +22,15 @@ let device (name: string) =
 [<Literal>]
 let DeviceHelp = "cpu (default), cuda or cuda:N."
 
-/// The help text of `--precision` (sampling and evaluation).
+/// The help text of `--precision` for evaluation, whose default is fp32 (numbers comparable across machines).
 [<Literal>]
 let PrecisionHelp =
     "fp32 (default), bf16 or auto: the precision of the networks' products (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units."
+
+/// The help text of `--precision` for sampling, whose default is auto (bf16 scores as fp32 does, in less time).
+[<Literal>]
+let SamplePrecisionHelp =
+    "auto (default), fp32 or bf16: the precision of the networks' products (bf16: bf16 matmuls, fp32 weights, noise and diffusion arithmetic); auto picks bf16 where the device has bf16 units (avx512_bf16 or amx_bf16 CPUs, CUDA 8.0+) and says what it found, else fp32."
 
 /// The help text of `--weights`.
 [<Literal>]

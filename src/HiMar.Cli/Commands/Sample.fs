@@ -80,7 +80,7 @@ type SampleArgs =
             | Dit_Steps _ ->
                 "respacing of the Transformer head's diffusion (default: the model's sampling.json, 100 for the shipped models; without one, the model's dit_head_sampling_steps)."
             | Seed _ -> "run seed (default 0); image i is the same for a seed whatever the batch size."
-            | Precision _ -> PrecisionHelp
+            | Precision _ -> SamplePrecisionHelp
             | Batch _ -> "images per batch (default 64 for pixel-space models such as the shipped ones, else 8)."
             | Device _ -> DeviceHelp
             | Out _ ->
@@ -140,7 +140,7 @@ let run (args: ParseResults<SampleArgs>) =
         | None -> null
 
     use _ = textEncoder
-    let precision = precisionOn (args.GetResult(Precision, defaultValue = "fp32")) dev
+    let precision = precisionOn (args.GetResult(Precision, defaultValue = "auto")) dev
 
     let options =
         (samplerFlags args precision).Over(SamplerDefaults.ForModel(ckpt, config))

@@ -287,6 +287,7 @@ let tests =
                     String.Join(" ", out.Split([| ' '; '\n' |], StringSplitOptions.RemoveEmptyEntries))
 
                 Expect.stringContains flat "images per class (default 6 with --preset, else 1)" "--per-class"
+                Expect.stringContains flat "auto (default), fp32 or bf16" "--precision"
 
                 Expect.stringContains
                     flat
@@ -374,6 +375,25 @@ let tests =
                             "sampling 2 images: 2/2 (100%)"
                         ]
                         "one line per tenth, real units, 100% at the end"
+
+                    // The default precision is auto: one line says what it picked and what it found on the CPU.
+                    let picked =
+                        lines |> Array.filter (fun l -> l.StartsWith "precision ") |> List.ofArray
+
+                    let bf16Cpu =
+                        HiMar.Runtime.Native.Precisions
+                            .Decide(HiMar.Runtime.Native.PrecisionChoice.Auto, TorchSharp.torch.CPU)
+                            .Name = "bf16"
+
+                    Expect.equal picked.Length 1 "one precision line"
+
+                    Expect.stringStarts
+                        picked.Head
+                        (if bf16Cpu then
+                             "precision bf16 (auto; cpu: "
+                         else
+                             "precision fp32 (auto; cpu: ")
+                        "the auto line"
 
                     Expect.isTrue (File.Exists grid) "the grid")
             }
