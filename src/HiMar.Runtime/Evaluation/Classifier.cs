@@ -31,7 +31,9 @@ public static class ClassifierRuns
                 var y = torch.tensor(idx.Select(i => train.Labels[i]).ToArray());
                 opt.ZeroGrad();
                 var loss = torch.nn.functional.cross_entropy(model.call(x), y);
-                loss.backward();
+                // oneDNN's convolution backward returns NaN now and then for few output channels (see OneDnn).
+                using (Native.OneDnn.Off())
+                    loss.backward();
                 opt.Step(lr);
                 lossSum += loss.item<float>();
                 batches++;

@@ -106,7 +106,9 @@ public static class VaeTrainer
             var kl = posterior.Kl().mean() / pixels;
             var loss = l1 + o.KlWeight * kl;
             opt.ZeroGrad();
-            loss.backward();
+            // oneDNN's convolution backward returns NaN now and then for few output channels (see OneDnn).
+            using (Native.OneDnn.Off())
+                loss.backward();
             var lr = LearningRate(o, step);
             opt.Step(lr);
             if (onLog is not null && (step % o.LogEvery == 0 || step == o.Steps))

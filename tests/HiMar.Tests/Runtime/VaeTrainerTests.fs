@@ -2,6 +2,7 @@
 /// scale and a short training run.
 module HiMar.Tests.VaeTrainerTests
 
+open System
 open System.IO
 open Expecto
 open TorchSharp
@@ -101,6 +102,9 @@ let tests =
                     )
 
                 Expect.equal losses.Count 4 "a report every 10 steps"
+                // isLessThan passes on NaN, so finiteness first (oneDNN's backward once made every weight NaN).
+                Expect.all losses Double.IsFinite "finite losses"
+                Expect.isTrue (Double.IsFinite report.TestMse) "finite reconstruction error"
                 Expect.isLessThan report.TestMse (mse0 / 3.0) "reconstruction improved"
                 Expect.floatClose Accuracy.medium report.TestPsnr (10.0 * log10 (1.0 / report.TestMse)) "PSNR"
 
