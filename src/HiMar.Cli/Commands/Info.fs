@@ -81,19 +81,24 @@ let run (args: ParseResults<InfoArgs>) =
         row "devices" (String.Join(", ", e.Devices))
         row "threads" (string e.Threads)
 
-        row
-            "OpenMP wait"
-            (if e.WaitPolicy.SetByHimar then
-                 sprintf "%s (set by himar: OMP_WAIT_POLICY was unset)" e.WaitPolicy.Value
-             else
-                 sprintf "%s (OMP_WAIT_POLICY from the environment)" e.WaitPolicy.Value)
+        /// A setting himar chooses where the user's environment does not: its value, and who chose it.
+        let chosen (value: string) setByHimar (variable: string) =
+            if setByHimar then
+                sprintf "%s (set by himar: %s was unset)" value variable
+            else
+                sprintf "%s (%s from the environment)" value variable
+
+        row "OpenMP wait" (chosen e.WaitPolicy.Value e.WaitPolicy.SetByHimar "OMP_WAIT_POLICY")
 
         row
             "libtorch log"
-            (if e.LogLevel.SetByHimar then
-                 sprintf "%s and up (set by himar: TORCH_CPP_LOG_LEVEL was unset)" e.LogLevel.Value
-             else
-                 sprintf "%s and up (TORCH_CPP_LOG_LEVEL from the environment)" e.LogLevel.Value)
+            (match e.LogLevel.Ignored with
+             | null -> chosen (e.LogLevel.Value + " and up") e.LogLevel.SetByHimar "TORCH_CPP_LOG_LEVEL"
+             | bad ->
+                 sprintf
+                     "%s and up (set by himar: TORCH_CPP_LOG_LEVEL '%s' is not INFO, WARNING, ERROR or FATAL)"
+                     e.LogLevel.Value
+                     bad)
 
         row
             "native patch"

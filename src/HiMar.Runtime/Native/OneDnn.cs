@@ -41,11 +41,7 @@ public static class OneDnn
             return set != null;
         resolved = true;
         TorchNative.EnsureLoaded();
-        var glue = TorchNative.FindGlueLibrary();
-        var path = glue == null ? null : Path.Combine(Path.GetDirectoryName(glue)!, "libtorch_cpu.so");
-        IntPtr lib = IntPtr.Zero;
-        var found = (path != null && NativeLibrary.TryLoad(path, out lib)) || NativeLibrary.TryLoad("libtorch_cpu.so", out lib);
-        if (!found
+        if (!TorchNative.TryLoadLibTorchPart("libtorch_cpu.so", TorchNative.FindGlueLibrary(), out var lib)
             || !NativeLibrary.TryGetExport(lib, "_ZN2at13globalContextEv", out var ctxFn)
             || !NativeLibrary.TryGetExport(lib, "_ZN2at7Context20setUserEnabledMkldnnEb", out var setFn)
             || !NativeLibrary.TryGetExport(lib, "_ZNK2at7Context17userEnabledMkldnnEv", out var getFn))

@@ -43,8 +43,9 @@ public sealed record EngineInfo(
 
 /// <summary>The least severity that libtorch's own log (c10's `[W... file:line]` lines on stderr) prints.</summary>
 /// <param name="Value">INFO, WARNING, ERROR or FATAL; `unknown` where libc10 does not export its level.</param>
-/// <param name="SetByHimar">True when himar raised it to ERROR (TORCH_CPP_LOG_LEVEL was unset).</param>
-public sealed record LogLevelReport(string Value, bool SetByHimar);
+/// <param name="SetByHimar">True when himar raised it to ERROR (TORCH_CPP_LOG_LEVEL unset, or not a level).</param>
+/// <param name="Ignored">A TORCH_CPP_LOG_LEVEL value that names no level, which himar ignored; null otherwise.</param>
+public sealed record LogLevelReport(string Value, bool SetByHimar, string? Ignored = null);
 
 /// <summary>OpenMP's wait policy for libtorch's threads: its value and who chose it.</summary>
 /// <param name="Value">The value of OMP_WAIT_POLICY in the native environment (PASSIVE, ACTIVE, ...).</param>
@@ -58,6 +59,7 @@ public static class TorchNative
     static bool loaded;
     static bool waitPolicySet;
     static bool logLevelSet;
+    static string? logLevelIgnored;
     static IntPtr logLevelFlag;
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "setenv")]
@@ -108,21 +110,28 @@ public static class TorchNative
             if (logLevelFlag == IntPtr.Zero)
                 return new LogLevelReport("unknown", false);
             var v = System.Runtime.InteropServices.Marshal.ReadInt32(logLevelFlag);
-            return new LogLevelReport(v >= 0 && v < LogLevelNames.Length ? LogLevelNames[v] : v.ToString(System.Globalization.CultureInfo.InvariantCulture), logLevelSet);
+            return new LogLevelReport(v >= 0 && v < LogLevelNames.Length ? LogLevelNames[v] : v.ToString(System.Globalization.CultureInfo.InvariantCulture), logLevelSet, logLevelIgnored);
         }
+    }
+
+    /// <summary>
+    /// The handle of one of libtorch's libraries (libc10.so, libtorch_cpu.so), which are loaded by the time libtorch
+    /// is: loading one again, by its path beside the glue library or by its soname, returns the loaded copy.
+    /// </summary>
+    internal static bool TryLoadLibTorchPart(string name, string? gluePath, out IntPtr handle)
+    {
+        var path = gluePath == null ? null : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(gluePath)!, name);
+        handle = IntPtr.Zero;
+        return (path != null && System.Runtime.InteropServices.NativeLibrary.TryLoad(path, out handle))
+            || System.Runtime.InteropServices.NativeLibrary.TryLoad(name, out handle);
     }
 
     static void ChooseLogLevel(string? gluePath)
     {
         if (!OperatingSystem.IsLinux() && !OperatingSystem.IsMacOS())
             return;
-        // libc10 is loaded by now (libtorch needs it): loading it again, by the path beside the glue library or by
-        // its soname, only returns the handle of the loaded copy.
-        var c10 = gluePath == null ? null : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(gluePath)!, "libc10.so");
-        IntPtr lib = IntPtr.Zero;
-        var found = (c10 != null && System.Runtime.InteropServices.NativeLibrary.TryLoad(c10, out lib))
-            || System.Runtime.InteropServices.NativeLibrary.TryLoad("libc10.so", out lib);
-        if (!found || !System.Runtime.InteropServices.NativeLibrary.TryGetExport(lib, "FLAGS_caffe2_log_level", out var flag))
+        if (!TryLoadLibTorchPart("libc10.so", gluePath, out var lib)
+            || !System.Runtime.InteropServices.NativeLibrary.TryGetExport(lib, "FLAGS_caffe2_log_level", out var flag))
             return;
         logLevelFlag = flag;
         var env = GetEnv("TORCH_CPP_LOG_LEVEL");
@@ -134,8 +143,12 @@ public static class TorchNative
             if (level < 0 && int.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var n) && n < LogLevelNames.Length)
                 level = n;
             if (level >= 0)
+            {
                 System.Runtime.InteropServices.Marshal.WriteInt32(flag, level);
-            return;
+                return;
+            }
+            // Not a level: ignored, as if unset (`himar info` names the value).
+            logLevelIgnored = text;
         }
         if (System.Runtime.InteropServices.Marshal.ReadInt32(flag) < 2)
         {

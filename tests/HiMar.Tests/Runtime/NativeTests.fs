@@ -254,6 +254,13 @@ let tests =
                 Expect.stringContains r.Out "INFO and up (TORCH_CPP_LOG_LEVEL from the environment)" "info's log row"
                 let n = himarWith [ "TORCH_CPP_LOG_LEVEL", Some "1" ] [ "info"; "--no-probe" ]
                 Expect.stringContains n.Out "WARNING and up (TORCH_CPP_LOG_LEVEL from the environment)" "numeric level"
+                let bad = himarWith [ "TORCH_CPP_LOG_LEVEL", Some "loud" ] [ "info"; "--no-probe" ]
+                Expect.equal bad.Code 0 bad.Err
+
+                Expect.stringContains
+                    bad.Out
+                    "ERROR and up (set by himar: TORCH_CPP_LOG_LEVEL 'LOUD' is not"
+                    "a value that is no level"
             }
 
             test "the loaded libc10 exposes the log level himar sets (in this process too)" {
