@@ -75,7 +75,10 @@ public sealed record SamplerOptions
 /// <summary>Reports and defaults of sampler settings.</summary>
 public static class SamplerSettings
 {
-    /// <summary>Every setting of a run as JSON (the model's defaults filled in), for benchmark and evaluation reports.</summary>
+    /// <summary>
+    /// Every setting of a run as JSON (the model's defaults filled in), for benchmark and evaluation reports; a model
+    /// without pivots (plain MAR) runs no phase 1, so its phase-1 steps are 0 whatever was asked.
+    /// </summary>
     public static System.Text.Json.Nodes.JsonObject Describe(SamplerOptions o, HiMarConfig c) => new()
     {
         ["cfg"] = o.Cfg,
@@ -83,7 +86,7 @@ public static class SamplerSettings
         ["cfg_schedule"] = o.Schedule.ToString().ToLowerInvariant(),
         ["re_cfg_schedule"] = (o.ReCfgSchedule ?? o.Schedule).ToString().ToLowerInvariant(),
         ["temperature"] = o.Temperature,
-        ["phase1_steps"] = o.Phase1Steps ?? c.Phase1Steps,
+        ["phase1_steps"] = c.PivotTokens == 0 ? 0 : o.Phase1Steps ?? c.Phase1Steps,
         ["num_iter"] = o.Phase2Steps,
         ["mlp_head_steps"] = o.MlpHeadSteps ?? c.MlpHead.SamplingSteps,
         ["dit_head_steps"] = o.DitHeadSteps ?? c.TransformerHead.SamplingSteps,

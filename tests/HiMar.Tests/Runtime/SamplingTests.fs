@@ -116,6 +116,18 @@ let tests =
                 Expect.floatClose Accuracy.low (tflop / unguided) 2.0 "guidance doubles the work"
             }
 
+            test "the settings report gives a model without pivots 0 phase-1 steps, Hi-MAR its own or the asked" {
+                let mar =
+                    HiMarConfig.withAblation PivotSource.NoPivots Phase2Head.Mlp false HiMarConfig.fashion
+
+                let steps (o: SamplerOptions) c =
+                    (SamplerSettings.Describe(o, c)["phase1_steps"] |> nonNull).GetValue<int>()
+
+                Expect.equal (steps (SamplerOptions()) HiMarConfig.fashion) 16 "Hi-MAR's default, 4 x 4"
+                Expect.equal (steps (SamplerOptions(Phase1Steps = Nullable 8)) HiMarConfig.fashion) 8 "asked"
+                Expect.equal (steps (SamplerOptions(Phase1Steps = Nullable 8)) mar) 0 "MAR runs no phase 1"
+            }
+
             test "a replay whose recorded roles do not match the sampler's draws names both" {
                 use orders = torch.arange(320L).reshape (1L, 320L)
                 use wrong = torch.zeros (1L, 16L, 16L, 16L)
