@@ -40,7 +40,7 @@ type EvalArgs =
             match this with
             | Allow_Nonfinite -> AllowNonfiniteHelp
             | Preset _ ->
-                "the shipped model to evaluate: fashion (default) or fashion-text (prompted with held-out caption templates)."
+                "the shipped model to evaluate: fashion (default), fashion-mar or fashion-text (prompted with held-out caption templates)."
             | Text_Encoder _ -> "text models with an external encoder: its folder (CLIP text model)."
             | Vae _ ->
                 "the autoencoder of a latent model (default: the vae.safetensors the model carries in its folder or run folder)."

@@ -20,7 +20,7 @@ type InfoArgs =
             | Probe_Seconds _ -> "seconds each matmul probe (fp32, then bf16) runs (default 2)."
             | No_Probe -> "skip the matmul probe."
             | Model _ ->
-                "print the parameter count per module of a model: a shipped model (fashion, fashion-text), a preset (hi-mar-b, hi-mar-l, hi-mar-h, hi-mar-s, fashion-small) or a JSON file of reference arguments."
+                "print the parameter count per module of a model: a shipped model (fashion, fashion-mar, fashion-text), a preset (hi-mar-b, hi-mar-l, hi-mar-h, hi-mar-s, fashion-small) or a JSON file of reference arguments."
 
 
 /// The parameter table of one configuration, built on the meta device (no memory, instant).

@@ -45,7 +45,7 @@ type SampleArgs =
             match this with
             | Allow_Nonfinite -> AllowNonfiniteHelp
             | Preset _ ->
-                "a shipped model: fashion (Fashion-MNIST classes) or fashion-text (captions); no data or download needed."
+                "a shipped model: fashion (Hi-MAR, Fashion-MNIST classes), fashion-mar (plain MAR, the same classes) or fashion-text (Hi-MAR, captions); no data or download needed."
             | Unconditional ->
                 "sample the null condition on purpose (no class, the empty caption): -n images (default 1); an empty --prompt is refused."
             | Prompt _ ->

@@ -24,7 +24,8 @@ type ServeArgs =
             | Port _ -> "the port to listen on (default 8080; 0 picks a free one)."
             | Host _ ->
                 "the address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)."
-            | Preset _ -> "a shipped model to serve (repeatable; default: every shipped one, fashion and fashion-text)."
+            | Preset _ ->
+                "a shipped model to serve (repeatable; default: every shipped one: fashion, fashion-mar and fashion-text)."
             | Checkpoint _ ->
                 "serve this model instead: an imported folder, a training checkpoint folder or a reference .pth."
             | Vae _ -> "the KL autoencoder of a --checkpoint whose tokens are VAE latents."

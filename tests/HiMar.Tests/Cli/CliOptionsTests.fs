@@ -201,12 +201,12 @@ let tests =
             }
 
             test "the shipped models are found by name; the classifier is not one of them" {
-                Expect.equal (List.ofSeq (ShippedModels.Names())) [ "fashion"; "fashion-text" ] "names"
+                Expect.equal (List.ofSeq (ShippedModels.Names())) [ "fashion"; "fashion-mar"; "fashion-text" ] "names"
                 Expect.stringEnds (ShippedModels.Find "Fashion") (Path.Combine("models", "fashion")) "found"
 
                 Expect.equal
                     (badInput (fun () -> ShippedModels.Find "fashion-classifier"))
-                    "--preset: no shipped model 'fashion-classifier' (shipped: fashion, fashion-text)"
+                    "--preset: no shipped model 'fashion-classifier' (shipped: fashion, fashion-mar, fashion-text)"
                     "classifier"
             }
 

@@ -437,7 +437,7 @@ let cliTests =
                     expectFailure
                         (himar [ cmd; "--preset"; "nope" ])
                         2
-                        "--preset: no shipped model 'nope' (shipped: fashion, fashion-text)"
+                        "--preset: no shipped model 'nope' (shipped: fashion, fashion-mar, fashion-text)"
             }
 
             test "--device cuda without a GPU is an environment failure (3)" {
