@@ -90,10 +90,12 @@ public static class ImageFiles
             throw new BadInputException($"{path}: not a readable image (unknown or unsupported format).", e);
         }
         catch (Exception e) when (e is ImageFormatException or InvalidMemoryOperationException or NotSupportedException or IOException
-            or UnauthorizedAccessException or ArgumentException or IndexOutOfRangeException or InvalidOperationException)
+            or UnauthorizedAccessException or ArgumentException or IndexOutOfRangeException or InvalidOperationException
+            or ArithmeticException)
         {
             // One line: the decoders' messages can run over several. ImageSharp 2.1's decoders sometimes let an index or
-            // argument check escape on a corrupt file instead of an ImageFormatException.
+            // argument check, or a division by a zero header field (seen with one flipped bit), escape on a corrupt file instead
+            // of an ImageFormatException.
             throw new BadInputException($"{path}: not a readable image ({e.Message.Split('\n')[0].Trim()}).", e);
         }
     }

@@ -1032,6 +1032,19 @@ let private imageTests =
                 with
                 | Error message -> message.StartsWith path
                 | Ok() -> pixels > 0L && pixels <= ImageFiles.MaxPixels
+
+            test "the flipped bit that made a decoder divide by zero is refused in one line naming the file" {
+                // Found by the property above: format 2, byte 29, bit 7 (a header field turned to zero).
+                let bytes = encoded 2
+                let path = Path.Combine(scratch.Value, "divide.img")
+                File.WriteAllBytes(path, flipBit bytes (29 % bytes.Length) 7)
+
+                match outcome (fun () -> (ImageFiles.Load<Rgb24> path).Dispose()) with
+                | Error message ->
+                    Expect.stringStarts message path "names the file"
+                    Expect.isFalse (message.Contains '\n') "one line"
+                | Ok() -> ()
+            }
         ]
 
 // ---------------------------------------------------------------------------------------------------------------
