@@ -61,8 +61,9 @@ public sealed record GenerateResult(byte[] Png, double Seconds);
 /// <summary>A model loaded for `himar serve`: weights, tokenizer, sampling defaults, limits, its queue and its parts.</summary>
 public sealed class ServedModel : IDisposable
 {
-    /// <summary>The most phase-2 steps a request may ask for (every step is a decoded frame).</summary>
-    public const int MaxSteps2 = 16;
+    /// <summary>The most phase-2 steps a request may ask for (every step is a decoded frame); 32 lets `fashion-mar` be
+    /// served with its sampling.json's 32 steps.</summary>
+    public const int MaxSteps2 = 32;
 
     /// <summary>The most diffusion steps per head call a request may ask for.</summary>
     public const int MaxHeadSteps = 100;

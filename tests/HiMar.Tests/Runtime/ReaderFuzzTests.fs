@@ -1045,6 +1045,18 @@ let private imageTests =
                     Expect.isFalse (message.Contains '\n') "one line"
                 | Ok() -> ()
             }
+
+            test
+                "a JPEG cut inside its scan, where the decoder met a null buffer, is refused in one line naming the file" {
+                // Found by sweeping every cut and flipped bit of the four formats: the test JPEG cut to its first 173
+                // bytes threw a NullReferenceException from inside the decoder.
+                let path = Path.Combine(scratch.Value, "cut.jpg")
+                File.WriteAllBytes(path, (encoded 0)[..172])
+                let message = refused (fun () -> (ImageFiles.Load<Rgb24> path).Dispose())
+                Expect.stringStarts message path "names the file"
+                Expect.stringContains message "not a readable image" "says what is wrong"
+                Expect.isFalse (message.Contains '\n') "one line"
+            }
         ]
 
 // ---------------------------------------------------------------------------------------------------------------

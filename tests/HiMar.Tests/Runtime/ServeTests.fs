@@ -103,10 +103,26 @@ let tests =
 
                         Expect.equal
                             (s.Guidance1, s.Guidance2, s.Temperature)
-                            (number "cfg", number "re_cfg", number "temperature")
+                            (number "re_cfg", number "cfg", number "temperature")
                             "sampling.json"
 
                         Expect.equal (s.Steps1, s.Steps2, s.Label) (16, int (number "num_iter"), 0L) "steps and class"
+                    }
+
+                    test "fashion-mar is served with its sampling.json's 32 phase-2 steps, under the cap" {
+                        use mar =
+                            ServedModel.Load(
+                                "fashion-mar",
+                                Path.Combine(repoRoot, "models", "fashion-mar"),
+                                null,
+                                null,
+                                torch.CPU,
+                                waiting = 0
+                            )
+
+                        let s = mar.Parse(query [])
+                        Expect.equal (s.Steps2, s.Guidance2) (32, 7.0) "steps and guidance of sampling.json"
+                        Expect.equal (mar.Parse(query [ "steps2", "32" ])).Steps2 32 "32 asked for"
                     }
 
                     test "a class is taken by number or by name" {
@@ -152,7 +168,7 @@ let tests =
                             "steps1: 17 is above the cap of 16 (one pivot per step: the model has 16 pivots)."
                             "phase 1"
 
-                        Expect.equal (parseError [ "steps2", "17" ]) "steps2: 17 is above the cap of 16." "phase 2"
+                        Expect.equal (parseError [ "steps2", "33" ]) "steps2: 33 is above the cap of 32." "phase 2"
 
                         Expect.equal
                             (parseError [ "head_steps", "1000" ])
@@ -407,7 +423,7 @@ let tests =
                                 Expect.equal (text.TrimEnd '\n') expected "message"
 
                             check [ "guidance2", "nan" ] "guidance2: 'nan' is not a finite number."
-                            check [ "steps2", "99" ] "steps2: 99 is above the cap of 16."
+                            check [ "steps2", "99" ] "steps2: 99 is above the cap of 32."
                             check [ "model", "../../etc" ] "model: '../../etc' is not served here (served: fashion)."
 
                             check
