@@ -60,6 +60,16 @@ public sealed class NamedAdamW : IDisposable
         var bc1 = 1 - Math.Pow(Beta1, Steps);
         var bc2 = 1 - Math.Pow(Beta2, Steps);
         using var noGrad = torch.no_grad();
+        // The scalars are made once per step and held until it ends. A double passed where TorchSharp wants a Scalar
+        // becomes a temporary that nothing keeps alive during the native call: a training run once died in
+        // `mul_` with libtorch's "Unknown scalar type", the mark of a Scalar freed by the finalizer mid-call.
+        using var beta1 = Beta1.ToScalar();
+        using var beta2 = Beta2.ToScalar();
+        using var oneMinusBeta1 = (1 - Beta1).ToScalar();
+        using var oneMinusBeta2 = (1 - Beta2).ToScalar();
+        using var rootBc2 = Math.Sqrt(bc2).ToScalar();
+        using var eps = Eps.ToScalar();
+        using var stepSize = (-lr / bc1).ToScalar();
         foreach (var (name, p, decay) in parameters)
         {
             var g = p.grad;
@@ -67,11 +77,15 @@ public sealed class NamedAdamW : IDisposable
                 continue;
             var (m, v) = moments[name];
             if (decay > 0)
-                p.mul_(1 - lr * decay);
-            m.mul_(Beta1).add_(g, alpha: 1 - Beta1);
-            v.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
-            using var denom = (v.sqrt() / Math.Sqrt(bc2)).add_(Eps);
-            p.addcdiv_(m, denom, value: -lr / bc1);
+            {
+                using var shrink = (1 - lr * decay).ToScalar();
+                p.mul_(shrink);
+            }
+            m.mul_(beta1).add_(g, alpha: oneMinusBeta1);
+            v.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
+            using var root = v.sqrt();
+            using var denom = root.div_(rootBc2).add_(eps);
+            p.addcdiv_(m, denom, value: stepSize);
         }
     }
 

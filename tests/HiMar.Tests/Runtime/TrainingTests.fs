@@ -77,6 +77,62 @@ let tests =
     testList
         "Training"
         [
+            test "the named AdamW takes the same steps as TorchSharp's AdamW, decay and bias correction included" {
+                // Two linear layers: a weight (decayed) and a bias (not), five steps of fixed gradients.
+                let make () =
+                    torch.manual_seed 3L |> ignore
+                    torch.nn.Linear(4L, 3L)
+
+                use ours = make ()
+                use theirs = make ()
+                use named = new NamedAdamW(ours, 0.05, beta1 = 0.9, beta2 = 0.95, eps = 1e-8)
+
+                let param (name: string) =
+                    theirs.named_parameters ()
+                    |> Seq.pick (fun struct (n, p) -> if n = name then Some p else None)
+
+                let groups: Modules.AdamW.ParamGroup list =
+                    [
+                        Modules.AdamW.ParamGroup(
+                            [ param "weight" ],
+                            lr = 0.01,
+                            beta1 = 0.9,
+                            beta2 = 0.95,
+                            eps = 1e-8,
+                            weight_decay = 0.05
+                        )
+                        Modules.AdamW.ParamGroup(
+                            [ param "bias" ],
+                            lr = 0.01,
+                            beta1 = 0.9,
+                            beta2 = 0.95,
+                            eps = 1e-8,
+                            weight_decay = 0.0
+                        )
+                    ]
+
+                use reference =
+                    torch.optim.AdamW(groups, lr = 0.01, beta1 = 0.9, beta2 = 0.95, eps = 1e-8)
+
+                for step in 1..5 do
+                    use x = torch.linspace(-1.0, 1.0, 8L).reshape (2L, 4L) * float step
+
+                    for m in [ ours; theirs ] do
+                        m.zero_grad ()
+                        use loss = (m.forward x).square().sum ()
+                        loss.backward ()
+
+                    named.Step 0.01
+                    reference.step () |> ignore
+
+                let close (a: torch.Tensor | null) (b: torch.Tensor | null) =
+                    (nonNull a - nonNull b).abs().max().item<float32> ()
+
+                Expect.isLessThan (close ours.weight theirs.weight) 1e-6f "decayed weight"
+                Expect.isLessThan (close ours.bias theirs.bias) 1e-6f "bias"
+                Expect.isGreaterThan (close ours.weight (make ()).weight) 1e-3f "the steps moved the weight"
+            }
+
             test "N steps straight and N/2 + resume + N/2 give the same weights, EMA and optimizer state" {
                 withTempDir (fun dir ->
                     let straight = Path.Combine(dir, "straight")
