@@ -91,25 +91,18 @@ let tests =
                     theirs.named_parameters ()
                     |> Seq.pick (fun struct (n, p) -> if n = name then Some p else None)
 
-                let groups: Modules.AdamW.ParamGroup list =
-                    [
-                        Modules.AdamW.ParamGroup(
-                            [ param "weight" ],
-                            lr = 0.01,
-                            beta1 = 0.9,
-                            beta2 = 0.95,
-                            eps = 1e-8,
-                            weight_decay = 0.05
-                        )
-                        Modules.AdamW.ParamGroup(
-                            [ param "bias" ],
-                            lr = 0.01,
-                            beta1 = 0.9,
-                            beta2 = 0.95,
-                            eps = 1e-8,
-                            weight_decay = 0.0
-                        )
-                    ]
+                // TorchSharp's groups do not inherit the optimiser's settings, so each names them.
+                let group name decay =
+                    Modules.AdamW.ParamGroup(
+                        [ param name ],
+                        lr = 0.01,
+                        beta1 = 0.9,
+                        beta2 = 0.95,
+                        eps = 1e-8,
+                        weight_decay = decay
+                    )
+
+                let groups = [ group "weight" 0.05; group "bias" 0.0 ]
 
                 use reference =
                     torch.optim.AdamW(groups, lr = 0.01, beta1 = 0.9, beta2 = 0.95, eps = 1e-8)
