@@ -1,3 +1,4 @@
+using HiMar.Runtime.Native;
 using HiMar.Model;
 using HiMar.Runtime.Data;
 using HiMar.Runtime.Training;
@@ -26,6 +27,7 @@ public static class ClassifierRuns
             for (var start = 0; start + batch <= order.Length; start += batch)
             {
                 using var scope = torch.NewDisposeScope();
+                using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
                 var idx = order[start..(start + batch)];
                 var x = train.Batch(idx, idx.Select(_ => false).ToArray());
                 var y = torch.tensor(idx.Select(i => train.Labels[i]).ToArray());
@@ -62,6 +64,7 @@ public static class ClassifierRuns
         for (long s = 0; s < images.shape[0]; s += batch)
         {
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             var x = images.narrow(0, s, Math.Min(batch, images.shape[0] - s));
             var f = model.Features(x);
             feats.Add(f.MoveToOuterDisposeScope());
@@ -80,6 +83,7 @@ public static class ClassifierRuns
     public static double Accuracy(FashionClassifier model, IImageDataset data)
     {
         using var scope = torch.NewDisposeScope();
+        using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
         var (_, p) = Apply(model, All(data));
         var labels = torch.tensor(data.Labels.ToArray());
         return p.argmax(1).eq(labels).to(ScalarType.Float64).mean().item<double>();

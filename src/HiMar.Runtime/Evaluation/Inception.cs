@@ -1,3 +1,4 @@
+using HiMar.Runtime.Native;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using HiMar.Model;
@@ -193,6 +194,7 @@ public static class InceptionFeatures
             for (var start = 0; start < total; start += batch)
             {
                 using var scope = torch.NewDisposeScope();
+                using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
                 var count = Math.Min(batch, total - start);
                 var x = slice(start, count).to(ScalarType.Float32).to(device);
                 var f = model.Features(x);

@@ -1,3 +1,4 @@
+using HiMar.Runtime.Native;
 using HiMar.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -296,6 +297,7 @@ public static class HiMarSampler
         for (var step = 0; s > 0 && step < steps1; step++)
         {
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             var m = guidance1.Double(mask);
             var z = model.Decoder(model.EncoderPhase1(guidance1.Double(tokens), m, guidance1.Embedding, guidance1.Double(pivots)), m, 0); // (B', L, D)
             var remaining = (int)mask[0].narrow(0, 0, s).sum().item<float>();
@@ -332,6 +334,7 @@ public static class HiMarSampler
         for (var step = 0; step < steps2; step++)
         {
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             var tok = guidance2.Double(tokens);
             var m = guidance2.Double(mask);
             var bb = m.shape[0];

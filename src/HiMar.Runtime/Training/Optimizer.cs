@@ -160,11 +160,12 @@ public sealed class Ema(nn.Module model, nn.Module shadow, double rate)
         var weight = (1 - rate) / (1 - Math.Pow(rate, Updates + 1));
         Updates++;
         using var noGrad = torch.no_grad();
+        using var alpha = weight.ToScalar(); // held through the native calls (a temporary may be freed mid-call)
         var target = shadow.named_parameters().ToDictionary(x => x.name, x => x.parameter);
         foreach (var (name, p) in model.named_parameters())
         {
             using var delta = p - target[name];
-            target[name].add_(delta, alpha: weight);
+            target[name].add_(delta, alpha: alpha);
         }
     }
 }

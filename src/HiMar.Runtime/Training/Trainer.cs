@@ -1,3 +1,4 @@
+using HiMar.Runtime.Native;
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -226,6 +227,7 @@ public sealed partial class Trainer : IDisposable
     (double Loss, double P1, double P2, double GradNorm) TrainStep()
     {
         using var scope = torch.NewDisposeScope();
+        using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
         // Products in the run's precision for this step's forward and backward; the parameters stay fp32.
         using var mixed = MixedPrecision.ForTraining(model, options.Precision);
         optimizer.ZeroGrad();

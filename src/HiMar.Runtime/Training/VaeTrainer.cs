@@ -1,3 +1,4 @@
+using HiMar.Runtime.Native;
 using System.Diagnostics;
 using System.Text.Json;
 using HiMar.Model;
@@ -95,6 +96,7 @@ public static class VaeTrainer
             }
             var flips = idx.Select(_ => rng.Next(2) == 1).ToArray();
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             using var mixed = MixedPrecision.ForTraining(vae, o.Precision);
             var x = Pad(train.Batch(idx, flips), o.PaddedSide);
             var moments = vae.Encode(x).to(ScalarType.Float32);
@@ -139,6 +141,7 @@ public static class VaeTrainer
         foreach (var chunk in Chunks(data.Count, 250, 2000))
         {
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             var x = Pad(data.Batch(chunk, new bool[chunk.Length]), paddedSide);
             using var posterior = vae.Posterior(vae.Encode(x));
             var m = posterior.Mean.to(ScalarType.Float64);
@@ -170,6 +173,7 @@ public static class VaeTrainer
         foreach (var chunk in Chunks(data.Count, 250, 2000))
         {
             using var scope = torch.NewDisposeScope();
+            using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
             var raw = data.Batch(chunk, new bool[chunk.Length]);
             var side = raw.shape[^1];
             var x = Pad(raw, paddedSide);
@@ -215,6 +219,7 @@ public static class VaeTrainer
         }, new JsonSerializerOptions { WriteIndented = true });
         AtomicFile.WriteText(Path.Combine(dir, "train-vae.json"), json + "\n");
         using var scope = torch.NewDisposeScope();
+        using var gcPause = GcPause.Begin(); // libtorch reads TorchSharp's temporary Scalars: no collection mid-call
         using var noGrad = torch.no_grad();
         var count = Math.Min(20, test.Count) / 10 * 10;
         if (count == 0)

@@ -322,4 +322,52 @@ let tests =
 
                 Expect.isEmpty bad "passes with a non-finite input gradient"
             }
+
+            test "inside a GcPause no collection runs, even while another thread allocates 40 MB" {
+                let allocate () =
+                    let t =
+                        Threading.Thread(fun () ->
+                            for _ in 1..400_000 do
+                                GC.KeepAlive(Array.zeroCreate<byte> 100))
+
+                    t.Start()
+                    t.Join()
+
+                let paused (budget: int64) =
+                    use _pause = GcPause.Begin budget
+                    Expect.isTrue GcPause.Holding "holding"
+                    let before = GC.CollectionCount 0
+                    allocate ()
+                    before, GC.CollectionCount 0
+
+                let before, after = paused GcPause.DefaultBudget
+                Expect.equal after before "collections inside the pause"
+                Expect.isFalse GcPause.Holding "released"
+                // A pause whose budget (1 MB) the same allocations outgrow does collect: the test tells the two apart.
+                let before, after = paused (1L <<< 20)
+                Expect.isGreaterThan after before "collections past a 1 MB budget"
+            }
+
+            test "GcPause nests, and a stretch that outgrows its budget ends without an error and counts a lapse" {
+                do
+                    use _outer = GcPause.Begin()
+
+                    do
+                        use _inner = GcPause.Begin()
+                        Expect.isTrue GcPause.Holding "inner"
+
+                    Expect.isTrue GcPause.Holding "still held after the inner pause"
+
+                Expect.isFalse GcPause.Holding "released after the outer pause"
+                let lapses = GcPause.Lapses
+
+                do
+                    use _small = GcPause.Begin(1L <<< 20)
+
+                    for _ in 1..200 do
+                        GC.KeepAlive(Array.zeroCreate<byte> 100_000)
+
+                Expect.equal GcPause.Lapses (lapses + 1L) "lapses"
+                Expect.isFalse GcPause.Holding "released after the lapse"
+            }
         ]

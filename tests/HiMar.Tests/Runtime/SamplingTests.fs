@@ -49,6 +49,29 @@ let tests =
                     "without pivots only phase 2 counts"
             }
 
+            test "every generation step of both phases runs with the collector held off (GcPause)" {
+                // The sampler's steps hand libtorch Scalars that TorchSharp makes and does not hold; a collection
+                // mid-call could free one under libtorch. OnStep is called inside each step.
+                let seen = ResizeArray<int * bool>()
+
+                let options =
+                    SamplerOptions(
+                        Phase1Steps = Nullable 4,
+                        Phase2Steps = 2,
+                        Cfg = 2.0,
+                        ReCfg = 2.5,
+                        MlpHeadSteps = "ddim3",
+                        DitHeadSteps = "ddim3",
+                        OnStep = Action<SamplerStep>(fun st -> seen.Add(st.Phase, HiMar.Runtime.Native.GcPause.Holding))
+                    )
+
+                use l = torch.tensor [| 1L; 2L |]
+                use noise = new SeededNoise(3L, 0L, 2)
+                use _r = HiMarSampler.Sample(fixture.Force().Model, l, noise, options)
+                Expect.equal (List.ofSeq seen) [ 1, true; 1, true; 1, true; 1, true; 2, true; 2, true ] "steps"
+                Expect.isFalse HiMar.Runtime.Native.GcPause.Holding "released after the run"
+            }
+
             test "image i of a seeded run is the same whatever the batch size" {
                 use noise3 = new SeededNoise(42L, 0L, 3)
                 use all = sample [| 1L; 2L; 3L |] noise3
