@@ -1,6 +1,6 @@
-using HiMar.Runtime.Native;
 using HiMar.Model;
 using HiMar.Runtime.Data;
+using HiMar.Runtime.Native;
 using HiMar.Runtime.Training;
 using TorchSharp;
 using static TorchSharp.torch;

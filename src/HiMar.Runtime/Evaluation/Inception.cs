@@ -1,8 +1,8 @@
-using HiMar.Runtime.Native;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using HiMar.Model;
 using HiMar.Runtime.Checkpoints;
+using HiMar.Runtime.Native;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.PixelFormats;
 using TorchSharp;

@@ -1,5 +1,5 @@
-using HiMar.Runtime.Native;
 using HiMar.Model;
+using HiMar.Runtime.Native;
 using TorchSharp;
 using static TorchSharp.torch;
 

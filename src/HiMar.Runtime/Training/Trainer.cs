@@ -1,4 +1,3 @@
-using HiMar.Runtime.Native;
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -6,6 +5,7 @@ using HiMar.Model;
 using HiMar.Runtime.Checkpoints;
 using HiMar.Runtime.Data;
 using HiMar.Runtime.Distributed;
+using HiMar.Runtime.Native;
 using HiMar.Runtime.Sampling;
 using TorchSharp;
 using static TorchSharp.torch;

@@ -1,10 +1,10 @@
-using HiMar.Runtime.Native;
 using System.Diagnostics;
 using System.Text.Json;
 using HiMar.Model;
 using HiMar.Runtime.Checkpoints;
 using HiMar.Runtime.Data;
 using HiMar.Runtime.Imaging;
+using HiMar.Runtime.Native;
 using TorchSharp;
 using static TorchSharp.torch;
 
