@@ -14,15 +14,18 @@ open HiMar.Tests.TestUtil
 let private fixture = lazy (ParityFixture.Open tinyFixture)
 
 /// Few steps, both phases guided: enough to exercise every path quickly.
-let private quick =
+let private quickWith (onStep: Action<SamplerStep> option) =
     SamplerOptions(
         Phase1Steps = Nullable 4,
         Phase2Steps = 2,
         Cfg = 2.0,
         ReCfg = 2.5,
         MlpHeadSteps = "ddim3",
-        DitHeadSteps = "ddim3"
+        DitHeadSteps = "ddim3",
+        OnStep = Option.toObj onStep
     )
+
+let private quick = quickWith None
 
 let private sample (labels: int64[]) (noise: INoiseSource) =
     use l = torch.tensor labels
@@ -55,14 +58,8 @@ let tests =
                 let seen = ResizeArray<int * bool>()
 
                 let options =
-                    SamplerOptions(
-                        Phase1Steps = Nullable 4,
-                        Phase2Steps = 2,
-                        Cfg = 2.0,
-                        ReCfg = 2.5,
-                        MlpHeadSteps = "ddim3",
-                        DitHeadSteps = "ddim3",
-                        OnStep = Action<SamplerStep>(fun st -> seen.Add(st.Phase, HiMar.Runtime.Native.GcPause.Holding))
+                    quickWith (
+                        Some(Action<SamplerStep>(fun st -> seen.Add(st.Phase, HiMar.Runtime.Native.GcPause.Holding)))
                     )
 
                 use l = torch.tensor [| 1L; 2L |]
