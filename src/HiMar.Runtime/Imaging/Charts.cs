@@ -134,6 +134,8 @@ public static class Charts
             var (lo, hi) = (xs.Min(), xs.Max());
             var pad = Math.Max(hi - lo, Math.Abs(hi) + 1) * 0.05;
             p.Axes.SetLimitsX(lo - pad, hi + pad);
+            // Room on the right for half of the last tick label, which is centred on its tick near the edge.
+            p.Axes.Right.MinimumSize = 36;
         }
         // A plot clears the whole canvas it renders on: each panel is rendered apart and pasted.
         var upper = height / 2;
